@@ -1,0 +1,27 @@
+"""`python -m cache.verify DIR`: check a cache against its manifest (checksums, coverage, shapes)."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from cache.reader import load_manifest, verify_cache
+from common.cli import run_main
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("cache_dir")
+    args = parser.parse_args(argv)
+    problems = verify_cache(args.cache_dir)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        return 1
+    manifest = load_manifest(args.cache_dir)
+    print(f"OK {args.cache_dir}: {manifest['mode']} cache, {manifest['num_blocks']} blocks in "
+          f"{len(manifest['shards'])} shards, checksums match")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

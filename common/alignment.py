@@ -1,0 +1,34 @@
+"""Aligning teacher and student outputs, as the original recipe did: truncate the vocabulary and the
+sequence length to what both sides share, and say so once.
+
+Qwen2 models pad their embeddings (152,064 rows for Qwen2-7B, 151,936 for Qwen2-1.5B) past the
+tokenizer's real size (151,646); the rows past it are never real tokens, so every distribution in this
+project lives on the truncated vocabulary `len(tokenizer)`.
+"""
+from __future__ import annotations
+
+import torch
+
+_announced: set[str] = set()
+
+
+def announce_once(key: str, message: str) -> None:
+    if key not in _announced:
+        _announced.add(key)
+        print(message, flush=True)
+
+
+def truncate_vocab(logits: torch.Tensor, vocab_size: int, who: str) -> torch.Tensor:
+    """The first `vocab_size` logits; prints one `[ALIGN] …` line the first time for `who`."""
+    if logits.size(-1) < vocab_size:
+        raise ValueError(f"{who} has {logits.size(-1)} logits, fewer than the vocabulary's {vocab_size}")
+    announce_once(f"vocab:{who}", f"[ALIGN] {who} {logits.shape} → cache vocab {vocab_size}")
+    return logits[..., :vocab_size]
+
+
+def truncate_length(tensor: torch.Tensor, length: int, who: str) -> torch.Tensor:
+    """Cut the sequence axis (dim 1) to `length`, announcing it once when it changes anything."""
+    if tensor.size(1) > length:
+        announce_once(f"len:{who}", f"[ALIGN] {who} sequence length {tensor.size(1)} → {length}")
+        return tensor[:, :length]
+    return tensor
