@@ -1,0 +1,189 @@
+"""Distillation losses from cached (or live) teacher distributions, computed in chunks of positions.
+
+Every mode is reduced to a pair of log-distributions on a common support of S entries per position:
+
+  dense (full cache, live teacher)  S = V    the whole truncated vocabulary
+  topk, tail "bucket" (default)     S = k+1  the k ids plus one bucket for everything else, on both
+                                             sides: the teacher's rest is 1 − Σ p_topk, the student's is
+                                             its own mass outside the k ids
+  topk, tail "renormalize"          S = k+1  the teacher renormalized over its k ids (rest = 0); the
+                                             student keeps its full-vocabulary probabilities
+  sample                            S = m    the empirical distribution c_i / N of the draws
+
+Temperature T divides the teacher's log-probs (then renormalized over the support) and the student's
+logits; every loss is averaged over positions and multiplied by T², as in the original recipe. The
+student's fp32 log-softmax over [positions, V] is the memory peak of training, so it is computed one
+chunk of positions at a time under activation checkpointing: it is never held for more than one chunk.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+TAILS = ("bucket", "renormalize")
+
+
+@dataclass
+class TeacherTargets:
+    """A batch of teacher distributions. `ids` is None for dense values over the whole vocabulary."""
+    kind: str  # dense | topk | sample
+    values: torch.Tensor  # dense/topk: log-probs [B, L, S]; sample: counts [B, L, m]
+    ids: torch.Tensor | None = None  # [B, L, S] token ids (sample: -1 = empty slot)
+
+    def flatten(self, length: int) -> "TeacherTargets":
+        """First `length` positions of each sequence, flattened to [B*length, S]."""
+        def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, :length].reshape(-1, t.size(-1))
+        return TeacherTargets(self.kind, flat(self.values), flat(self.ids))
+
+    def rows(self, start: int, end: int) -> "TeacherTargets":
+        return TeacherTargets(self.kind, self.values[start:end],
+                              None if self.ids is None else self.ids[start:end])
+
+
+# --- divergences on a common support: log_p (teacher), log_q (student), both [P, S] ------------------
+
+def _plogq(log_p: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
+    """Σ p·log x over the support, with 0·log 0 = 0 (and 0·(−inf) = 0)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * log_x, torch.zeros_like(p)).sum(-1)
+
+
+def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, **_) -> torch.Tensor:
+    """Soft cross-entropy −Σ p log q: forward KL plus the teacher's entropy (no gradient), as the original."""
+    return -_plogq(log_p, log_q)
+
+
+def reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, **_) -> torch.Tensor:
+    return _plogq(log_q, log_q) - _plogq(log_q, log_p)
+
+
+def _mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(w·p + (1−w)·q), computed in log space."""
+    if weight_p <= 0.0:
+        return log_q
+    if weight_p >= 1.0:
+        return log_p
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float = 0.5, **_) -> torch.Tensor:
+    """Generalized JSD: β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q (GKD, Agarwal et al. 2024)."""
+    log_m = _mix(log_p, log_q, beta)
+    kl_pm = _plogq(log_p, log_p) - _plogq(log_p, log_m)
+    kl_qm = _plogq(log_q, log_q) - _plogq(log_q, log_m)
+    return beta * kl_pm + (1.0 - beta) * kl_qm
+
+
+def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float = 0.1, **_) -> torch.Tensor:
+    """Skew KL: KL(p ‖ α·p + (1−α)·q) (DistiLLM, Ko et al. 2024)."""
+    return _plogq(log_p, log_p) - _plogq(log_p, _mix(log_p, log_q, alpha))
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
+}
+
+
+def unsupported_reason(loss: str, kind: str, tail: str) -> str | None:
+    """Why `loss` cannot be computed from this kind of teacher data (None: it can)."""
+    if loss not in LOSSES:
+        return f"unknown loss {loss!r} (known: {', '.join(LOSSES)})"
+    if kind == "topk" and tail not in TAILS:
+        return f"unknown top-k tail handling {tail!r} (known: {', '.join(TAILS)})"
+    if kind == "sample" and loss != "forward_kl":
+        return (f"loss {loss} needs the teacher's probabilities, which a sample cache does not hold; "
+                f"only forward_kl (an unbiased estimate from the draws) is computable")
+    if kind == "topk" and tail == "renormalize" and loss == "reverse_kl":
+        return ("reverse_kl is infinite with a renormalized top-k teacher (zero mass outside the k ids); "
+                "use train.topk_tail=bucket")
+    return None
+
+
+# --- supports ------------------------------------------------------------------------------------------
+
+REST_FLOOR = 1e-6  # fp16 top-k log-probs can sum past 1 by rounding; keep the rest bucket positive
+
+
+def _log_rest(log_in: torch.Tensor) -> torch.Tensor:
+    """log(max(1 − Σ exp(log_in), REST_FLOOR)) per row."""
+    covered = torch.logsumexp(log_in, dim=-1, keepdim=True).clamp(max=math.log1p(-REST_FLOOR))
+    return torch.log(-torch.expm1(covered))
+
+
+def supports(z: torch.Tensor, teacher: TeacherTargets, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_p, log_q) [P, S] for student logits z [P, V] (fp32) and one chunk of teacher targets."""
+    log_q_full = torch.log_softmax(z / temperature, dim=-1)
+    if teacher.kind == "dense":
+        return torch.log_softmax(teacher.values.float() / temperature, dim=-1), log_q_full
+    ids = teacher.ids.long()
+    if teacher.kind == "sample":
+        counts = teacher.values.float()
+        log_p = torch.log(counts / counts.sum(-1, keepdim=True))  # empty slots: log 0 = −inf
+        return log_p, log_q_full.gather(-1, ids.clamp(min=0))
+    log_q_ids = log_q_full.gather(-1, ids)
+    log_q = torch.cat([log_q_ids, _log_rest(log_q_ids)], dim=-1)
+    teacher_lp = teacher.values.float()
+    if tail == "renormalize":
+        log_p = torch.log_softmax(teacher_lp / temperature, dim=-1)
+        rest = torch.full_like(log_p[:, :1], -math.inf)
+        return torch.cat([log_p, rest], dim=-1), log_q
+    bucketed = torch.cat([teacher_lp, _log_rest(teacher_lp)], dim=-1)
+    return torch.log_softmax(bucketed / temperature, dim=-1), log_q
+
+
+# --- chunked losses ----------------------------------------------------------------------------------
+
+def chunked_sum(fn: Callable[..., torch.Tensor], z: torch.Tensor, chunk: int,
+                slice_rest: Callable[[int, int], tuple]) -> torch.Tensor:
+    """Σ over row chunks of fn(z[rows], *slice_rest(rows)); recomputed in backward, so only one
+    chunk's intermediates (the fp32 log-softmax) are alive at a time."""
+    total = z.new_zeros((), dtype=torch.float32)
+    for start in range(0, z.size(0), chunk):
+        end = min(start + chunk, z.size(0))
+        args = (z[start:end], *slice_rest(start, end))
+        if torch.is_grad_enabled() and z.requires_grad:
+            total = total + checkpoint(fn, *args, use_reentrant=False)
+        else:
+            total = total + fn(*args)
+    return total
+
+@dataclass
+class KDLoss:
+    """A TextBrewer KD loss: `(student_logits [B, L, V'], teacher targets, temperature) -> scalar`."""
+    name: str
+    vocab_size: int
+    tail: str = "bucket"
+    chunk: int = 512
+    beta: float = 0.5
+    alpha: float = 0.1
+    detached: bool = False  # weight 0: report the value, skip its backward
+
+    def _chunk_sum(self, z: torch.Tensor, teacher: TeacherTargets, temperature: float) -> torch.Tensor:
+        log_p, log_q = supports(z[:, : self.vocab_size].float(), teacher, temperature, self.tail)
+        return LOSSES[self.name](log_p, log_q, beta=self.beta, alpha=self.alpha).sum()
+
+    def __call__(self, logits_S: torch.Tensor, targets_T: TeacherTargets, temperature: float) -> torch.Tensor:
+        length = min(logits_S.size(1), targets_T.values.size(1))  # align sequence lengths
+        z = logits_S[:, :length].reshape(-1, logits_S.size(-1))
+        teacher = targets_T.flatten(length)
+        if self.detached:
+            z = z.detach()
+        total = chunked_sum(self._chunk_sum, z, self.chunk, lambda a, b: (teacher.rows(a, b), temperature))
+        return total / z.size(0) * temperature**2
+
+
+def hard_label_loss(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, chunk: int) -> torch.Tensor:
+    """Next-token cross-entropy over the truncated vocabulary, mean over the B·(L−1) predicted tokens."""
+    z = logits[:, :-1].reshape(-1, logits.size(-1))
+    labels = input_ids[:, 1:].reshape(-1)
+
+    def chunk_sum(z_chunk: torch.Tensor, label_chunk: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(z_chunk[:, :vocab_size].float(), label_chunk, reduction="sum")
+
+    return chunked_sum(chunk_sum, z, chunk, lambda a, b: (labels[a:b],)) / z.size(0)
