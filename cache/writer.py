@@ -98,9 +98,10 @@ class CacheWriter:
         sizes = {len(a) for a in arrays.values()}
         if set(arrays) != set(self.layout.datasets) or len(sizes) != 1:
             raise ValueError(f"expected datasets {sorted(self.layout.datasets)} of equal length")
-        self._next_block += sizes.pop()
-        if self._next_block > self.layout.num_blocks:
+        count = sizes.pop()
+        if self._next_block + count > self.layout.num_blocks:
             raise ValueError("more blocks than the layout holds")
+        self._next_block += count
         while True:  # wait in slices so a dead writer thread cannot block us forever
             try:
                 self._queue.put(arrays, timeout=1.0)

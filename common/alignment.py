@@ -8,6 +8,7 @@ project lives on the truncated vocabulary `len(tokenizer)`.
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 _announced: set[str] = set()
 
@@ -15,7 +16,7 @@ _announced: set[str] = set()
 def announce_once(key: str, message: str) -> None:
     if key not in _announced:
         _announced.add(key)
-        print(message, flush=True)
+        tqdm.write(message)  # keeps a running progress bar intact
 
 
 def truncate_vocab(logits: torch.Tensor, vocab_size: int, who: str) -> torch.Tensor:

@@ -87,7 +87,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     split: str = "test"
-    stride: Optional[int] = None  # sliding-window stride; null = seq_len (no overlap)
+    stride: Optional[int] = None  # sliding-window stride; null = seq_len // 2
     batch_size: int = 8
     max_windows: Optional[int] = None
     output: Optional[str] = None  # JSON path; default <model>/eval_<split>.json
@@ -125,15 +125,30 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _apply(cfg: PipelineConfig, section: str, key: str, value: Any) -> None:
+def _field_type(cfg: PipelineConfig, section: str, key: str) -> Any:
     sections = {f.name: f for f in dataclasses.fields(PipelineConfig)}
     if section not in sections:
         raise UserError(f"unknown config section: {section!r} (known: {', '.join(sections)})")
-    target = getattr(cfg, section)
-    hints = typing.get_type_hints(type(target))
+    hints = typing.get_type_hints(type(getattr(cfg, section)))
     if key not in hints:
         raise UserError(f"unknown config key: {section}.{key}")
-    setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
+    return hints[key]
+
+
+def _apply(cfg: PipelineConfig, section: str, key: str, value: Any) -> None:
+    hint = _field_type(cfg, section, key)
+    setattr(getattr(cfg, section), key, _check_type(f"{section}.{key}", value, hint))
+
+
+def _parse_override_value(text: str, hint: Any) -> Any:
+    """YAML typing for numbers, booleans and null; text stays text for str keys (`cache.dir=no`)."""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+    if str in typing.get_args(hint) or hint is str:
+        return None if value is None and hint is not str else text
+    return value
 
 
 def load_config(path: str | None = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -159,11 +174,7 @@ def load_config(path: str | None = DEFAULT_CONFIG, overrides: Sequence[str] = ()
         section, dot, key = name.partition(".")
         if not sep or not dot or not key:
             raise UserError(f"override must look like section.key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
-        _apply(cfg, section, key, value)
+        _apply(cfg, section, key, _parse_override_value(text, _field_type(cfg, section, key)))
     return cfg
 
 
@@ -177,5 +188,5 @@ def config_arg_parser(description: str) -> argparse.ArgumentParser:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, PipelineConfig]:
     """Parse argv; argparse's own usage errors already exit with status 2 and one message."""
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     return args, load_config(args.config, args.overrides)

@@ -1,0 +1,151 @@
+"""`python -m stage2_student.evaluate MODEL_DIR [MODEL_DIR …] [--config …] [key=value …]`
+
+Perplexity (and next-token calibration error) of any causal LM — teacher, student before, student
+after — on a WikiText-2 split, with the standard sliding-window method: windows of data.seq_len tokens
+every eval.stride tokens (default seq_len/2), each token scored once, with as much left context as the window gives.
+Probabilities are taken over the real vocabulary (len(tokenizer)), not the padded embedding rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from common.cli import UserError, run_main
+from common.config import PipelineConfig, config_arg_parser, parse_args
+from common.data import load_rows, tokenize_stream
+from common.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+
+ECE_BINS = 15
+
+
+@dataclass
+class Window:
+    begin: int
+    end: int
+    scored: int  # the last `scored` tokens of the window are new (scored here)
+
+
+def sliding_windows(num_tokens: int, length: int, stride: int) -> list[Window]:
+    if stride < 1 or stride > length:
+        raise UserError(f"eval.stride must be in [1, data.seq_len={length}], got {stride}")
+    windows, prev_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + length, num_tokens)
+        windows.append(Window(begin, end, end - prev_end))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+@dataclass
+class Score:
+    model: str
+    perplexity: float
+    nll: float
+    ece: float
+    accuracy: float
+    tokens: int
+    windows: int
+
+
+class Scorer:
+    """Accumulates NLL and calibration statistics over scored tokens."""
+
+    def __init__(self) -> None:
+        self.nll, self.count = 0.0, 0
+        self.bin_conf = np.zeros(ECE_BINS)
+        self.bin_correct = np.zeros(ECE_BINS)
+        self.bin_count = np.zeros(ECE_BINS)
+
+    def add(self, logprobs: torch.Tensor, labels: torch.Tensor) -> None:
+        """logprobs [N, V] fp32 for the next token, labels [N]."""
+        self.nll -= logprobs.gather(-1, labels[:, None]).sum().item()
+        self.count += labels.numel()
+        conf, pred = logprobs.max(-1)
+        conf = conf.exp().cpu().numpy()
+        correct = (pred == labels).cpu().numpy()
+        bins = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
+        np.add.at(self.bin_conf, bins, conf)
+        np.add.at(self.bin_correct, bins, correct)
+        np.add.at(self.bin_count, bins, 1)
+
+    def result(self, model: str, windows: int) -> Score:
+        nll = self.nll / self.count
+        ece = float(np.abs(self.bin_correct - self.bin_conf).sum() / self.count)
+        return Score(model, math.exp(nll), nll, ece, float(self.bin_correct.sum() / self.count), self.count, windows)
+
+
+@torch.inference_mode()
+def evaluate_model(model_dir: str, cfg: PipelineConfig, device: torch.device) -> Score:
+    tokenizer = load_tokenizer(model_dir, "tokenizer")
+    model = load_causal_lm(model_dir, "model", device, resolve_dtype(cfg.teacher.dtype, device)).eval()
+    stream = tokenize_stream(tokenizer, load_rows(cfg.data, cfg.eval.split))
+    length = cfg.data.seq_len
+    windows = sliding_windows(len(stream), length, eval_stride(cfg))
+    if cfg.eval.max_windows:
+        windows = windows[: cfg.eval.max_windows]
+    vocab, scorer = len(tokenizer), Scorer()
+    # windows of equal length are batched; the last one may be shorter
+    for i in range(0, len(windows), cfg.eval.batch_size):
+        group = [w for w in windows[i:i + cfg.eval.batch_size]]
+        for same in _by_length(group):
+            ids = torch.from_numpy(np.stack([stream[w.begin:w.end] for w in same])).to(device, torch.long)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :vocab]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, window in enumerate(same):
+                first = max(ids.size(1) - 1 - window.scored, 0)  # the first token has no prediction
+                scorer.add(logprobs[row, first:], ids[row, first + 1:])
+    return scorer.result(model_dir, len(windows))
+
+
+def eval_stride(cfg: PipelineConfig) -> int:
+    """eval.stride, by default half a window: every token gets at least seq_len/2 tokens of context."""
+    return cfg.eval.stride or max(cfg.data.seq_len // 2, 1)
+
+
+def _by_length(windows: list[Window]) -> list[list[Window]]:
+    groups: dict[int, list[Window]] = {}
+    for window in windows:
+        groups.setdefault(window.end - window.begin, []).append(window)
+    return list(groups.values())
+
+
+def print_table(scores: list[Score], names: list[str]) -> None:
+    print(f"| {'model':<32} | {'perplexity':>10} | {'ECE':>6} | {'top-1 acc':>9} | {'tokens':>8} |")
+    print(f"|{'-' * 34}|{'-' * 12}|{'-' * 8}|{'-' * 11}|{'-' * 10}|")
+    for name, s in zip(names, scores):
+        print(f"| {name:<32} | {s.perplexity:>10.3f} | {s.ece:>6.4f} | {s.accuracy:>9.4f} | {s.tokens:>8} |")
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = config_arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, metavar="DIR",
+                        help="model directory or hub id; repeat for several")
+    parser.add_argument("--name", action="append", default=None, help="label per --model, in order")
+    args, cfg = parse_args(parser, argv)
+    names = args.name or args.model
+    if len(names) != len(args.model):
+        raise UserError(f"got {len(names)} --name for {len(args.model)} --model")
+    device = resolve_device(cfg.train.device)
+    scores = [evaluate_model(model, cfg, device) for model in args.model]
+    print(f"[eval] split {cfg.eval.split}, window {cfg.data.seq_len}, stride {eval_stride(cfg)}")
+    print_table(scores, names)
+    output = cfg.eval.output or os.path.join(cfg.train.log_dir, f"eval_{cfg.eval.split}.json")
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w") as fh:
+        json.dump({"split": cfg.eval.split, "seq_len": cfg.data.seq_len,
+                   "stride": eval_stride(cfg),
+                   "results": [{"name": n, **asdict(s)} for n, s in zip(names, scores)]}, fh, indent=2)
+    print(f"[eval] wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

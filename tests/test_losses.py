@@ -1,0 +1,336 @@
+"""The KD losses against an independent dense reference (plain torch, full-vocabulary probability vectors).
+
+The reference never calls common.losses: it builds probability vectors over the whole vocabulary (or the
+coarse k+1 support, built from a boolean vocabulary mask) in float64 and applies the textbook formulas.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.losses import LOSSES, KDLoss, TeacherTargets, hard_label_loss, unsupported_reason
+
+B, L, V, V_PAD, K = 2, 5, 37, 41, 6   # B*L = 10 positions; the student has 4 padded logits
+BETA, ALPHA = 0.3, 0.2                 # asymmetric, so swapped roles show
+TEMPERATURES = (1.0, 2.0)
+CHUNKS = (3, 5, 10, 64)                # 3 does not divide 10, 5 does, 10 and 64 are one chunk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- the reference ------------------------------------------------------------------------------------
+
+def xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x·log y with 0·log 0 = 0."""
+    return torch.where(x > 0, x * torch.log(torch.where(x > 0, y, torch.ones_like(y))), torch.zeros_like(x))
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (xlogy(p, p) - xlogy(p, q)).sum(-1)
+
+
+def ref_divergence(name: str, p: torch.Tensor, q: torch.Tensor, beta: float = BETA,
+                   alpha: float = ALPHA) -> torch.Tensor:
+    """Per-position divergence between teacher p and student q, probability vectors [P, S]."""
+    if name == "forward_kl":
+        return -xlogy(p, q).sum(-1)          # soft cross-entropy, as the original recipe
+    if name == "reverse_kl":
+        return kl(q, p)
+    if name == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if name == "skew_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    raise AssertionError(name)
+
+
+def ref_loss(name: str, p: torch.Tensor, q: torch.Tensor, temperature: float, beta: float = BETA,
+             alpha: float = ALPHA) -> torch.Tensor:
+    return ref_divergence(name, p, q, beta, alpha).mean() * temperature**2
+
+
+def student_probs(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """q = softmax(z/T) over the first V logits, float64, flattened to [P, V]."""
+    return torch.softmax(z[..., :V].double() / temperature, dim=-1).reshape(-1, V)
+
+
+def ref_dense(name, z, teacher_lp, temperature, **weights):
+    p = torch.softmax(teacher_lp.double() / temperature, dim=-1).reshape(-1, V)
+    return ref_loss(name, p, student_probs(z, temperature), temperature, **weights)
+
+
+def ref_topk_bucket(name, z, ids, topk_lp, temperature):
+    """Coarse (k+1)-distributions: the k ids plus everything else, on both sides."""
+    ids = ids.reshape(-1, K)
+    lp = topk_lp.double().reshape(-1, K)
+    rest = 1.0 - lp.exp().sum(-1, keepdim=True)
+    assert (rest > 1e-3).all()  # the test data keeps the tail well away from the floor
+    p = torch.softmax(torch.cat([lp, rest.log()], -1) / temperature, dim=-1)
+    q_full = student_probs(z, temperature)
+    mask = torch.zeros_like(q_full, dtype=torch.bool)
+    mask.scatter_(1, ids, True)
+    q_ids = q_full.gather(1, ids)
+    q_rest = (q_full * ~mask).sum(-1, keepdim=True)
+    q = torch.cat([q_ids, q_rest], -1)
+    return ref_loss(name, p, q, temperature)
+
+
+def ref_topk_renormalize(name, z, ids, topk_lp, temperature):
+    """Teacher renormalized over its k ids (zero elsewhere), student over the whole vocabulary."""
+    ids = ids.reshape(-1, K)
+    p_ids = torch.softmax(topk_lp.double().reshape(-1, K) / temperature, dim=-1)
+    q = student_probs(z, temperature)
+    p = torch.zeros_like(q).scatter(1, ids, p_ids)
+    return ref_loss(name, p, q, temperature)
+
+
+def ref_sample(z, ids, counts, temperature):
+    """−Σ (c_i/N) log q(i) over the drawn ids, padding skipped by hand."""
+    q = student_probs(z, temperature)
+    ids, counts = ids.reshape(q.size(0), -1), counts.reshape(q.size(0), -1)
+    per_position = []
+    for pos in range(q.size(0)):
+        total = counts[pos].sum().double()
+        terms = [-(counts[pos, j].double() / total) * torch.log(q[pos, ids[pos, j]])
+                 for j in range(ids.size(1)) if ids[pos, j] >= 0]
+        per_position.append(torch.stack(terms).sum())
+    return torch.stack(per_position).mean() * temperature**2
+
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+def student_logits(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, L, V_PAD, generator=g) * 2.0).requires_grad_(True)
+
+
+def teacher_logprobs(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(B, L, V, generator=g) * 1.5, dim=-1)
+
+
+def topk_of(teacher_lp: torch.Tensor):
+    values, ids = torch.topk(teacher_lp, K, dim=-1)
+    return ids.to(torch.int32), values.to(torch.float16)   # as stored in a cache
+
+
+def draw_sample(teacher_lp: torch.Tensor, draws: int, slots: int, temperature: float = 1.0, seed: int = 2):
+    """ids/counts [B, L, slots] from `draws` draws of softmax(lp/T), padded with id -1 / count 0."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(teacher_lp.reshape(-1, V).double() / temperature, dim=-1)
+    drawn = torch.multinomial(probs, draws, replacement=True, generator=g)
+    ids = torch.full((probs.size(0), slots), -1, dtype=torch.int32)
+    counts = torch.zeros((probs.size(0), slots), dtype=torch.int32)
+    for pos in range(probs.size(0)):
+        unique, count = torch.unique(drawn[pos], return_counts=True)
+        assert len(unique) < slots  # some padding in every row
+        order = torch.randperm(len(unique), generator=g)  # slot order must not matter
+        ids[pos, : len(unique)] = unique[order].to(torch.int32)
+        counts[pos, : len(unique)] = count[order].to(torch.int32)
+    return ids.reshape(B, L, slots), counts.reshape(B, L, slots)
+
+
+def grad_of(loss: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    (grad,) = torch.autograd.grad(loss, z)
+    return grad
+
+
+def assert_value_and_grad(loss, ref, z, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-7):
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=atol)
+    grad, ref_grad = grad_of(loss, z), grad_of(ref, z)
+    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=grad_rtol, atol=grad_atol)
+    assert grad.shape == z.shape
+    assert torch.all(grad[..., V:] == 0)  # padded logits beyond the vocabulary get no gradient
+    assert grad.abs().sum() > 0
+
+
+# --- dense --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_dense_matches_reference(name, temperature, chunk):
+    z, t_lp = student_logits(), teacher_logprobs()
+    loss = KDLoss(name, V, chunk=chunk, beta=BETA, alpha=ALPHA)(z, TeacherTargets("dense", t_lp), temperature)
+    assert_value_and_grad(loss, ref_dense(name, z, t_lp, temperature), z)
+
+
+@pytest.mark.parametrize("name", ["jsd", "skew_kl"])
+def test_default_weights_are_beta_half_alpha_tenth(name):
+    z, t_lp = student_logits(), teacher_logprobs()
+    loss = KDLoss(name, V, chunk=4)(z, TeacherTargets("dense", t_lp), 2.0)
+    assert_value_and_grad(loss, ref_dense(name, z, t_lp, 2.0, beta=0.5, alpha=0.1), z)
+
+
+def test_dense_float16_cache_values():
+    """A full cache stores float16 log-probs; the loss reads them as they are."""
+    z, t_lp = student_logits(), teacher_logprobs().to(torch.float16)
+    loss = KDLoss("forward_kl", V, chunk=4)(z, TeacherTargets("dense", t_lp), 2.0)
+    assert_value_and_grad(loss, ref_dense("forward_kl", z, t_lp, 2.0), z)
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_original_recipe_formula_equals_forward_kl(temperature):
+    """−(softmax(t/T)·log_softmax(s/T)).sum(-1).mean()·T² on raw teacher logits (the original recipe)."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(B, L, V, generator=g) * 3.0 + 4.0   # raw logits, not normalized
+    s = (torch.randn(B, L, V, generator=g) * 2.0).requires_grad_(True)
+    original = -(F.softmax(t / temperature, dim=-1) * F.log_softmax(s / temperature, dim=-1)).sum(-1).mean()
+    original = original * temperature**2
+    cached = torch.log_softmax(t.float(), dim=-1)
+    loss = KDLoss("forward_kl", V, chunk=3)(s, TeacherTargets("dense", cached), temperature)
+    torch.testing.assert_close(loss, original, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_of(loss, s), grad_of(original, s), rtol=1e-4, atol=1e-7)
+
+
+def test_sequence_lengths_are_aligned():
+    """A teacher shorter than the student's sequence: the first common positions are compared."""
+    z, t_lp = student_logits(), teacher_logprobs()
+    loss = KDLoss("forward_kl", V, chunk=4)(z, TeacherTargets("dense", t_lp[:, : L - 2]), 1.0)
+    p = torch.softmax(t_lp[:, : L - 2].double(), dim=-1).reshape(-1, V)
+    q = student_probs(z[:, : L - 2], 1.0)
+    torch.testing.assert_close(loss.double(), ref_loss("forward_kl", p, q, 1.0).detach(), rtol=1e-5, atol=1e-6)
+
+
+# --- top-k --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("chunk", (3, 10))
+def test_topk_bucket_matches_reference(name, temperature, chunk):
+    z = student_logits()
+    ids, values = topk_of(teacher_logprobs())
+    loss = KDLoss(name, V, tail="bucket", chunk=chunk, beta=BETA, alpha=ALPHA)(
+        z, TeacherTargets("topk", values, ids), temperature)
+    assert_value_and_grad(loss, ref_topk_bucket(name, z, ids.long(), values, temperature), z,
+                          rtol=2e-5, grad_rtol=2e-4, grad_atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "reverse_kl"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("chunk", (3, 10))
+def test_topk_renormalize_matches_reference(name, temperature, chunk):
+    z = student_logits()
+    ids, values = topk_of(teacher_logprobs())
+    assert unsupported_reason(name, "topk", "renormalize") is None
+    loss = KDLoss(name, V, tail="renormalize", chunk=chunk, beta=BETA, alpha=ALPHA)(
+        z, TeacherTargets("topk", values, ids), temperature)
+    assert_value_and_grad(loss, ref_topk_renormalize(name, z, ids.long(), values, temperature), z,
+                          rtol=2e-5, grad_rtol=2e-4, grad_atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "reverse_kl"])
+def test_topk_renormalize_with_every_id_is_the_dense_loss(name):
+    """k = V: the renormalized teacher is the whole teacher, so the loss is the dense one."""
+    z, t_lp = student_logits(), teacher_logprobs()
+    values, ids = torch.topk(t_lp, V, dim=-1)
+    loss = KDLoss(name, V, tail="renormalize", chunk=4, beta=BETA, alpha=ALPHA)(
+        z, TeacherTargets("topk", values, ids), 2.0)
+    torch.testing.assert_close(loss.double(), ref_dense(name, z, t_lp, 2.0).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_bucket_with_every_id_is_nearly_the_dense_loss():
+    """k = V at T = 1: the bucket holds only the REST_FLOOR (1e-6) of teacher mass."""
+    z, t_lp = student_logits(), teacher_logprobs()
+    values, ids = torch.topk(t_lp, V, dim=-1)
+    loss = KDLoss("forward_kl", V, tail="bucket", chunk=4)(z, TeacherTargets("topk", values, ids), 1.0)
+    torch.testing.assert_close(loss.double(), ref_dense("forward_kl", z, t_lp, 1.0).detach(), rtol=0, atol=1e-4)
+
+
+def test_support_rules():
+    for name in LOSSES:
+        assert unsupported_reason(name, "dense", "bucket") is None
+        assert unsupported_reason(name, "topk", "bucket") is None
+    assert "reverse_kl" in unsupported_reason("reverse_kl", "topk", "renormalize")
+    assert unsupported_reason("forward_kl", "sample", "bucket") is None
+    for name in ("reverse_kl", "jsd", "skew_kl"):
+        assert unsupported_reason(name, "sample", "bucket") is not None
+    assert unsupported_reason("nope", "dense", "bucket") is not None
+    assert unsupported_reason("forward_kl", "topk", "chop") is not None
+
+
+# --- sample -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("chunk", (3, 10))
+def test_sample_matches_reference(temperature, chunk):
+    z = student_logits()
+    ids, counts = draw_sample(teacher_logprobs(), draws=12, slots=16, temperature=temperature)
+    loss = KDLoss("forward_kl", V, chunk=chunk)(z, TeacherTargets("sample", counts.to(torch.uint8), ids),
+                                                temperature)
+    assert_value_and_grad(loss, ref_sample(z, ids, counts, temperature), z)
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_sample_loss_is_unbiased(temperature):
+    """Many draws from softmax(lp/T): the sample loss approaches the dense forward_kl at T."""
+    z, t_lp = student_logits(), teacher_logprobs()
+    ids, counts = draw_sample(t_lp, draws=20000, slots=V + 3, temperature=temperature, seed=11)
+    loss = KDLoss("forward_kl", V, chunk=7)(z.detach(), TeacherTargets("sample", counts, ids), temperature)
+    dense = ref_dense("forward_kl", z.detach(), t_lp, temperature)
+    assert abs(loss.item() - dense.item()) < 0.01 * dense.item() + 0.01
+    few_ids, few_counts = draw_sample(t_lp, draws=3, slots=5, temperature=temperature, seed=11)
+    few = KDLoss("forward_kl", V, chunk=7)(z.detach(), TeacherTargets("sample", few_counts, few_ids), temperature)
+    assert abs(few.item() - dense.item()) > abs(loss.item() - dense.item())  # the error shrinks with draws
+
+
+# --- hard labels and chunking -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", (1, 3, 4, 100))
+def test_hard_label_loss(chunk):
+    z = student_logits(seed=9)
+    g = torch.Generator().manual_seed(10)
+    input_ids = torch.randint(0, V, (B, L), generator=g)
+    loss = hard_label_loss(z, input_ids, V, chunk)
+    ref = F.cross_entropy(z[:, :-1, :V].reshape(-1, V), input_ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    grad, ref_grad = grad_of(loss, z), grad_of(ref, z)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert torch.all(grad[:, -1] == 0) and torch.all(grad[..., V:] == 0)
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "sample"])
+def test_small_chunks_equal_one_big_chunk(kind):
+    t_lp = teacher_logprobs()
+    if kind == "dense":
+        targets = TeacherTargets("dense", t_lp)
+    elif kind == "topk":
+        ids, values = topk_of(t_lp)
+        targets = TeacherTargets("topk", values, ids)
+    else:
+        ids, counts = draw_sample(t_lp, 12, 16)
+        targets = TeacherTargets("sample", counts, ids)
+    results = []
+    for chunk in (1, 3, 4, B * L, 4096):
+        z = student_logits()
+        loss = KDLoss("forward_kl", V, chunk=chunk)(z, targets, 2.0)
+        results.append((loss.detach(), grad_of(loss, z)))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-8)
+
+
+def test_detached_loss_reports_the_value_without_a_graph():
+    z, t_lp = student_logits(), teacher_logprobs()
+    targets = TeacherTargets("dense", t_lp)
+    live = KDLoss("jsd", V, chunk=3)(z, targets, 2.0)
+    detached = KDLoss("jsd", V, chunk=3, detached=True)(z, targets, 2.0)
+    assert not detached.requires_grad
+    torch.testing.assert_close(detached, live.detach())
+
+
+def test_no_grad_path_equals_grad_path():
+    z, t_lp = student_logits(), teacher_logprobs()
+    targets = TeacherTargets("dense", t_lp)
+    with torch.no_grad():
+        plain = KDLoss("skew_kl", V, chunk=3)(z, targets, 1.0)
+    torch.testing.assert_close(plain, KDLoss("skew_kl", V, chunk=3)(z, targets, 1.0).detach())
