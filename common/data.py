@@ -29,6 +29,11 @@ def local_split_path(local_dir: str, split: str) -> str:
     return path
 
 
+def hub_rows(lines: list[str]) -> list[str]:
+    """Upstream file lines as hub rows: text keeps its newline, a blank line (" ") is ""."""
+    return [line if line.strip() else "" for line in lines]
+
+
 def load_rows(data: DataConfig, split: str) -> list[str]:
     """The split's rows as the hub dataset has them."""
     from datasets import load_dataset
@@ -37,8 +42,7 @@ def load_rows(data: DataConfig, split: str) -> list[str]:
         if not os.path.isdir(data.local_dir):
             raise UserError(f"data.local_dir not found: {data.local_dir}")
         path = local_split_path(data.local_dir, split)
-        rows = load_dataset("text", data_files={"rows": path}, split="rows", keep_linebreaks=True)["text"]
-        return [row if row.strip() else "" for row in rows]
+        return hub_rows(load_dataset("text", data_files={"rows": path}, split="rows", keep_linebreaks=True)["text"])
     try:
         return load_dataset(data.dataset, data.subset, split=split)["text"]
     except (FileNotFoundError, ValueError, ConnectionError) as err:

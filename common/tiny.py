@@ -1,7 +1,7 @@
 """The tiny offline default: a synthetic WikiText-style corpus, a tokenizer, a trained teacher, a student.
 
-`python -m common.tiny [--out tiny] [--force]` builds, deterministically and in about a minute and a half
-on a laptop CPU, everything the pipeline needs to run end to end with no GPU and no hub:
+`python -m common.tiny [--out tiny] [--force]` builds, deterministically (byte-identical files) and in about
+a minute on two idle CPU cores, everything the pipeline needs to run end to end with no GPU and no hub:
 
     <out>/data/wiki.{train,valid,test}.raw   a made-up encyclopedia in the WikiText-2 raw layout
     <out>/teacher                            Qwen2ForCausalLM, 4 layers, briefly trained on the train split
@@ -10,9 +10,10 @@ on a laptop CPU, everything the pipeline needs to run end to end with no GPU and
 
 The corpus describes a fixed world (regions, rivers, towns, people, species with fixed attributes) through a
 small template grammar, so facts recur across articles and phrasings and a small model can learn them; some
-random filler keeps it from being fully predictable. Both models share one byte-level BPE tokenizer but, as
-Qwen2-7B (152,064) and Qwen2-1.5B (151,936) versus their tokenizer (151,646), have padded vocabularies that
-differ from each other and exceed the tokenizer's, so the pipeline's vocabulary handling is exercised.
+random filler keeps it from being fully predictable. Both models share one byte-level BPE tokenizer (Qwen2's
+pre-tokenizer, 1000 tokens, trained on the train split) but, as Qwen2-7B (152,064) and Qwen2-1.5B (151,936)
+versus their tokenizer (151,646), have padded vocabularies that differ from each other and exceed the
+tokenizer's, so the pipeline's vocabulary handling is exercised.
 """
 from __future__ import annotations
 
@@ -24,24 +25,28 @@ import random
 import shutil
 import time
 from string import Formatter
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from common.cli import UserError, run_main
 from common.config import DataConfig
-from common.data import load_rows, pack_blocks, tokenize_stream
+from common.data import hub_rows, load_rows, pack_blocks, tokenize_stream
+
+if TYPE_CHECKING:
+    from transformers import Qwen2Config, Qwen2Tokenizer
 
 SEED = 1234
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 1000  # BPE target, special token included
 SEQ_LEN = 128
 MAX_POSITIONS = 512
-TEACHER_STEPS, TEACHER_BATCH, TEACHER_LR, WARMUP = 460, 16, 3e-3, 30
+TEACHER_STEPS, TEACHER_BATCH, TEACHER_LR, WARMUP = 600, 16, 3e-3, 30
 READY = "READY.json"
 LAYOUT = {"data", "teacher", "student", READY}  # what a build of ours leaves in <out>
 SPLIT_FILES = {"train": "wiki.train.raw", "valid": "wiki.valid.raw", "test": "wiki.test.raw"}
+PRETRAIN = "pretrain"  # the teacher's training text: same world, its own draw of phrasings and filler
 
 # --- the world: fixed entities and facts -------------------------------------------------------------------
 
@@ -58,15 +63,18 @@ KINDS = {"bird": "heron finch owl swift plover", "fish": "carp pike trout eel", 
 MODIFIERS = "silver spotted marsh lesser greater crested golden hill striped dwarf northern pale".split()
 DIETS = "insects seeds snails worms berries".split() + ["small fish"]
 MONTHS = "March April May June July August September".split()
-WORKS = ("Silent Quiet Last Northern Winter Broken Golden".split(), "Harbour Garden Bridge Voyage Tower Map Song".split())
+WORKS = ("Silent Quiet Last Northern Winter Broken Golden".split(),
+         "Harbour Garden Bridge Voyage Tower Map Song".split())
 
 
-def _name(rng: random.Random, used: set[str], syllables: int) -> str:
+def _name(rng: random.Random, used: set[str], syllables: int, suffixes: Sequence[str] = ("",)) -> str:
+    """A made-up name no other entity has."""
     while True:
         name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
-        if name.capitalize() not in used:
-            used.add(name.capitalize())
-            return name.capitalize()
+        name = (name + rng.choice(suffixes)).capitalize()
+        if name not in used:
+            used.add(name)
+            return name
 
 
 def _person(rng: random.Random, used: set[str], born: int, home: str) -> dict[str, Any]:
@@ -91,7 +99,7 @@ def build_world(seed: int = SEED) -> dict[str, list[dict[str, Any]]]:
     for _ in range(170):
         river, year = rng.choice(rivers), rng.randrange(700, 1700)
         founder = _person(rng, used, year - rng.randrange(25, 40), river["region"]["name"])
-        towns.append({"name": _name(rng, used, 1) + rng.choice(TOWN_SUFFIXES), "river": river, "year": year,
+        towns.append({"name": _name(rng, used, 1, TOWN_SUFFIXES), "river": river, "year": year,
                       "founder": founder, "industry": rng.choice(INDUSTRIES), "colour": rng.choice(COLOURS),
                       "bank": rng.choice(["north", "south", "east", "west"]), "pop": rng.randrange(300, 60000),
                       "hall": year + rng.randrange(10, 300)})
@@ -165,7 +173,8 @@ FILL = "filler"
 TEMPLATES: dict[str, list[tuple[str, list]]] = {
     "region": [
         ("", [["{region} is a region of {climate} {terrain} .", "{region} is a {climate} region , mostly {terrain} ."],
-              ["Its oldest town is {oldest} , founded in {oldest_year} .", "The oldest town in {region} is {oldest} ."]]),
+              ["Its oldest town is {oldest} , founded in {oldest_year} .",
+               "The oldest town in {region} is {oldest} ."]]),
         ("Geography", [["Rivers of {region} include the {rivers} .", "{region} is crossed by the {rivers} ."],
                        ["Towns in the region include {towns} .", "Its towns include {towns} ."], FILL])],
     "river": [
@@ -248,15 +257,17 @@ def _article(rng: random.Random, kind: str, facts: dict[str, Any]) -> list[str]:
     return lines
 
 
-def build_corpus(seed: int = SEED, train_copies: int = 2, eval_articles: int = 200) -> dict[str, str]:
+def build_corpus(seed: int = SEED, train_copies: int = 3, eval_articles: int = 165) -> dict[str, str]:
     """split → file text. Train describes every entity `train_copies` times; valid and test re-describe a
-    random `eval_articles` of them in fresh phrasings and filler."""
+    random `eval_articles` of them in fresh phrasings and filler. `PRETRAIN` is another draw like train,
+    the teacher's own training text: a teacher that memorized the distillation text itself would hand the
+    student little more than its hard labels, unlike a real teacher pretrained on other text."""
     world = build_world(seed)
     entities = [(kind, _facts(kind, e, world)) for kind, items in world.items() for e in items]
     texts = {}
-    for i, split in enumerate(SPLIT_FILES):
+    for i, split in enumerate((*SPLIT_FILES, PRETRAIN)):
         rng = random.Random(seed * 10 + i + 1)
-        chosen = entities * train_copies if split == "train" else rng.sample(entities, eval_articles)
+        chosen = entities * train_copies if split in ("train", PRETRAIN) else rng.sample(entities, eval_articles)
         rng.shuffle(chosen)
         texts[split] = " \n" + "".join(line + "\n" for kind, facts in chosen for line in _article(rng, kind, facts))
     return texts
@@ -264,18 +275,27 @@ def build_corpus(seed: int = SEED, train_copies: int = 2, eval_articles: int = 2
 
 # --- tokenizer and models --------------------------------------------------------------------------------
 
-def train_tokenizer(text: str, vocab_size: int = VOCAB_SIZE):
-    """Byte-level BPE (Qwen2's kind of tokenizer) on `text`, wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_tokenizer(text: str, vocab_size: int = VOCAB_SIZE) -> Qwen2Tokenizer:
+    """Byte-level BPE trained on `text` with Qwen2's normalizer and pre-tokenizer, as a `Qwen2Tokenizer`.
+
+    Qwen2's own class on purpose: `AutoTokenizer` loads a directory that holds a qwen2 config.json as
+    `Qwen2Tokenizer`, which rebuilds the pipeline from vocab and merges; anything else would tokenize
+    differently after the round trip.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, model_max_length=MAX_POSITIONS)
+    bpe = json.loads(tok.to_str())["model"]
+    return Qwen2Tokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], eos_token=EOS,
+                          pad_token=EOS, model_max_length=MAX_POSITIONS)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -287,7 +307,7 @@ def padded_vocab_sizes(num_tokens: int) -> tuple[int, int]:
     return _round_up(num_tokens, 64) + 64, _round_up(num_tokens, 32)
 
 
-def model_config(vocab_size: int, eos_id: int, teacher: bool):
+def model_config(vocab_size: int, eos_id: int, teacher: bool) -> Qwen2Config:
     from transformers import Qwen2Config
 
     shape = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384, tie_word_embeddings=False) if teacher \
@@ -301,11 +321,12 @@ def _batches(num_blocks: int, steps: int, batch: int, seed: int) -> torch.Tensor
     """Block indices for every step: reshuffled epochs, so every block is seen before any repeats."""
     gen = torch.Generator().manual_seed(seed)
     epochs = -(-steps * batch // num_blocks)
-    return torch.cat([torch.randperm(num_blocks, generator=gen) for _ in range(epochs)])[: steps * batch].view(steps, batch)
+    order = torch.cat([torch.randperm(num_blocks, generator=gen) for _ in range(epochs)])
+    return order[: steps * batch].view(steps, batch)
 
 
-def train_teacher(model: torch.nn.Module, blocks: np.ndarray, steps: int = TEACHER_STEPS, seed: int = SEED) -> None:
-    """AdamW with linear warm-up and cosine decay; plain fp32 on the CPU."""
+def train_teacher(model: torch.nn.Module, blocks: np.ndarray, steps: int = TEACHER_STEPS, seed: int = SEED) -> float:
+    """AdamW with linear warm-up and cosine decay, plain fp32 on the CPU; returns the seconds it took."""
     data = torch.from_numpy(blocks.astype(np.int64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * (
@@ -322,6 +343,7 @@ def train_teacher(model: torch.nn.Module, blocks: np.ndarray, steps: int = TEACH
         schedule.step()
         if step % 50 == 0 or step == steps:
             print(f"teacher step {step}/{steps}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
+    return time.time() - start
 
 
 @torch.no_grad()
@@ -352,7 +374,7 @@ def _check_ours(out_dir: str) -> None:
                         "move them or choose another --out")
 
 
-def _build_into(tmp: str, seed: int) -> dict[str, Any]:
+def _build_into(tmp: str, seed: int, teacher_steps: int) -> dict[str, Any]:
     from transformers import Qwen2ForCausalLM
 
     start = time.time()
@@ -360,6 +382,8 @@ def _build_into(tmp: str, seed: int) -> dict[str, Any]:
     os.makedirs(data_dir)
     corpus = build_corpus(seed)
     for split, text in corpus.items():
+        if split == PRETRAIN:
+            continue
         with open(os.path.join(data_dir, SPLIT_FILES[split]), "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
     tokenizer = train_tokenizer(corpus["train"])
@@ -367,19 +391,19 @@ def _build_into(tmp: str, seed: int) -> dict[str, Any]:
                for split in SPLIT_FILES}
     num_tokens, eos_id = len(tokenizer), tokenizer.convert_tokens_to_ids(EOS)
     vocab = dict(zip(("teacher", "student"), padded_vocab_sizes(num_tokens)))
-    ppl = None
     for role in ("student", "teacher"):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(model_config(vocab[role], eos_id, teacher=role == "teacher"))
         if role == "teacher":
-            train_teacher(model, pack_blocks(streams["train"], SEQ_LEN, None), seed=seed)
+            pretrain = tokenize_stream(tokenizer, hub_rows(corpus[PRETRAIN].splitlines(keepends=True)))
+            train_seconds = train_teacher(model, pack_blocks(pretrain, SEQ_LEN, None), teacher_steps, seed)
             ppl = perplexity(model, pack_blocks(streams["valid"], SEQ_LEN, None))
         model.save_pretrained(os.path.join(tmp, role))
         tokenizer.save_pretrained(os.path.join(tmp, role))
     return {"seed": seed, "tokenizer_size": num_tokens, "teacher_vocab_size": vocab["teacher"],
             "student_vocab_size": vocab["student"], "tokens": {s: len(v) for s, v in streams.items()},
-            "seq_len": SEQ_LEN, "teacher_steps": TEACHER_STEPS, "teacher_valid_ppl": round(ppl, 3),
-            "build_seconds": round(time.time() - start, 1)}
+            "seq_len": SEQ_LEN, "teacher_steps": teacher_steps, "teacher_train_seconds": round(train_seconds, 1),
+            "teacher_valid_ppl": round(ppl, 3), "build_seconds": round(time.time() - start, 1)}
 
 
 def _move_into_place(tmp: str, out_dir: str) -> None:
@@ -391,9 +415,11 @@ def _move_into_place(tmp: str, out_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build(out_dir: str, force: bool = False, seed: int = SEED) -> dict[str, Any]:
-    """Build `out_dir` unless it is ready (or rebuild with `force`); returns the READY.json contents."""
-    out_dir = os.path.normpath(out_dir)
+def build(out_dir: str, force: bool = False, seed: int = SEED,
+          teacher_steps: int = TEACHER_STEPS) -> dict[str, Any]:
+    """Build `out_dir` unless it is ready (or rebuild with `force`); returns the READY.json contents.
+    Fewer `teacher_steps` give a quick, weaker build (for tests)."""
+    out_dir = os.path.abspath(out_dir)  # so the temporary build is a true sibling, on the same file system
     if is_ready(out_dir) and not force:
         with open(os.path.join(out_dir, READY)) as fh:
             return json.load(fh)
@@ -401,7 +427,7 @@ def build(out_dir: str, force: bool = False, seed: int = SEED) -> dict[str, Any]
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # only a crashed build of ours with a reused pid can be here
     try:
-        info = _build_into(tmp, seed)
+        info = _build_into(tmp, seed, teacher_steps)
         with open(os.path.join(tmp, READY), "w") as fh:  # last, and the rename publishes everything at once
             json.dump(info, fh, indent=2)
         _move_into_place(tmp, out_dir)
@@ -411,19 +437,28 @@ def build(out_dir: str, force: bool = False, seed: int = SEED) -> dict[str, Any]
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(description="Build the tiny offline corpus, tokenizer, teacher and student.")
+    parser = argparse.ArgumentParser(prog="python -m common.tiny",
+                                     description="Build the tiny offline corpus, tokenizer, teacher and student.")
     parser.add_argument("--out", default="tiny", help="output directory (default: tiny)")
     parser.add_argument("--force", action="store_true", help="rebuild even if <out>/READY.json exists")
     args = parser.parse_args(argv)
     if is_ready(args.out) and not args.force:
         print(f"{args.out} is ready ({READY} exists); pass --force to rebuild")
         return 0
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # the per-split and per-shard bars would bury the training log
+    transformers.utils.logging.disable_progress_bar()
     info = build(args.out, force=args.force)
-    tokens = info["tokens"]
-    print(f"built {args.out}: data/ teacher/ student/ | tokenizer {info['tokenizer_size']} tokens, vocab teacher "
-          f"{info['teacher_vocab_size']} student {info['student_vocab_size']} | tokens train {tokens['train']} "
-          f"valid {tokens['valid']} test {tokens['test']} | teacher valid ppl {info['teacher_valid_ppl']:.2f} | "
-          f"{info['build_seconds']:.0f}s")
+    out, tokens = args.out, info["tokens"]
+    print(f"built {out} in {info['build_seconds']:.0f}s (teacher training {info['teacher_train_seconds']:.0f}s)\n"
+          f"  data       {out}/data/wiki.{{train,valid,test}}.raw  tokens: train {tokens['train']}, "
+          f"valid {tokens['valid']}, test {tokens['test']}\n"
+          f"  tokenizer  {info['tokenizer_size']} tokens (eos = pad = {EOS}), saved with both models\n"
+          f"  teacher    {out}/teacher  vocab_size {info['teacher_vocab_size']}, "
+          f"valid perplexity {info['teacher_valid_ppl']:.2f}\n"
+          f"  student    {out}/student  vocab_size {info['student_vocab_size']}, untrained")
     return 0
 
 

@@ -1,0 +1,133 @@
+"""Stage one end to end on the tiny build: what the cache holds is checked against the teacher recomputed
+independently with plain torch on the same blocks."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cache.reader import CacheReader
+from common.cli import UserError
+from stage1_teacher.dump import main as dump_main
+from tests.conftest import TEST_BLOCKS, run_cli, tiny_overrides
+
+
+def independent_blocks(tiny: Path, seq_len: int, count: int) -> np.ndarray:
+    """Rows as the hub dataset has them (blank lines → ""), joined, tokenized once, cut into blocks."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
+    lines = (tiny / "data" / "wiki.train.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    text = "".join(line if line.strip() else "" for line in lines)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+
+
+@torch.no_grad()
+def teacher_logprobs(tiny: Path, blocks: np.ndarray) -> torch.Tensor:
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(tiny / "teacher", dtype=torch.float32).eval()
+    logits = model(input_ids=torch.from_numpy(blocks)).logits
+    assert logits.shape[-1] > len(tokenizer)  # the padded rows exist and must be cut
+    return torch.log_softmax(logits[..., : len(tokenizer)].float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tiny, tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("stage1") / "topk"
+    dump_main(tiny_overrides(tiny, cache, **{"cache.mode": "topk"}))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def full_cache(tiny, tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("stage1") / "full"
+    dump_main(tiny_overrides(tiny, cache, **{"cache.mode": "full"}))
+    return cache
+
+
+def test_topk_equals_independent_recompute(tiny, topk_cache):
+    reader = CacheReader(str(topk_cache))
+    blocks = independent_blocks(tiny, 128, TEST_BLOCKS)
+    np.testing.assert_array_equal(reader.read_all("input_ids"), blocks)
+    expected_values, expected_ids = torch.topk(teacher_logprobs(tiny, blocks), 16, dim=-1)
+    ids = torch.from_numpy(reader.read_all("topk_ids")).long()
+    values = torch.from_numpy(reader.read_all("topk_logprobs")).float()
+    assert ids.shape == (TEST_BLOCKS, 128, 16) and values.dtype == torch.float32
+    assert (ids == expected_ids).float().mean() > 0.999  # only exact ties may swap places
+    torch.testing.assert_close(values, expected_values, rtol=1e-3, atol=1e-3)  # float16 storage
+    assert (values[..., :-1] >= values[..., 1:]).all()  # largest first
+
+
+def test_full_mode_round_trips_within_float16(tiny, full_cache):
+    reader = CacheReader(str(full_cache))
+    expected = teacher_logprobs(tiny, independent_blocks(tiny, 128, TEST_BLOCKS))
+    stored = torch.from_numpy(reader.read_all("logprobs"))
+    assert stored.dtype == torch.float16 and stored.shape == expected.shape
+    torch.testing.assert_close(stored.float(), expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(stored.float().exp().sum(-1), torch.ones(expected.shape[:-1]), rtol=0, atol=5e-3)
+
+
+def test_manifest_and_checksums(tiny, topk_cache):
+    from common.data import data_fingerprint
+    from common.models import tokenizer_hash
+
+    manifest = json.loads((topk_cache / "manifest.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
+    teacher_config = json.loads((tiny / "teacher" / "config.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["mode"] == "topk" and manifest["k"] == 16
+    assert manifest["vocab_size"] == len(tokenizer) < teacher_config["vocab_size"]
+    assert manifest["teacher"]["padded_vocab_size"] == teacher_config["vocab_size"]
+    assert manifest["seq_len"] == 128 and manifest["num_blocks"] == TEST_BLOCKS
+    assert manifest["value_dtype"] == "float16"
+    assert manifest["tokenizer"]["hash"] == tokenizer_hash(tokenizer)
+    assert manifest["dataset"]["fingerprint"] == data_fingerprint(
+        independent_blocks(tiny, 128, TEST_BLOCKS), tokenizer_hash(tokenizer), 128)
+    assert [(s["file"], s["first_block"], s["num_blocks"]) for s in manifest["shards"]] == [
+        ("shard-00000.h5", 0, 5), ("shard-00001.h5", 5, 5), ("shard-00002.h5", 10, 2)]
+    for shard in manifest["shards"]:
+        path = topk_cache / shard["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+        with h5py.File(path, "r") as handle:
+            assert handle["topk_ids"].chunks == (1, 128, 16)
+            assert handle["topk_logprobs"].dtype == np.float16
+    assert sorted(p.name for p in topk_cache.iterdir()) == ["manifest.json"] + [s["file"] for s in manifest["shards"]]
+
+
+def test_cli_prints_align_and_summary_and_refuses_to_overwrite(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    args = tiny_overrides(tiny, cache, **{"data.max_blocks": 2})
+    first = run_cli("stage1_teacher.dump", *args)
+    assert first.returncode == 0, first.stderr
+    align = [line for line in first.stdout.splitlines() + first.stderr.splitlines() if line.startswith("[ALIGN]")]
+    assert align == ["[ALIGN] Teacher torch.Size([2, 128, 1088]) → cache vocab 1000"]
+    assert "[stage1] 2 blocks, 256 tokens" in first.stdout
+    before = (cache / "manifest.json").read_bytes()
+    again = run_cli("stage1_teacher.dump", *args)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [again.stderr.strip()] and "already holds a cache" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert (cache / "manifest.json").read_bytes() == before
+
+
+def test_incomplete_cache_is_refused(tiny, topk_cache, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(topk_cache, partial)
+    (partial / "manifest.json").unlink()
+    with pytest.raises(UserError, match="no manifest.json"):
+        CacheReader(str(partial))
+    result = run_cli("stage2_student.train", "--cache", partial, *tiny_overrides(tiny, partial))
+    assert result.returncode == 2 and "no manifest.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_failed_dump_leaves_no_cache(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError):
+        dump_main(tiny_overrides(tiny, cache, **{"data.seq_len": 10**7}))  # not even one block
+    assert not cache.exists()
