@@ -1,0 +1,341 @@
+"""Quality study on real text: one teacher, one cache per mode, the same student distilled from each.
+
+    python -m bench.quality [--out bench/out/quality] [--quick] [--results docs/results.md]
+
+On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the upstream files in
+`../shared/data/wikitext-2-raw-v1`), at a scale two CPU cores finish in under an hour:
+
+1. a byte-level BPE tokenizer (`common.tiny.train_tokenizer`) trained on the training text;
+2. a Qwen2 teacher trained from scratch on packed blocks of it (`common.tiny.train_teacher`), and a
+   randomly initialised Qwen2 student (same seed for every run), with padded vocabularies that differ
+   from each other and exceed the tokenizer's;
+3. one cache per mode through the real entry point `python -m stage1_teacher.dump`: full, top-k 12,
+   top-k 64 and sample (50 draws);
+4. the same student, same seed and same optimizer steps, trained through `python -m stage2_student.train`
+   with hard labels only, from each cache (top-k with the tail bucket and renormalized) and from the live
+   teacher (`--live-teacher`, TextBrewer's usual route);
+5. everything evaluated by `python -m stage2_student.evaluate` on the test split;
+
+and writes one table (perplexity, ECE, cache bytes per token, seconds per optimizer step) to
+`--results` (default `docs/results.md`, or `<out>/results.md` with `--quick`). `--quick` shrinks every
+stage (and the data: the first lines of each file) to smoke-test the script in about two minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                                         "data", "wikitext-2-raw-v1"))
+DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}
+SEED = 42
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class Scale:
+    """Every size in the study; `quick()` is the smoke-test version."""
+    vocab: int = 4096
+    seq_len: int = 128
+    teacher: dict[str, int] = field(default_factory=lambda: dict(hidden_size=192, num_hidden_layers=4,
+                                                                 intermediate_size=576))
+    student: dict[str, int] = field(default_factory=lambda: dict(hidden_size=128, num_hidden_layers=2,
+                                                                 intermediate_size=384))
+    teacher_steps: int = 400
+    max_blocks: int | None = None  # blocks dumped and trained on; None = all of the training text
+    student_steps: int = 120
+    lr: float = 2e-3
+    eval_stride: int = 128
+    data_lines: int | None = None  # quick: only the first lines of each data file
+
+    @classmethod
+    def quick(cls) -> "Scale":
+        return cls(vocab=1024, teacher_steps=20, max_blocks=48, student_steps=3, data_lines=300)
+
+
+@dataclass
+class Run:
+    """One student run: its label, the cache it reads and what differs from the shared overrides."""
+    label: str
+    cache: str
+    overrides: dict[str, Any]
+    live: bool = False
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def overrides(values: dict[str, Any]) -> list[str]:
+    """`key=value` arguments as the CLIs take them (None → null)."""
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+def run_cli(module: str, args: list[str], log_path: str) -> float:
+    """Run `python -m module args…`, its output to `log_path`; returns its wall time. Fails loudly."""
+    cmd = [sys.executable, "-m", module, *args]
+    log(" ".join(shlex.quote(c) for c in cmd[1:]))
+    start = time.time()
+    with open(log_path, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        with open(log_path) as fh:
+            tail = fh.read()[-3000:]
+        raise SystemExit(f"{module} failed with status {proc.returncode}; see {log_path}:\n{tail}")
+    return time.time() - start
+
+
+def data_dir(out: str, scale: Scale) -> str:
+    """The upstream files, or (quick) their first lines in `<out>/data`."""
+    if scale.data_lines is None:
+        return DATA_DIR
+    path = os.path.join(out, "data")
+    os.makedirs(path, exist_ok=True)
+    for name in ("wiki.valid.raw", "wiki.test.raw"):
+        with open(os.path.join(DATA_DIR, name), encoding="utf-8") as src:
+            lines = src.readlines()[: scale.data_lines]
+        with open(os.path.join(path, name), "w", encoding="utf-8", newline="\n") as dst:
+            dst.writelines(lines)
+    return path
+
+
+# --- stage 0: tokenizer, teacher, student ---------------------------------------------------------------------
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    embeds = {id(p) for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeds)
+
+
+def build_models(out: str, local_dir: str, scale: Scale) -> dict[str, Any]:
+    """Tokenizer on the training text, the trained teacher and the untrained student, saved under `out`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from common.config import DataConfig
+    from common.data import load_rows, pack_blocks, tokenize_stream
+    from common.tiny import padded_vocab_sizes, perplexity, train_teacher, train_tokenizer
+
+    rows = load_rows(DataConfig(local_dir=local_dir, max_blocks=None), DATA["data.split"])
+    tokenizer = train_tokenizer("".join(rows), scale.vocab)
+    blocks = pack_blocks(tokenize_stream(tokenizer, rows), scale.seq_len, None)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    vocab = dict(zip(("teacher", "student"), padded_vocab_sizes(len(tokenizer))))
+    info: dict[str, Any] = {"tokenizer_size": len(tokenizer), "train_tokens": int(blocks.size),
+                            "train_blocks": len(blocks)}
+    for role, shape in (("teacher", scale.teacher), ("student", scale.student)):
+        torch.manual_seed(SEED)
+        config = Qwen2Config(vocab_size=vocab[role], num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, bos_token_id=eos_id, eos_token_id=eos_id,
+                             pad_token_id=eos_id, tie_word_embeddings=role == "student", **shape)
+        model = Qwen2ForCausalLM(config)
+        info[role] = {"vocab_size": vocab[role], **shape, "params": sum(p.numel() for p in model.parameters()),
+                      "non_embedding_params": non_embedding_params(model)}
+        if role == "teacher":
+            log(f"training the teacher ({info[role]['params'] / 1e6:.2f} M params) for {scale.teacher_steps} steps")
+            info[role]["train_seconds"] = round(train_teacher(model, blocks, scale.teacher_steps, SEED), 1)
+            info[role]["train_ppl"] = round(perplexity(model, blocks), 2)
+        model.save_pretrained(os.path.join(out, role))
+        tokenizer.save_pretrained(os.path.join(out, role))
+    return info
+
+
+# --- stage 1: caches ---------------------------------------------------------------------------------------------
+
+CACHES = {"full": {"cache.mode": "full"}, "topk12": {"cache.mode": "topk", "cache.k": 12},
+          "topk64": {"cache.mode": "topk", "cache.k": 64},
+          "sample50": {"cache.mode": "sample", "cache.draws": 50, "cache.sample_temperature": 1.0}}
+
+
+def dump_caches(out: str, common: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One cache per mode through `python -m stage1_teacher.dump`; returns each one's size and timing."""
+    stats = {}
+    for name, mode in CACHES.items():
+        cache_dir = os.path.join(out, "cache", name)
+        args = overrides({**common, "teacher.model": os.path.join(out, "teacher"), "teacher.batch_size": 16,
+                          "cache.dir": cache_dir, "cache.overwrite": "true", **mode})
+        seconds = run_cli("stage1_teacher.dump", args, os.path.join(out, "logs", f"dump_{name}.log"))
+        stats[name] = {"dir": cache_dir, "dump_seconds": round(seconds, 1), **cache_stats(cache_dir)}
+    return stats
+
+
+def cache_stats(cache_dir: str) -> dict[str, Any]:
+    """Bytes per token on disk (shard files over cached positions) and teacher ids stored per position."""
+    with open(os.path.join(cache_dir, "manifest.json")) as fh:
+        manifest = json.load(fh)
+    positions = manifest["num_blocks"] * manifest["seq_len"]
+    stats = {"mode": manifest["mode"], "bytes_per_token": sum(s["bytes"] for s in manifest["shards"]) / positions,
+             "positions": positions}
+    if manifest["mode"] == "full":
+        stats["ids_per_position"] = manifest["vocab_size"]
+    elif manifest["mode"] == "topk":
+        stats["ids_per_position"] = manifest["k"]
+    else:  # unique drawn ids, averaged over every cached position
+        unique = 0
+        for shard in manifest["shards"]:
+            with h5py.File(os.path.join(cache_dir, shard["file"]), "r") as h5:
+                unique += int((h5["sample_counts"][...] > 0).sum())
+        stats["ids_per_position"] = unique / positions
+    return stats
+
+
+# --- stage 2: students --------------------------------------------------------------------------------------------
+
+def student_runs(out: str) -> list[Run]:
+    cache = lambda name: os.path.join(out, "cache", name)  # noqa: E731
+    hard = {"train.kd_weight": 0, "train.hard_weight": 1}
+    return [Run("hard labels (CE)", cache("topk12"), hard),
+            Run("full KD (cache)", cache("full"), {}),
+            Run("full KD (live teacher)", cache("full"), {"teacher.model": os.path.join(out, "teacher")}, live=True),
+            Run("top-12, tail bucket", cache("topk12"), {"train.topk_tail": "bucket"}),
+            Run("top-12, renormalized", cache("topk12"), {"train.topk_tail": "renormalize"}),
+            Run("top-64, tail bucket", cache("topk64"), {"train.topk_tail": "bucket"}),
+            Run("top-64, renormalized", cache("topk64"), {"train.topk_tail": "renormalize"}),
+            Run("sample, 50 draws", cache("sample50"), {})]
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_").replace("__", "_")
+
+
+def train_students(out: str, common: dict[str, Any], scale: Scale) -> list[dict[str, Any]]:
+    """Every run with the same student, seed, data order, steps and optimizer; returns run.json's essentials."""
+    shared = {**common, "student.model": os.path.join(out, "student"), "train.batch_size": 8,
+              "train.gradient_accumulation": 2, "train.epochs": 1000, "train.max_steps": scale.student_steps,
+              "train.lr": scale.lr, "train.temperature": 1.0, "train.seed": SEED, "train.overwrite": "true"}
+    results = []
+    for run in student_runs(out):
+        name = slug(run.label)
+        target = os.path.join(out, "students", name)
+        args = ["--cache", run.cache, *(["--live-teacher"] if run.live else []),
+                *overrides({**shared, "train.output_dir": target, "train.log_dir": os.path.join(out, "tb", name),
+                            **run.overrides})]
+        wall = run_cli("stage2_student.train", args, os.path.join(out, "logs", f"train_{name}.log"))
+        with open(os.path.join(target, "run.json")) as fh:
+            record = json.load(fh)
+        results.append({"label": run.label, "dir": target, "cache": os.path.basename(run.cache), "live": run.live,
+                        "steps": record["steps"], "tokens": record["tokens"],
+                        "seconds_per_step": record["seconds_per_step"], "wall_seconds": round(wall, 1),
+                        "final_loss": record["final"].get("loss"), "final_hard_loss": record["final"].get("hard_loss")})
+    return results
+
+
+# --- evaluation and the table ------------------------------------------------------------------------------------
+
+def evaluate(out: str, models: list[tuple[str, str]], local_dir: str, scale: Scale) -> dict[str, dict[str, Any]]:
+    """All models in one `python -m stage2_student.evaluate`; returns its results by name."""
+    output = os.path.join(out, "eval_test.json")
+    args = [a for name, path in models for a in ("--model", path, "--name", name)]
+    args += overrides({"data.local_dir": local_dir, "data.seq_len": scale.seq_len, "eval.split": "test",
+                       "eval.stride": scale.eval_stride, "eval.output": output})
+    run_cli("stage2_student.evaluate", args, os.path.join(out, "logs", "evaluate.log"))
+    with open(output) as fh:
+        return {r["name"]: r for r in json.load(fh)["results"]}
+
+
+def table(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]]) -> str:
+    head = ("| run | cache mode | teacher ids / position | cache B / token | test perplexity | ECE | top-1 acc | "
+            "s / step |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = [head]
+    for name in ("teacher", "untrained student"):
+        s = scores[name]
+        rows.append(f"| {name} | – | – | – | {s['perplexity']:.2f} | {s['ece']:.4f} | {s['accuracy']:.4f} | – |")
+    for r in runs:
+        s, c = scores[r["label"]], caches[r["cache"]]
+        if r["label"].startswith("hard"):
+            mode, ids, size = "none (hard labels)", "–", "–"
+        else:
+            mode = "live teacher" if r["live"] else c["mode"] + (f", k={c['ids_per_position']}" if c["mode"] == "topk" else "")
+            ids = f"{c['ids_per_position']:.1f}" if c["mode"] == "sample" else str(c["ids_per_position"])
+            size = "– (teacher run every step)" if r["live"] else f"{c['bytes_per_token']:,.1f}"
+        rows.append(f"| {r['label']} | {mode} | {ids} | {size} | {s['perplexity']:.2f} | {s['ece']:.4f} | "
+                    f"{s['accuracy']:.4f} | {r['seconds_per_step']:.3f} |")
+    return "\n".join(rows)
+
+
+def write_results(path: str, command: str, info: dict[str, Any]) -> None:
+    """The table and the scale; `docs/results.md`'s discussion is written by hand around the marked block."""
+    t, s = info["models"]["teacher"], info["models"]["student"]
+    block = (f"<!-- generated by `{command}` -->\n\n{info['table']}\n\n"
+             f"Scale: tokenizer {info['models']['tokenizer_size']} BPE tokens; training text "
+             f"{info['models']['train_tokens']:,} tokens ({info['models']['train_blocks']} blocks of "
+             f"{info['scale']['seq_len']}); teacher {t['params'] / 1e6:.2f} M params "
+             f"({t['non_embedding_params'] / 1e6:.2f} M non-embedding, {t['num_hidden_layers']} layers × "
+             f"{t['hidden_size']}), {info['scale']['teacher_steps']} steps of 16 blocks in {t['train_seconds']:.0f} s "
+             f"(training-text perplexity {t['train_ppl']}); student {s['params'] / 1e6:.2f} M params "
+             f"({s['non_embedding_params'] / 1e6:.2f} M non-embedding, {s['num_hidden_layers']} layers × "
+             f"{s['hidden_size']}), {info['scale']['student_steps']} optimizer steps of 16 blocks "
+             f"(lr {info['scale']['lr']}, T = 1.0, seed {SEED}) per run; evaluation on the whole test split, "
+             f"windows of {info['scale']['seq_len']} tokens, stride {info['scale']['eval_stride']}; "
+             f"total wall time {info['wall_seconds'] / 60:.1f} min.\n")
+    begin, end = "<!-- BEGIN quality table -->", "<!-- END quality table -->"
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    if begin in text and end in text:
+        text = text[: text.index(begin) + len(begin)] + "\n" + block + text[text.index(end):]
+    else:
+        text = f"# Quality study\n\n{begin}\n{block}{end}\n"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/out/quality", help="scratch directory (default: bench/out/quality)")
+    parser.add_argument("--quick", action="store_true", help="tiny everything: a smoke test of the script")
+    parser.add_argument("--results", default=None, help="markdown file for the table (default: docs/results.md, "
+                        "or <out>/results.md with --quick)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    datasets.disable_progress_bars()
+    scale = Scale.quick() if args.quick else Scale()
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    start = time.time()
+    local_dir = data_dir(out, scale)
+    common = {"data.local_dir": local_dir, **DATA, "data.seq_len": scale.seq_len, "data.max_blocks": scale.max_blocks}
+
+    models = build_models(out, local_dir, scale)
+    log(f"teacher trained in {models['teacher']['train_seconds']} s, training-text perplexity "
+        f"{models['teacher']['train_ppl']}")
+    caches = dump_caches(out, common)
+    log("caches: " + ", ".join(f"{k} {v['bytes_per_token']:.1f} B/token" for k, v in caches.items()))
+    runs = train_students(out, common, scale)
+    evaluated = [("teacher", os.path.join(out, "teacher")), ("untrained student", os.path.join(out, "student"))]
+    scores = evaluate(out, evaluated + [(r["label"], r["dir"]) for r in runs], local_dir, scale)
+
+    command = "python -m bench.quality" + (" --quick" if args.quick else "") + \
+        (f" --out {args.out}" if args.out != "bench/out/quality" else "")
+    info = {"command": command, "scale": asdict(scale), "models": models, "caches": caches, "runs": runs,
+            "scores": scores, "table": table(runs, caches, scores), "wall_seconds": time.time() - start}
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump(info, fh, indent=2)
+    results = args.results or (os.path.join(out, "results.md") if args.quick else "docs/results.md")
+    write_results(results, command, info)
+    print(info["table"])
+    log(f"done in {info['wall_seconds'] / 60:.1f} min; wrote {results} and {out}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
