@@ -152,3 +152,13 @@ def test_two_runs_with_different_temperatures_leave_the_cache_untouched(tiny, ca
     assert files_digest(cache) == before
     losses = [json.loads((tmp_path / f"out{t}" / "metrics.jsonl").read_text().splitlines()[0])["kd_loss"] for t in (1.0, 4.0)]
     assert losses[0] != losses[1]
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tiny, caches, tmp_path):
+    out = tmp_path / "out"
+    train_main(["--cache", str(caches["topk"]), *tiny_overrides(tiny, caches["topk"], **{
+        "train.precision": "bf16", "train.gradient_checkpointing": True, "train.max_steps": 1,
+        "train.output_dir": out, "train.log_dir": tmp_path / "logs"})])
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["step"] == 1 and 0 < record["kd_loss"] < 100 and record["grad_norm"] > 0
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True  # saved for generation
