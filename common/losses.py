@@ -13,7 +13,7 @@ Every mode is reduced to a pair of log-distributions on a common support of S en
 Temperature T divides the teacher's log-probs (then renormalized over the support) and the student's
 logits; every loss is averaged over positions and multiplied by T², as in the original recipe. The
 student's fp32 log-softmax over [positions, V] is the memory peak of training, so it is computed one
-chunk of positions at a time under activation checkpointing: it is never held for more than one chunk.
+chunk of positions at a time, its gradient too (see `_ChunkedSum`): it is never held for more than one chunk.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 TAILS = ("bucket", "renormalize")
 
@@ -139,19 +138,44 @@ def supports(z: torch.Tensor, teacher: TeacherTargets, temperature: float, tail:
 
 # --- chunked losses ----------------------------------------------------------------------------------
 
+class _ChunkedSum(torch.autograd.Function):
+    """Σ_chunks fn(z[rows]) whose gradient is computed chunk by chunk during the forward pass and written
+    into one [P, V] buffer: at any time only one chunk's fp32 intermediates are alive, and the gradient
+    reaches z as that single buffer (slicing z in the graph would allocate a full-size zero gradient per
+    chunk instead)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, fn: Callable[..., torch.Tensor], chunk: int,
+                slice_rest: Callable[[int, int], tuple]) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(z) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=z.device)
+        for start in range(0, z.size(0), chunk):
+            end = min(start + chunk, z.size(0))
+            with torch.enable_grad():
+                rows = z[start:end].detach().requires_grad_(want_grad)
+                value = fn(rows, *slice_rest(start, end))
+                if want_grad:
+                    grad[start:end] = torch.autograd.grad(value, rows)[0]
+            total += value.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_total), None, None, None  # the buffer is used once: scale it in place
+
+
 def chunked_sum(fn: Callable[..., torch.Tensor], z: torch.Tensor, chunk: int,
                 slice_rest: Callable[[int, int], tuple]) -> torch.Tensor:
-    """Σ over row chunks of fn(z[rows], *slice_rest(rows)); recomputed in backward, so only one
-    chunk's intermediates (the fp32 log-softmax) are alive at a time."""
-    total = z.new_zeros((), dtype=torch.float32)
-    for start in range(0, z.size(0), chunk):
-        end = min(start + chunk, z.size(0))
-        args = (z[start:end], *slice_rest(start, end))
-        if torch.is_grad_enabled() and z.requires_grad:
-            total = total + checkpoint(fn, *args, use_reentrant=False)
-        else:
-            total = total + fn(*args)
-    return total
+    """Σ over row chunks of fn(z[rows], *slice_rest(rows)), holding one chunk's intermediates at a time."""
+    if torch.is_grad_enabled() and z.requires_grad:
+        return _ChunkedSum.apply(z, fn, chunk, slice_rest)
+    with torch.no_grad():
+        return sum((fn(z[a:min(a + chunk, z.size(0))], *slice_rest(a, min(a + chunk, z.size(0))))
+                    for a in range(0, z.size(0), chunk)), torch.zeros((), device=z.device))
+
 
 @dataclass
 class KDLoss:
@@ -170,7 +194,9 @@ class KDLoss:
 
     def __call__(self, logits_S: torch.Tensor, targets_T: TeacherTargets, temperature: float) -> torch.Tensor:
         length = min(logits_S.size(1), targets_T.values.size(1))  # align sequence lengths
-        z = logits_S[:, :length].reshape(-1, logits_S.size(-1))
+        if length < logits_S.size(1):
+            logits_S = logits_S[:, :length]
+        z = logits_S.reshape(-1, logits_S.size(-1))  # a view: no copy of the logits or their gradient
         teacher = targets_T.flatten(length)
         if self.detached:
             z = z.detach()
@@ -179,11 +205,12 @@ class KDLoss:
 
 
 def hard_label_loss(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, chunk: int) -> torch.Tensor:
-    """Next-token cross-entropy over the truncated vocabulary, mean over the B·(L−1) predicted tokens."""
-    z = logits[:, :-1].reshape(-1, logits.size(-1))
-    labels = input_ids[:, 1:].reshape(-1)
+    """Next-token cross-entropy over the truncated vocabulary, mean over the B·(L−1) predicted tokens.
+    The last position has no label (ignore_index) rather than being sliced off, so z stays a view."""
+    z = logits.reshape(-1, logits.size(-1))
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).reshape(-1)
 
     def chunk_sum(z_chunk: torch.Tensor, label_chunk: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(z_chunk[:, :vocab_size].float(), label_chunk, reduction="sum")
+        return F.cross_entropy(z_chunk[:, :vocab_size].float(), label_chunk, reduction="sum", ignore_index=-100)
 
-    return chunked_sum(chunk_sum, z, chunk, lambda a, b: (labels[a:b],)) / z.size(0)
+    return chunked_sum(chunk_sum, z, chunk, lambda a, b: (labels[a:b],)) / (input_ids.numel() - input_ids.size(0))

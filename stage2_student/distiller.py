@@ -38,7 +38,8 @@ class StudentAdaptor:
     chunk: int
 
     def __call__(self, batch: dict, outputs) -> dict:
-        logits = truncate_vocab(outputs.logits, self.vocab_size, "Student")
+        truncate_vocab(outputs.logits, self.vocab_size, "Student")  # announce; the losses cut each chunk
+        logits = outputs.logits  # untruncated: a sliced view would cost a full-size zero gradient
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.hard_weight != 0):
             hard = hard_label_loss(logits, batch["input_ids"], self.vocab_size, self.chunk)
         return {"logits": logits, "losses": hard}

@@ -118,8 +118,9 @@ class DistillRecipe:
         seed_everything(cfg.train.seed)
         self.student = load_causal_lm(cfg.student.model, "student", self.device,
                                       resolve_dtype(cfg.student.dtype, self.device))
-        if cfg.train.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable()
+        if cfg.train.gradient_checkpointing:  # renamed in transformers 5; the old name still works in 4.x
+            enable = getattr(self.student, "activation_checkpointing_enable", None)
+            (enable or self.student.gradient_checkpointing_enable)()
         self.student.config.use_cache = False
         teacher = None
         if self.live_teacher:
