@@ -76,7 +76,7 @@ class TrainConfig:
     topk_tail: str = "bucket"  # bucket | renormalize
     loss_beta: float = 0.5  # generalized JSD
     loss_alpha: float = 0.1  # skew KL
-    loss_chunk: int = 512  # positions per loss chunk (bounds the student's fp32 log-softmax)
+    loss_chunk: int = 128  # positions per loss chunk: bounds the student's fp32 log-softmax (docs/benchmarks.md)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     gradient_checkpointing: bool = False
     seed: int = 42
