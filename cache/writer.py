@@ -28,6 +28,7 @@ class DatasetSpec:
     tail: tuple[int, ...]
     dtype: str
     compression: str | None = None
+    compression_level: int | None = None
 
 
 @dataclass
@@ -188,7 +189,8 @@ class CacheWriter:
         for name, spec in self.layout.datasets.items():
             shape = (count, *spec.tail)
             handle.create_dataset(name, shape=shape, dtype=spec.dtype, chunks=(1, *spec.tail),
-                                  compression=spec.compression, shuffle=spec.compression is not None)
+                                  compression=spec.compression, compression_opts=spec.compression_level,
+                                  shuffle=spec.compression is not None)
         handle.attrs["first_block"] = first
         return _ShardState(index, first, count, path, handle)
 

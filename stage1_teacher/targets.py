@@ -16,9 +16,10 @@ def dataset_specs(mode: str, seq_len: int, vocab_size: int, k: int, draws: int) 
     elif mode == "full":
         specs["logprobs"] = DatasetSpec((seq_len, vocab_size), "float16")
     elif mode == "sample":
-        # Padding (-1 / 0) and small counts compress well; gzip brings ids+counts near the unique count.
-        specs["sample_ids"] = DatasetSpec((seq_len, draws), "int32", "gzip")
-        specs["sample_counts"] = DatasetSpec((seq_len, draws), counts_dtype(draws), "gzip")
+        # Padding (-1 / 0) and small counts compress well: on disk the size follows the unique ids, not
+        # the slots. Level 9 saves ~10 % over the default 4 and the writer thread has the time.
+        specs["sample_ids"] = DatasetSpec((seq_len, draws), "int32", "gzip", 9)
+        specs["sample_counts"] = DatasetSpec((seq_len, draws), counts_dtype(draws), "gzip", 9)
     return specs
 
 
