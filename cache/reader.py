@@ -80,11 +80,11 @@ class CacheReader:
         index = bisect.bisect_right(self._first_blocks, block) - 1
         return index, block - self._first_blocks[index]
 
-    def block(self, block: int) -> dict[str, np.ndarray]:
-        """Every dataset of one block (one chunk read each)."""
+    def block(self, block: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """The datasets `names` (default: all) of one block, one chunk read each."""
         index, row = self._locate(block)
         handle = self._handle(index)
-        return {name: handle[name][row] for name in self.dataset_names}
+        return {name: handle[name][row] for name in names or self.dataset_names}
 
     def read_all(self, name: str) -> np.ndarray:
         """One dataset over all blocks, in order (meant for small ones such as input_ids)."""

@@ -14,14 +14,17 @@ from common.losses import TeacherTargets
 
 
 class CachedBlocks(Dataset):
-    def __init__(self, reader: CacheReader) -> None:
+    """Blocks of the cache; `tokens_only` skips the teacher datasets (the live-teacher route)."""
+
+    def __init__(self, reader: CacheReader, tokens_only: bool = False) -> None:
         self.reader = reader
+        self.names = ("input_ids",) if tokens_only else None
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return self.reader.block(index)
+        return self.reader.block(index, self.names)
 
 
 def collate_cached(items: list[dict[str, np.ndarray]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -34,7 +37,7 @@ def collate_cached(items: list[dict[str, np.ndarray]]) -> dict[str, dict[str, to
 
 def collate_live(items: list[dict[str, np.ndarray]]) -> dict[str, dict[str, torch.Tensor]]:
     """Same batch without cached targets: TextBrewer runs the live teacher (the original recipe)."""
-    batch = collate_cached([{"input_ids": item["input_ids"]} for item in items])
+    batch = collate_cached(items)
     del batch["teacher_cache"]
     return batch
 

@@ -126,7 +126,7 @@ class DistillRecipe:
         if self.live_teacher:
             teacher = load_causal_lm(cfg.teacher.model, "teacher", self.device,
                                      resolve_dtype(cfg.teacher.dtype, self.device)).eval()
-        self.loader = DataLoader(CachedBlocks(self.reader), batch_size=cfg.train.batch_size, shuffle=True,
+        self.loader = DataLoader(CachedBlocks(self.reader, tokens_only=self.live_teacher), batch_size=cfg.train.batch_size, shuffle=True,
                                  collate_fn=collate_live if self.live_teacher else collate_cached,
                                  generator=torch.Generator().manual_seed(cfg.train.seed),
                                  pin_memory=self.device.type == "cuda")
