@@ -5,6 +5,7 @@ its distributions come with each batch. The cache is only read, so one cache ser
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -116,33 +117,43 @@ class DistillRecipe:
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         seed_everything(cfg.train.seed)
-        self.student = load_causal_lm(cfg.student.model, "student", self.device,
-                                      resolve_dtype(cfg.student.dtype, self.device))
-        if cfg.train.gradient_checkpointing:  # renamed in transformers 5; the old name still works in 4.x
-            enable = getattr(self.student, "activation_checkpointing_enable", None)
-            (enable or self.student.gradient_checkpointing_enable)()
-        self.student.config.use_cache = False
+        self.student = self.load_student()
         teacher = None
         if self.live_teacher:
             teacher = load_causal_lm(cfg.teacher.model, "teacher", self.device,
                                      resolve_dtype(cfg.teacher.dtype, self.device)).eval()
-        self.loader = DataLoader(CachedBlocks(self.reader, tokens_only=self.live_teacher), batch_size=cfg.train.batch_size, shuffle=True,
+        self.loader = DataLoader(CachedBlocks(self.reader, tokens_only=self.live_teacher),
+                                 batch_size=cfg.train.batch_size, shuffle=True,
                                  collate_fn=collate_live if self.live_teacher else collate_cached,
                                  generator=torch.Generator().manual_seed(cfg.train.seed),
                                  pin_memory=self.device.type == "cuda")
         self.distiller = build_distiller(cfg.train, self.student, self.vocab_size, self.device, teacher)
         self.total_steps = self.planned_steps()
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay)
+        self.build_optimizer()
+
+    def load_student(self) -> torch.nn.Module:
+        cfg = self.cfg
+        student = load_causal_lm(cfg.student.model, "student", self.device, resolve_dtype(cfg.student.dtype, self.device))
+        if cfg.train.gradient_checkpointing:  # renamed in transformers 5; the old name still works in 4.x
+            enable = getattr(student, "activation_checkpointing_enable", None)
+            (enable or student.gradient_checkpointing_enable)()
+        student.config.use_cache = False
+        return student
+
+    def build_optimizer(self) -> None:
         from transformers import get_linear_schedule_with_warmup
-        warmup = math.ceil(cfg.train.warmup_ratio * self.total_steps)
+
+        train = self.cfg.train
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        warmup = math.ceil(train.warmup_ratio * self.total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def planned_steps(self) -> int:
-        per_epoch = math.ceil(len(self.loader) / self.cfg.train.gradient_accumulation)
-        total = per_epoch * self.cfg.train.epochs
-        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
+        """train.max_steps if set (as in HF Trainer it overrides epochs), else whole epochs."""
+        if self.cfg.train.max_steps:
+            return self.cfg.train.max_steps
+        return math.ceil(len(self.loader) / self.cfg.train.gradient_accumulation) * self.cfg.train.epochs
 
     def print_training_info(self) -> None:
         t = self.cfg.train
@@ -160,13 +171,13 @@ class DistillRecipe:
 
     # -- train ---------------------------------------------------------------------------------------
     def micro_batches(self):
-        """(epoch, group size, batch) until the planned steps are done; a short last group is scaled right."""
+        """(epoch, the micro-batches of one optimizer step) until the planned steps are done. The last
+        group of an epoch may be short; optimizer_step scales its loss by its own size."""
         accum, step = self.cfg.train.gradient_accumulation, 0
-        for epoch in range(self.cfg.train.epochs):
+        for epoch in itertools.count():
             iterator = iter(self.loader)
             for start in range(0, len(self.loader), accum):
-                group = min(accum, len(self.loader) - start)
-                yield epoch, [next(iterator) for _ in range(group)]
+                yield epoch, [next(iterator) for _ in range(min(accum, len(self.loader) - start))]
                 step += 1
                 if step >= self.total_steps:
                     return

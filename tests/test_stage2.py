@@ -162,3 +162,14 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tiny, caches, tmp_path):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["step"] == 1 and 0 < record["kd_loss"] < 100 and record["grad_norm"] > 0
     assert json.loads((out / "config.json").read_text())["use_cache"] is True  # saved for generation
+
+
+def test_max_steps_overrides_epochs_and_last_short_group_is_a_step(tiny, caches, tmp_path):
+    # 12 blocks, batch 2 → 6 micro-batches, accumulation 4 → steps of 4 and 2 micro-batches per epoch
+    out = tmp_path / "out"
+    train_main(["--cache", str(caches["topk"]), *tiny_overrides(tiny, caches["topk"], **{
+        "train.gradient_accumulation": 4, "train.max_steps": 5,
+        "train.output_dir": out, "train.log_dir": tmp_path / "logs"})])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"], r["tokens"]) for r in records] == [
+        (1, 0, 4 * 256), (2, 0, 6 * 256), (3, 1, 10 * 256), (4, 1, 12 * 256), (5, 2, 16 * 256)]
