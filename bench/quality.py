@@ -1,6 +1,6 @@
 """Quality study on real text: one teacher, one cache per mode, the same student distilled from each.
 
-    python -m bench.quality [--out bench/out/quality] [--quick] [--results docs/results.md]
+    python -m bench.quality [--out bench/out/quality] [--quick | --large] [--results docs/results.md]
 
 On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the upstream files in
 `../shared/data/wikitext-2-raw-v1`), at a scale two CPU cores finish in under an hour:
@@ -8,7 +8,7 @@ On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the u
 1. a byte-level BPE tokenizer (`common.tiny.train_tokenizer`) trained on the training text;
 2. a Qwen2 teacher trained from scratch on packed blocks of it (`common.tiny.train_teacher`), and a
    randomly initialised Qwen2 student (same seed for every run), with padded vocabularies that differ
-   from each other and exceed the tokenizer's;
+   from each other (`common.tiny.padded_vocab_sizes`);
 3. one cache per mode through the real entry point `python -m stage1_teacher.dump`: full, top-k 12,
    top-k 64 and sample (50 draws);
 4. the same student, same seed and same optimizer steps, trained through `python -m stage2_student.train`
@@ -18,13 +18,13 @@ On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the u
 
 and writes one table (perplexity, ECE, cache bytes per token, seconds per optimizer step) to
 `--results` (default `docs/results.md`, or `<out>/results.md` with `--quick`). `--quick` shrinks every
-stage (and the data: the first lines of each file) to smoke-test the script in about two minutes.
+stage (and the data: the first lines of each file) to smoke-test the script in a few minutes;
+`--large` uses every block, a longer-trained teacher and 3x the student steps.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
