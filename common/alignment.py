@@ -25,11 +25,3 @@ def truncate_vocab(logits: torch.Tensor, vocab_size: int, who: str) -> torch.Ten
         raise ValueError(f"{who} has {logits.size(-1)} logits, fewer than the vocabulary's {vocab_size}")
     announce_once(f"vocab:{who}", f"[ALIGN] {who} {logits.shape} → cache vocab {vocab_size}")
     return logits[..., :vocab_size]
-
-
-def truncate_length(tensor: torch.Tensor, length: int, who: str) -> torch.Tensor:
-    """Cut the sequence axis (dim 1) to `length`, announcing it once when it changes anything."""
-    if tensor.size(1) > length:
-        announce_once(f"len:{who}", f"[ALIGN] {who} sequence length {tensor.size(1)} → {length}")
-        return tensor[:, :length]
-    return tensor

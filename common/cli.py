@@ -5,7 +5,6 @@ into one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Sequence
 
@@ -26,9 +25,3 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         status = 130
     sys.stdout.flush()
     sys.exit(status)
-
-
-def require_file(path: str, what: str) -> str:
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
-    return path

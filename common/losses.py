@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from common.alignment import announce_once
+
 TAILS = ("bucket", "renormalize")
 
 
@@ -195,6 +197,7 @@ class KDLoss:
     def __call__(self, logits_S: torch.Tensor, targets_T: TeacherTargets, temperature: float) -> torch.Tensor:
         length = min(logits_S.size(1), targets_T.values.size(1))  # align sequence lengths
         if length < logits_S.size(1):
+            announce_once("len:KD", f"[ALIGN] Student sequence length {logits_S.size(1)} → {length}")
             logits_S = logits_S[:, :length]
         z = logits_S.reshape(-1, logits_S.size(-1))  # a view: no copy of the logits or their gradient
         teacher = targets_T.flatten(length)

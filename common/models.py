@@ -98,7 +98,3 @@ def tokenizer_hash(tokenizer) -> str:
 
 def model_config_hash(config) -> str:
     return sha256_json(config.to_diff_dict())
-
-
-def tokenizer_name(tokenizer, fallback: str) -> str:
-    return getattr(tokenizer, "name_or_path", None) or fallback
