@@ -10,7 +10,6 @@ import os
 import time
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
