@@ -67,6 +67,10 @@ class CacheReader:
     def __len__(self) -> int:
         return self.num_blocks
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for spawned DataLoader workers: open files stay behind and reopen lazily."""
+        return {**self.__dict__, "_handles": {}}
+
     def _handle(self, index: int) -> h5py.File:
         if self._pid != os.getpid():  # forked: h5py handles must not cross processes
             self._handles, self._pid = {}, os.getpid()

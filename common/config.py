@@ -81,6 +81,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     device: str = "auto"
+    num_workers: int = 0  # DataLoader processes reading the cache ahead of the GPU
     overwrite: bool = False
 
 

@@ -75,6 +75,8 @@ def check_train_settings(cfg: PipelineConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"train.{key} must be positive, got {value}")
+    if t.num_workers < 0:
+        raise UserError(f"train.num_workers must be 0 or more, got {t.num_workers}")
     if t.max_steps is not None and t.max_steps < 1:
         raise UserError(f"train.max_steps must be positive or null, got {t.max_steps}")
     if t.temperature <= 0 or t.lr <= 0:
@@ -126,7 +128,7 @@ class DistillRecipe:
                                  batch_size=cfg.train.batch_size, shuffle=True,
                                  collate_fn=collate_live if self.live_teacher else collate_cached,
                                  generator=torch.Generator().manual_seed(cfg.train.seed),
-                                 pin_memory=self.device.type == "cuda")
+                                 num_workers=cfg.train.num_workers, pin_memory=self.device.type == "cuda")
         self.distiller = build_distiller(cfg.train, self.student, self.vocab_size, self.device, teacher)
         self.total_steps = self.planned_steps()
         self.build_optimizer()

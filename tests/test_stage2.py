@@ -173,3 +173,13 @@ def test_max_steps_overrides_epochs_and_last_short_group_is_a_step(tiny, caches,
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"], r["tokens"]) for r in records] == [
         (1, 0, 4 * 256), (2, 0, 6 * 256), (3, 1, 10 * 256), (4, 1, 12 * 256), (5, 2, 16 * 256)]
+
+
+def test_worker_processes_read_the_same_batches(tiny, caches, tmp_path):
+    losses = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        train_main(["--cache", str(caches["topk"]), *tiny_overrides(tiny, caches["topk"], **{
+            "train.num_workers": workers, "train.max_steps": 2, "train.output_dir": out, "train.log_dir": tmp_path / "l"})])
+        losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
