@@ -2,7 +2,8 @@
 
 Perplexity (and next-token calibration error) of any causal LM — teacher, student before, student
 after — on a WikiText-2 split, with the standard sliding-window method: windows of data.seq_len tokens
-every eval.stride tokens (default seq_len/2), each token scored once, with as much left context as the window gives.
+every eval.stride tokens (default seq_len/2), each token scored once, with as much left context as the
+window gives.
 Probabilities are taken over the real vocabulary (len(tokenizer)), not the padded embedding rows.
 """
 from __future__ import annotations
@@ -83,10 +84,11 @@ class Scorer:
 
 
 @torch.inference_mode()
-def evaluate_model(model_dir: str, cfg: PipelineConfig, device: torch.device) -> Score:
+def evaluate_model(model_dir: str, rows: list[str], cfg: PipelineConfig, device: torch.device) -> Score:
+    """Each model is scored on the rows as its own tokenizer splits them."""
     tokenizer = load_tokenizer(model_dir, "tokenizer")
     model = load_causal_lm(model_dir, "model", device, resolve_dtype(cfg.teacher.dtype, device)).eval()
-    stream = tokenize_stream(tokenizer, load_rows(cfg.data, cfg.eval.split))
+    stream = tokenize_stream(tokenizer, rows)
     length = cfg.data.seq_len
     windows = sliding_windows(len(stream), length, eval_stride(cfg))
     if cfg.eval.max_windows:
@@ -94,8 +96,7 @@ def evaluate_model(model_dir: str, cfg: PipelineConfig, device: torch.device) ->
     vocab, scorer = len(tokenizer), Scorer()
     # windows of equal length are batched; the last one may be shorter
     for i in range(0, len(windows), cfg.eval.batch_size):
-        group = [w for w in windows[i:i + cfg.eval.batch_size]]
-        for same in _by_length(group):
+        for same in _by_length(windows[i:i + cfg.eval.batch_size]):
             ids = torch.from_numpy(np.stack([stream[w.begin:w.end] for w in same])).to(device, torch.long)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :vocab]
             logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -134,7 +135,8 @@ def main(argv: Sequence[str]) -> int:
     if len(names) != len(args.model):
         raise UserError(f"got {len(names)} --name for {len(args.model)} --model")
     device = resolve_device(cfg.train.device)
-    scores = [evaluate_model(model, cfg, device) for model in args.model]
+    rows = load_rows(cfg.data, cfg.eval.split)
+    scores = [evaluate_model(model, rows, cfg, device) for model in args.model]
     print(f"[eval] split {cfg.eval.split}, window {cfg.data.seq_len}, stride {eval_stride(cfg)}")
     print_table(scores, names)
     output = cfg.eval.output or os.path.join(cfg.train.log_dir, f"eval_{cfg.eval.split}.json")
