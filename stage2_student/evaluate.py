@@ -1,4 +1,4 @@
-"""`python -m stage2_student.evaluate MODEL_DIR [MODEL_DIR …] [--config …] [key=value …]`
+"""`python -m stage2_student.evaluate --model DIR [--model DIR …] [--name LABEL …] [key=value …]`
 
 Perplexity (and next-token calibration error) of any causal LM — teacher, student before, student
 after — on a WikiText-2 split, with the standard sliding-window method: windows of data.seq_len tokens
