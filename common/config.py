@@ -91,7 +91,7 @@ class EvalConfig:
     stride: Optional[int] = None  # sliding-window stride; null = seq_len // 2
     batch_size: int = 8
     max_windows: Optional[int] = None
-    output: Optional[str] = None  # JSON path; default <model>/eval_<split>.json
+    output: Optional[str] = None  # JSON path; default <train.log_dir>/eval_<split>.json
 
 
 @dataclass

@@ -140,6 +140,10 @@ def supports(z: torch.Tensor, teacher: TeacherTargets, temperature: float, tail:
 
 # --- chunked losses ----------------------------------------------------------------------------------
 
+def _row_chunks(rows: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
+
+
 class _ChunkedSum(torch.autograd.Function):
     """Σ_chunks fn(z[rows]) whose gradient is computed chunk by chunk during the forward pass and written
     into one [P, V] buffer: at any time only one chunk's fp32 intermediates are alive, and the gradient
@@ -152,8 +156,7 @@ class _ChunkedSum(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(z) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=z.device)
-        for start in range(0, z.size(0), chunk):
-            end = min(start + chunk, z.size(0))
+        for start, end in _row_chunks(z.size(0), chunk):
             with torch.enable_grad():
                 rows = z[start:end].detach().requires_grad_(want_grad)
                 value = fn(rows, *slice_rest(start, end))
@@ -175,8 +178,8 @@ def chunked_sum(fn: Callable[..., torch.Tensor], z: torch.Tensor, chunk: int,
     if torch.is_grad_enabled() and z.requires_grad:
         return _ChunkedSum.apply(z, fn, chunk, slice_rest)
     with torch.no_grad():
-        return sum((fn(z[a:min(a + chunk, z.size(0))], *slice_rest(a, min(a + chunk, z.size(0))))
-                    for a in range(0, z.size(0), chunk)), torch.zeros((), device=z.device))
+        return sum((fn(z[a:b], *slice_rest(a, b)) for a, b in _row_chunks(z.size(0), chunk)),
+                   torch.zeros((), device=z.device))
 
 
 @dataclass

@@ -53,7 +53,7 @@ def check_cache_matches(reader: CacheReader, cfg: PipelineConfig, student_tok_ha
     fingerprint = data_fingerprint(reader.read_all("input_ids"), student_tok_hash, manifest["seq_len"])
     if fingerprint != dataset["fingerprint"]:
         raise UserError(f"cache {reader.dir}: its tokens do not match the fingerprint in its manifest")
-    if cfg.train.loss and (reason := unsupported_reason(cfg.train.loss, CACHE_KINDS[reader.mode], cfg.train.topk_tail)):
+    if (reason := unsupported_reason(cfg.train.loss, CACHE_KINDS[reader.mode], cfg.train.topk_tail)):
         raise UserError(f"cache mode {reader.mode}: {reason}")
     if reader.mode == "sample" and cfg.train.temperature != manifest["sample"]["temperature"]:
         raise UserError(f"cache {reader.dir} was sampled at temperature {manifest['sample']['temperature']}; "
