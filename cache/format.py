@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Literal, get_args
 
 FORMAT_NAME = "kd-logit-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-MODES = ("topk", "full", "sample")
+CacheMode = Literal["topk", "full", "sample"]  # what a cache holds per position; the one set of mode names
+MODES: tuple[str, ...] = get_args(CacheMode)
 
 # mode → datasets besides input_ids
 MODE_DATASETS = {

@@ -25,3 +25,9 @@ def truncate_vocab(logits: torch.Tensor, vocab_size: int, who: str) -> torch.Ten
         raise ValueError(f"{who} has {logits.size(-1)} logits, fewer than the vocabulary's {vocab_size}")
     announce_once(f"vocab:{who}", f"[ALIGN] {who} {logits.shape} → cache vocab {vocab_size}")
     return logits[..., :vocab_size]
+
+
+def vocab_logprobs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The next-token distribution as this project defines it everywhere (stage one's cache, the live
+    teacher, evaluation): log_softmax in fp32 over the first `vocab_size` logits, the tokenizer's real tokens."""
+    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
