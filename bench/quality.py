@@ -33,7 +33,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-import h5py
 import numpy as np
 import torch
 
@@ -184,32 +183,39 @@ def dump_caches(out: str, common: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def cache_stats(cache_dir: str) -> dict[str, Any]:
     """Bytes per token on disk (shard files over cached positions) and teacher ids stored per position."""
-    with open(os.path.join(cache_dir, "manifest.json")) as fh:
-        manifest = json.load(fh)
-    positions = manifest["num_blocks"] * manifest["seq_len"]
-    stats = {"mode": manifest["mode"], "bytes_per_token": sum(s["bytes"] for s in manifest["shards"]) / positions,
-             "positions": positions}
-    if manifest["mode"] == "full":
-        stats["ids_per_position"] = manifest["vocab_size"]
-    elif manifest["mode"] == "topk":
-        stats["ids_per_position"] = manifest["k"]
-        stats["teacher_mass_in_topk"] = topk_mass(cache_dir, manifest)
+    from cache.manifest import load_manifest
+
+    manifest = load_manifest(cache_dir)
+    stats = {"mode": manifest.mode, "bytes_per_token": manifest.bytes_on_disk / manifest.num_tokens,
+             "positions": manifest.num_tokens}
+    if manifest.mode == "full":
+        stats["ids_per_position"] = manifest.vocab_size
+    elif manifest.mode == "topk":
+        stats["ids_per_position"] = manifest.k
+        stats["teacher_mass_in_topk"] = topk_mass(cache_dir)
     else:  # unique drawn ids, averaged over every cached position
-        unique = 0
-        for shard in manifest["shards"]:
-            with h5py.File(os.path.join(cache_dir, shard["file"]), "r") as h5:
-                unique += int((h5["sample_counts"][...] > 0).sum())
-        stats["ids_per_position"] = unique / positions
+        stats["ids_per_position"] = sum_over_blocks(cache_dir, lambda b: int((b["sample_counts"] > 0).sum())) / \
+            manifest.num_tokens
     return stats
 
 
-def topk_mass(cache_dir: str, manifest: dict[str, Any]) -> float:
+def sum_over_blocks(cache_dir: str, fn) -> float:
+    """Σ fn(block) over every block of the cache, read through the cache's reader."""
+    from cache.reader import CacheReader
+
+    reader = CacheReader(cache_dir)
+    try:
+        return sum(fn(reader.block(i)) for i in range(len(reader)))
+    finally:
+        reader.close()
+
+
+def topk_mass(cache_dir: str) -> float:
     """Mean teacher probability held by the cached top-k ids (1 − the tail bucket), over every position."""
-    total = 0.0
-    for shard in manifest["shards"]:
-        with h5py.File(os.path.join(cache_dir, shard["file"]), "r") as h5:
-            total += float(np.exp(h5["topk_logprobs"][...].astype(np.float64)).sum())
-    return total / (manifest["num_blocks"] * manifest["seq_len"])
+    from cache.manifest import load_manifest
+
+    total = sum_over_blocks(cache_dir, lambda b: float(np.exp(b["topk_logprobs"].astype(np.float64)).sum()))
+    return total / load_manifest(cache_dir).num_tokens
 
 
 # --- stage 2: students --------------------------------------------------------------------------------------------

@@ -1,36 +1,58 @@
-"""The on-disk cache format: names, dtypes and the manifest. Readable with `json` and `h5py` alone.
+"""The on-disk cache format: names, the per-block datasets and their meaning. Readable with `json` and
+`h5py` alone. This module is the one definition of the dataset table (the README's copy is checked
+against it by tests/test_cache.py); the manifest's fields are defined in `cache/manifest.py`.
 
 <dir>/manifest.json        written last; a directory without it is an incomplete cache
 <dir>/shard-00000.h5 …     contiguous ranges of blocks, each renamed from `*.tmp` once complete
 
-Datasets per shard ([n] blocks, [L] seq_len, [V] truncated vocab):
-  input_ids       [n, L]     int32     the tokens
-  topk_ids        [n, L, k]  int32     mode topk: the k most likely next tokens, most likely first
-  topk_logprobs   [n, L, k]  float16   mode topk: their teacher log-probabilities
-  logprobs        [n, L, V]  float16   mode full: every log-probability over the truncated vocab
-  sample_ids      [n, L, m]  int32     mode sample: unique sampled ids, padded with -1
-  sample_counts   [n, L, m]  uint8/16  mode sample: how often each was drawn, padded with 0
-Values are log_softmax over the first V logits, computed in fp32. Chunks hold one block each.
+Values are log_softmax over the first V logits (the tokenizer's real tokens), computed in fp32;
+position t holds the distribution of token t+1. Chunks hold one block each.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 FORMAT_NAME = "kd-logit-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written by this release
+SUPPORTED_VERSIONS = (1,)  # readable by this release
 MANIFEST = "manifest.json"
 CacheMode = Literal["topk", "full", "sample"]  # what a cache holds per position; the one set of mode names
 MODES: tuple[str, ...] = get_args(CacheMode)
 
-# mode → datasets besides input_ids
-MODE_DATASETS = {
-    "topk": ("topk_ids", "topk_logprobs"),
-    "full": ("logprobs",),
-    "sample": ("sample_ids", "sample_counts"),
-}
+
+@dataclass(frozen=True)
+class DatasetDef:
+    """One per-block dataset of a shard: its name, the modes that store it, its shape and dtype as read."""
+    name: str
+    modes: tuple[str, ...]
+    shape: str  # with [n] blocks, [L] seq_len, [k] top-k ids, [V] truncated vocab, [m] sample slots
+    dtype: str
+    meaning: str
+
+
+DATASETS = (
+    DatasetDef("input_ids", MODES, "[n, L]", "int32", "the tokens"),
+    DatasetDef("topk_ids", ("topk",), "[n, L, k]", "int32", "the k most likely next tokens, most likely first"),
+    DatasetDef("topk_logprobs", ("topk",), "[n, L, k]", "float16", "their log-probabilities"),
+    DatasetDef("logprobs", ("full",), "[n, L, V]", "float16", "every log-probability over the truncated vocabulary"),
+    DatasetDef("sample_ids", ("sample",), "[n, L, m]", "int32", "unique drawn ids, most drawn first, padded with −1"),
+    DatasetDef("sample_counts", ("sample",), "[n, L, m]", "uint8/16/32",
+               "how often each was drawn (the smallest unsigned type that holds the draws), padded with 0"),
+)
+
+# mode → every dataset a shard of that mode holds, input_ids first
+MODE_DATASETS: dict[str, tuple[str, ...]] = {mode: tuple(d.name for d in DATASETS if mode in d.modes) for mode in MODES}
+
+
+def dataset_table_markdown() -> str:
+    """The dataset table as the README shows it."""
+    rows = ["| dataset | shape | dtype | mode | meaning |", "| --- | --- | --- | --- | --- |"]
+    for d in DATASETS:
+        modes = "all" if d.modes == MODES else ", ".join(d.modes)
+        rows.append(f"| `{d.name}` | {d.shape} | {d.dtype} | {modes} | {d.meaning} |")
+    return "\n".join(rows)
 
 
 def shard_name(index: int) -> str:
@@ -52,12 +74,3 @@ def counts_dtype(draws: int) -> str:
             return name
     raise ValueError(f"draws={draws} is too large")
 
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

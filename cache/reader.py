@@ -2,31 +2,15 @@
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from typing import Any
 
 import h5py
 import numpy as np
 
-from cache.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, MODE_DATASETS, file_sha256
+from cache.format import MODE_DATASETS, file_sha256
+from cache.manifest import Manifest, load_manifest
 from common.cli import UserError
-
-
-def load_manifest(cache_dir: str) -> dict[str, Any]:
-    if not os.path.isdir(cache_dir):
-        raise UserError(f"cache directory not found: {cache_dir}")
-    path = os.path.join(cache_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise UserError(f"{cache_dir} is not a complete cache: it has no {MANIFEST} (stage one did not finish)")
-    try:
-        with open(path) as fh:
-            manifest = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
-    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest")
-    return manifest
 
 
 class CacheReader:
@@ -34,35 +18,34 @@ class CacheReader:
 
     def __init__(self, cache_dir: str) -> None:
         self.dir = cache_dir
-        self.manifest = load_manifest(cache_dir)
-        self.shards = self.manifest["shards"]
-        self._first_blocks = [s["first_block"] for s in self.shards]
+        self.manifest: Manifest = load_manifest(cache_dir)
+        self.shards = self.manifest.shards
+        self._first_blocks = [s.first_block for s in self.shards]
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
         for shard in self.shards:
-            path = os.path.join(cache_dir, shard["file"])
-            if not os.path.isfile(path):
-                raise UserError(f"cache {cache_dir} is missing shard {shard['file']}")
+            if not os.path.isfile(os.path.join(cache_dir, shard.file)):
+                raise UserError(f"cache {cache_dir} is missing shard {shard.file}")
 
     @property
     def mode(self) -> str:
-        return self.manifest["mode"]
+        return self.manifest.mode
 
     @property
     def num_blocks(self) -> int:
-        return self.manifest["num_blocks"]
+        return self.manifest.num_blocks
 
     @property
     def seq_len(self) -> int:
-        return self.manifest["seq_len"]
+        return self.manifest.seq_len
 
     @property
     def vocab_size(self) -> int:
-        return self.manifest["vocab_size"]
+        return self.manifest.vocab_size
 
     @property
     def dataset_names(self) -> tuple[str, ...]:
-        return ("input_ids", *MODE_DATASETS[self.mode])
+        return MODE_DATASETS[self.mode]
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -75,7 +58,7 @@ class CacheReader:
         if self._pid != os.getpid():  # forked: h5py handles must not cross processes
             self._handles, self._pid = {}, os.getpid()
         if index not in self._handles:
-            self._handles[index] = h5py.File(os.path.join(self.dir, self.shards[index]["file"]), "r")
+            self._handles[index] = h5py.File(os.path.join(self.dir, self.shards[index].file), "r")
         return self._handles[index]
 
     def _locate(self, block: int) -> tuple[int, int]:
@@ -101,29 +84,24 @@ class CacheReader:
 
 
 def verify_cache(cache_dir: str) -> list[str]:
-    """Problems found (empty: the cache is whole): checksums, shard coverage, dataset shapes and dtypes."""
+    """Problems found (empty: the cache is whole): checksums, dataset shapes and dtypes. Shard coverage
+    and the manifest's own consistency are checked when it loads."""
     manifest = load_manifest(cache_dir)
     problems: list[str] = []
-    expected_first = 0
-    for shard in manifest["shards"]:
-        path = os.path.join(cache_dir, shard["file"])
-        if shard["first_block"] != expected_first:
-            problems.append(f"{shard['file']}: starts at block {shard['first_block']}, expected {expected_first}")
-        expected_first = shard["first_block"] + shard["num_blocks"]
+    for shard in manifest.shards:
+        path = os.path.join(cache_dir, shard.file)
         if not os.path.isfile(path):
-            problems.append(f"{shard['file']}: missing")
+            problems.append(f"{shard.file}: missing")
             continue
-        if file_sha256(path) != shard["sha256"]:
-            problems.append(f"{shard['file']}: sha256 mismatch")
+        if file_sha256(path) != shard.sha256:
+            problems.append(f"{shard.file}: sha256 mismatch")
             continue
         with h5py.File(path, "r") as handle:
-            for name, spec in manifest["datasets"].items():
-                shape = (shard["num_blocks"], *spec["shape_per_block"])
+            for name, spec in manifest.datasets.items():
+                shape = (shard.num_blocks, *spec.shape_per_block)
                 if name not in handle:
-                    problems.append(f"{shard['file']}: dataset {name} missing")
-                elif handle[name].shape != shape or handle[name].dtype != np.dtype(spec["dtype"]):
-                    problems.append(f"{shard['file']}: {name} is {handle[name].shape} {handle[name].dtype}, "
-                                    f"expected {shape} {spec['dtype']}")
-    if expected_first != manifest["num_blocks"]:
-        problems.append(f"shards cover {expected_first} blocks, manifest says {manifest['num_blocks']}")
+                    problems.append(f"{shard.file}: dataset {name} missing")
+                elif handle[name].shape != shape or handle[name].dtype != np.dtype(spec.dtype):
+                    problems.append(f"{shard.file}: {name} is {handle[name].shape} {handle[name].dtype}, "
+                                    f"expected {shape} {spec.dtype}")
     return problems

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from cache.reader import load_manifest, verify_cache
+from cache.manifest import load_manifest
+from cache.reader import verify_cache
 from common.cli import run_main
 
 
@@ -18,8 +19,8 @@ def main(argv: Sequence[str]) -> int:
     if problems:
         return 1
     manifest = load_manifest(args.cache_dir)
-    print(f"OK {args.cache_dir}: {manifest['mode']} cache, {manifest['num_blocks']} blocks in "
-          f"{len(manifest['shards'])} shards, checksums match")
+    print(f"OK {args.cache_dir}: {manifest.mode} cache, {manifest.num_blocks} blocks in "
+          f"{len(manifest.shards)} shards, checksums match")
     return 0
 
 

@@ -6,29 +6,20 @@ leaves no directory that a reader could take for a whole cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import h5py
 import numpy as np
 
-from cache.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, file_sha256, shard_name,
-                          write_json_atomic)
+from cache.format import MANIFEST, file_sha256, shard_name
+from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One per-block dataset: shape after the block axis, dtype, optional HDF5 compression."""
-    tail: tuple[int, ...]
-    dtype: str
-    compression: str | None = None
-    compression_level: int | None = None
 
 
 @dataclass
@@ -36,13 +27,23 @@ class CacheLayout:
     mode: str
     num_blocks: int
     seq_len: int
-    datasets: dict[str, DatasetSpec]
+    datasets: dict[str, DatasetEntry]
     shard_blocks: int
 
     def shard_ranges(self) -> list[tuple[int, int]]:
         """(first_block, num_blocks) of each shard."""
         step = self.shard_blocks
         return [(first, min(step, self.num_blocks - first)) for first in range(0, self.num_blocks, step)]
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write to a temporary name, flush to disk, rename: a reader sees the old file or the whole new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def check_destination(final_dir: str, overwrite: bool) -> None:
@@ -76,7 +77,7 @@ class CacheWriter:
     layout: CacheLayout
     overwrite: bool = False
     queue_size: int = 8
-    shards: list[dict[str, Any]] = field(default_factory=list)
+    shards: list[ShardEntry] = field(default_factory=list)
     write_seconds: float = 0.0
 
     def __post_init__(self) -> None:
@@ -110,26 +111,20 @@ class CacheWriter:
             except queue.Full:
                 self._raise_if_failed()
 
-    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Flush, write the manifest last, and move the finished cache into place."""
+    def finish(self, manifest: Manifest) -> Manifest:
+        """Flush, write the manifest (the caller's, with the shards written) last, and move the finished
+        cache into place."""
         self._queue.put(None)
         self._thread.join()
         self._raise_if_failed()
         if self._next_block != self.layout.num_blocks:
             raise ValueError(f"wrote {self._next_block} of {self.layout.num_blocks} blocks")
-        full = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "mode": self.layout.mode,
-            "num_blocks": self.layout.num_blocks,
-            "seq_len": self.layout.seq_len,
-            "datasets": {name: {"shape_per_block": list(spec.tail),
-                                "dtype": spec.dtype, "compression": spec.compression}
-                         for name, spec in self.layout.datasets.items()},
-            **manifest,
-            "shards": self.shards,
-        }
-        write_json_atomic(os.path.join(self.staging_dir, MANIFEST), full)
+        layout = (self.layout.mode, self.layout.num_blocks, self.layout.seq_len, self.layout.datasets)
+        if (manifest.mode, manifest.num_blocks, manifest.seq_len, manifest.datasets) != layout or manifest.shards:
+            raise ValueError("the manifest does not describe the layout written, or already lists shards")
+        full = dataclasses.replace(manifest, shards=list(self.shards))
+        full.check()
+        write_text_atomic(os.path.join(self.staging_dir, MANIFEST), full.to_json())
         self._move_into_place()
         return full
 
@@ -187,9 +182,9 @@ class CacheWriter:
         path = os.path.join(self.staging_dir, shard_name(index) + ".tmp")
         handle = h5py.File(path, "w")
         for name, spec in self.layout.datasets.items():
-            shape = (count, *spec.tail)
-            handle.create_dataset(name, shape=shape, dtype=spec.dtype, chunks=(1, *spec.tail),
-                                  compression=spec.compression, compression_opts=spec.compression_level,
+            tail = tuple(spec.shape_per_block)
+            handle.create_dataset(name, shape=(count, *tail), dtype=spec.dtype, chunks=(1, *tail),
+                                  compression=spec.compression, compression_opts=spec.compression_opts,
                                   shuffle=spec.compression is not None)
         handle.attrs["first_block"] = first
         return _ShardState(index, first, count, path, handle)
@@ -198,6 +193,5 @@ class CacheWriter:
         shard.handle.close()
         final = shard.path[: -len(".tmp")]
         os.replace(shard.path, final)
-        self.shards.append({"file": os.path.basename(final), "first_block": shard.first,
-                            "num_blocks": shard.count, "sha256": file_sha256(final),
-                            "bytes": os.path.getsize(final)})
+        self.shards.append(ShardEntry(file=os.path.basename(final), first_block=shard.first, num_blocks=shard.count,
+                                      sha256=file_sha256(final), bytes=os.path.getsize(final)))

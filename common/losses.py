@@ -2,7 +2,7 @@
 
 Every mode is reduced to a pair of log-distributions on a common support of S entries per position:
 
-  dense (full cache, live teacher)  S = V    the whole truncated vocabulary
+  full (full cache, live teacher)   S = V    the whole truncated vocabulary
   topk, tail "bucket" (default)     S = k+1  the k ids plus one bucket for everything else, on both
                                              sides: the teacher's rest is 1 − Σ p_topk, the student's is
                                              its own mass outside the k ids
@@ -18,22 +18,23 @@ chunk of positions at a time, its gradient too (see `_ChunkedSum`): it is never 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from common.alignment import announce_once
+from cache.format import CacheMode
+from common.alignment import AlignmentLog
 
 TAILS = ("bucket", "renormalize")
 
 
 @dataclass
 class TeacherTargets:
-    """A batch of teacher distributions. `ids` is None for dense values over the whole vocabulary."""
-    kind: str  # dense | topk | sample
-    values: torch.Tensor  # dense/topk: log-probs [B, L, S]; sample: counts [B, L, m]
+    """A batch of teacher distributions, of a cache mode's kind. `ids` is None for full distributions."""
+    kind: CacheMode
+    values: torch.Tensor  # full/topk: log-probs [B, L, S]; sample: counts [B, L, m]
     ids: torch.Tensor | None = None  # [B, L, S] token ids (sample: -1 = empty slot)
 
     def flatten(self, length: int) -> "TeacherTargets":
@@ -91,21 +92,6 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def unsupported_reason(loss: str, kind: str, tail: str) -> str | None:
-    """Why `loss` cannot be computed from this kind of teacher data (None: it can)."""
-    if loss not in LOSSES:
-        return f"unknown loss {loss!r} (known: {', '.join(LOSSES)})"
-    if kind == "topk" and tail not in TAILS:
-        return f"unknown top-k tail handling {tail!r} (known: {', '.join(TAILS)})"
-    if kind == "sample" and loss != "forward_kl":
-        return (f"loss {loss} needs the teacher's probabilities, which a sample cache does not hold; "
-                f"only forward_kl (an unbiased estimate from the draws) is computable")
-    if kind == "topk" and tail == "renormalize" and loss == "reverse_kl":
-        return ("reverse_kl is infinite with a renormalized top-k teacher (zero mass outside the k ids); "
-                "use train.topk_tail=bucket")
-    return None
-
-
 # --- supports ------------------------------------------------------------------------------------------
 
 REST_FLOOR = 1e-6  # fp16 top-k log-probs can sum past 1 by rounding; keep the rest bucket positive
@@ -120,7 +106,7 @@ def _log_rest(log_in: torch.Tensor) -> torch.Tensor:
 def supports(z: torch.Tensor, teacher: TeacherTargets, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_p, log_q) [P, S] for student logits z [P, V] (fp32) and one chunk of teacher targets."""
     log_q_full = torch.log_softmax(z / temperature, dim=-1)
-    if teacher.kind == "dense":
+    if teacher.kind == "full":
         return torch.log_softmax(teacher.values.float() / temperature, dim=-1), log_q_full
     ids = teacher.ids.long()
     if teacher.kind == "sample":
@@ -192,6 +178,7 @@ class KDLoss:
     beta: float = 0.5
     alpha: float = 0.1
     detached: bool = False  # weight 0: report the value, skip its backward
+    alignment: AlignmentLog = field(default_factory=AlignmentLog)
 
     def _chunk_sum(self, z: torch.Tensor, teacher: TeacherTargets, temperature: float) -> torch.Tensor:
         log_p, log_q = supports(z[:, : self.vocab_size].float(), teacher, temperature, self.tail)
@@ -200,7 +187,7 @@ class KDLoss:
     def __call__(self, logits_S: torch.Tensor, targets_T: TeacherTargets, temperature: float) -> torch.Tensor:
         length = min(logits_S.size(1), targets_T.values.size(1))  # align sequence lengths
         if length < logits_S.size(1):
-            announce_once("len:KD", f"[ALIGN] Student sequence length {logits_S.size(1)} → {length}")
+            self.alignment.once("len:KD", f"[ALIGN] Student sequence length {logits_S.size(1)} → {length}")
             logits_S = logits_S[:, :length]
         z = logits_S.reshape(-1, logits_S.size(-1))  # a view: no copy of the logits or their gradient
         teacher = targets_T.flatten(length)

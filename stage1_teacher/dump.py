@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from cache.format import MODES
+from cache.format import FORMAT_NAME, FORMAT_VERSION, MODES
+from cache.manifest import (DataEntry, Manifest, SampleEntry, TeacherEntry, TokenizerEntry,
+                            dataset_entries)
 from cache.writer import CacheLayout, CacheWriter, check_destination
-from common.alignment import truncate_vocab
+from common.alignment import AlignmentLog, truncate_vocab, vocab_logprobs
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, config_arg_parser, parse_args
 from common.data import Blocks, load_blocks
 from common.models import (load_causal_lm, load_model_config, load_tokenizer, model_config_hash,
                            resolve_device, resolve_dtype, tokenizer_hash)
-from stage1_teacher.targets import dataset_specs, full_targets, sample_targets, topk_targets
+from stage1_teacher.targets import full_targets, sample_targets, topk_targets
 
 
 def check_cache_settings(cfg: PipelineConfig) -> None:
@@ -62,8 +64,9 @@ class TeacherDump:
         self.blocks: Blocks = load_blocks(cfg.data, self.tokenizer, self.tokenizer_hash)
         self.model = load_causal_lm(cfg.teacher.model, "teacher", self.device, self.dtype).eval()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.cache.seed)
+        self.alignment = AlignmentLog()
         num_blocks, seq_len = self.blocks.input_ids.shape
-        specs = dataset_specs(cfg.cache.mode, seq_len, self.vocab_size, cfg.cache.k, cfg.cache.draws)
+        specs = dataset_entries(cfg.cache.mode, seq_len, self.vocab_size, cfg.cache.k, cfg.cache.draws)
         self.writer = CacheWriter(cfg.cache.dir, CacheLayout(cfg.cache.mode, num_blocks, seq_len, specs,
                                                              cfg.cache.shard_blocks),
                                   overwrite=cfg.cache.overwrite, queue_size=cfg.cache.queue_size)
@@ -87,8 +90,8 @@ class TeacherDump:
                 ids = blocks[first:first + batch]
                 logits = self.model(input_ids=torch.from_numpy(ids).to(self.device, torch.long),
                                     use_cache=False).logits
-                logits = truncate_vocab(logits, self.vocab_size, "Teacher")
-                logprobs = torch.log_softmax(logits.float(), dim=-1)  # fp32 on the device
+                truncate_vocab(logits, self.vocab_size, "Teacher", self.alignment)  # announces the alignment
+                logprobs = vocab_logprobs(logits, self.vocab_size)  # fp32 on the device
                 arrays = {name: t.cpu().numpy() for name, t in self.targets(logprobs).items()}
                 self.writer.put({"input_ids": ids, **arrays})
                 progress.update(ids.size)
@@ -98,39 +101,40 @@ class TeacherDump:
         finally:
             progress.close()
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> Manifest:
         cfg = self.cfg
-        manifest = self.writer.finish(self.manifest_fields())
+        manifest = self.writer.finish(self.manifest())
         seconds = time.perf_counter() - self.start
-        num_tokens = int(self.blocks.input_ids.size)
-        size = sum(s["bytes"] for s in manifest["shards"])
-        print(f"[stage1] {manifest['num_blocks']} blocks, {num_tokens} tokens, {len(manifest['shards'])} shards, "
-              f"{size / 2**20:.1f} MiB on disk, {size / num_tokens:.1f} B/token, {seconds:.1f} s "
-              f"({num_tokens / seconds:.0f} tok/s; writer busy {self.writer.write_seconds:.1f} s) → {cfg.cache.dir}")
+        size = manifest.bytes_on_disk
+        print(f"[stage1] {manifest.num_blocks} blocks, {manifest.num_tokens} tokens, {len(manifest.shards)} shards, "
+              f"{size / 2**20:.1f} MiB on disk, {size / manifest.num_tokens:.1f} B/token, {seconds:.1f} s "
+              f"({manifest.num_tokens / seconds:.0f} tok/s; writer busy {self.writer.write_seconds:.1f} s) "
+              f"→ {cfg.cache.dir}")
         return manifest
 
-    def manifest_fields(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
+        """Everything but the shards, which the writer adds."""
         cfg = self.cfg
-        fields: dict[str, Any] = {
-            "vocab_size": self.vocab_size,
-            "value_dtype": "float16",
-            "values": "log_softmax of the teacher's logits over the first vocab_size entries, in fp32",
-            "k": cfg.cache.k if cfg.cache.mode == "topk" else None,
-            "teacher": {"model": cfg.teacher.model, "config_hash": model_config_hash(self.model_config),
-                        "padded_vocab_size": self.model_config.vocab_size, "dtype": str(self.dtype)},
-            "tokenizer": {"name": cfg.teacher.model, "hash": self.tokenizer_hash, "size": self.vocab_size},
-            "dataset": {"name": cfg.data.dataset, "subset": cfg.data.subset, "split": cfg.data.split,
-                        "local_dir": os.path.abspath(cfg.data.local_dir) if cfg.data.local_dir else None,
-                        "max_blocks": cfg.data.max_blocks, "stream_tokens": self.blocks.num_stream_tokens,
-                        "fingerprint": self.blocks.fingerprint},
-            "settings": {"cache": {k: v for k, v in vars(cfg.cache).items() if k != "overwrite"},
-                         "teacher_batch_size": cfg.teacher.batch_size, "device": str(self.device),
-                         "torch": torch.__version__},
-        }
-        if cfg.cache.mode == "sample":
-            fields["sample"] = {"draws": cfg.cache.draws, "temperature": cfg.cache.sample_temperature,
-                                "slots": cfg.cache.draws, "seed": cfg.cache.seed}
-        return fields
+        num_blocks, seq_len = self.blocks.input_ids.shape
+        sample = SampleEntry(draws=cfg.cache.draws, temperature=cfg.cache.sample_temperature, slots=cfg.cache.draws,
+                             seed=cfg.cache.seed) if cfg.cache.mode == "sample" else None
+        return Manifest(
+            format=FORMAT_NAME, format_version=FORMAT_VERSION, mode=cfg.cache.mode, num_blocks=num_blocks,
+            seq_len=seq_len, vocab_size=self.vocab_size, value_dtype="float16",
+            values="log_softmax of the teacher's logits over the first vocab_size entries, in fp32",
+            k=cfg.cache.k if cfg.cache.mode == "topk" else None,
+            datasets=self.writer.layout.datasets,
+            teacher=TeacherEntry(model=cfg.teacher.model, config_hash=model_config_hash(self.model_config),
+                                 padded_vocab_size=self.model_config.vocab_size, dtype=str(self.dtype)),
+            tokenizer=TokenizerEntry(name=cfg.teacher.model, hash=self.tokenizer_hash, size=self.vocab_size),
+            dataset=DataEntry(name=cfg.data.dataset, subset=cfg.data.subset, split=cfg.data.split,
+                              local_dir=os.path.abspath(cfg.data.local_dir) if cfg.data.local_dir else None,
+                              max_blocks=cfg.data.max_blocks, stream_tokens=self.blocks.num_stream_tokens,
+                              fingerprint=self.blocks.fingerprint),
+            settings={"cache": {k: v for k, v in vars(cfg.cache).items() if k != "overwrite"},
+                      "teacher_batch_size": cfg.teacher.batch_size, "device": str(self.device),
+                      "torch": torch.__version__},
+            sample=sample)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -4,23 +4,6 @@ from __future__ import annotations
 import torch
 
 from cache.format import counts_dtype
-from cache.writer import DatasetSpec
-
-
-def dataset_specs(mode: str, seq_len: int, vocab_size: int, k: int, draws: int) -> dict[str, DatasetSpec]:
-    """The shard datasets for a mode (see cache/format.py)."""
-    specs = {"input_ids": DatasetSpec((seq_len,), "int32")}
-    if mode == "topk":
-        specs["topk_ids"] = DatasetSpec((seq_len, k), "int32")
-        specs["topk_logprobs"] = DatasetSpec((seq_len, k), "float16")
-    elif mode == "full":
-        specs["logprobs"] = DatasetSpec((seq_len, vocab_size), "float16")
-    elif mode == "sample":
-        # Padding (-1 / 0) and small counts compress well: on disk the size follows the unique ids, not
-        # the slots. Level 9 saves ~10 % over the default 4 and the writer thread has the time.
-        specs["sample_ids"] = DatasetSpec((seq_len, draws), "int32", "gzip", 9)
-        specs["sample_counts"] = DatasetSpec((seq_len, draws), counts_dtype(draws), "gzip", 9)
-    return specs
 
 
 def topk_targets(logprobs: torch.Tensor, k: int) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ def collate_live(items: list[dict[str, np.ndarray]]) -> dict[str, dict[str, torc
 def cached_targets(cache: dict[str, torch.Tensor]) -> TeacherTargets:
     """The teacher adaptor's view of a batch's `teacher_cache`."""
     if "logprobs" in cache:
-        return TeacherTargets("dense", cache["logprobs"])
+        return TeacherTargets("full", cache["logprobs"])
     if "topk_ids" in cache:
         return TeacherTargets("topk", cache["topk_logprobs"], cache["topk_ids"])
     return TeacherTargets("sample", cache["sample_counts"], cache["sample_ids"])

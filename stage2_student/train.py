@@ -19,47 +19,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache.format import MANIFEST, file_sha256
+from cache.compat import Consumer, check_compatible
+from cache.format import file_sha256
+from cache.manifest import manifest_path
 from cache.reader import CacheReader
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, config_arg_parser, parse_args
-from common.data import data_fingerprint
-from common.losses import unsupported_reason
 from common.models import (load_causal_lm, load_model_config, load_tokenizer, resolve_device,
                            resolve_dtype, tokenizer_hash)
 from stage2_student.batches import CachedBlocks, collate_cached, collate_live
 from stage2_student.distiller import build_distiller
-
-CACHE_KINDS = {"topk": "topk", "full": "dense", "sample": "sample"}
-
-
-def check_cache_matches(reader: CacheReader, cfg: PipelineConfig, student_tok_hash: str, student_vocab: int) -> None:
-    """Refuse a cache made for other tokens, another block length, another dataset or a smaller student."""
-    manifest = reader.manifest
-    if manifest["tokenizer"]["hash"] != student_tok_hash:
-        raise UserError(f"cache {reader.dir} was made with tokenizer {manifest['tokenizer']['name']} "
-                        f"(hash {manifest['tokenizer']['hash'][:12]}), which differs from the student's "
-                        f"{cfg.student.model} (hash {student_tok_hash[:12]})")
-    if manifest["seq_len"] != cfg.data.seq_len:
-        raise UserError(f"cache {reader.dir} has seq_len {manifest['seq_len']}, the config data.seq_len {cfg.data.seq_len}")
-    dataset = manifest["dataset"]
-    expected = {"name": cfg.data.dataset, "subset": cfg.data.subset, "split": cfg.data.split}
-    for key, value in expected.items():
-        if dataset[key] != value:
-            raise UserError(f"cache {reader.dir} holds dataset {key} {dataset[key]!r}, the config expects {value!r}")
-    if student_vocab < manifest["vocab_size"]:
-        raise UserError(f"student {cfg.student.model} has {student_vocab} logits, fewer than the cache "
-                        f"vocabulary {manifest['vocab_size']}")
-    fingerprint = data_fingerprint(reader.read_all("input_ids"), student_tok_hash, manifest["seq_len"])
-    if fingerprint != dataset["fingerprint"]:
-        raise UserError(f"cache {reader.dir}: its tokens do not match the fingerprint in its manifest")
-    if (reason := unsupported_reason(cfg.train.loss, CACHE_KINDS[reader.mode], cfg.train.topk_tail)):
-        raise UserError(f"cache mode {reader.mode}: {reason}")
-    if reader.mode == "sample" and cfg.train.temperature != manifest["sample"]["temperature"]:
-        raise UserError(f"cache {reader.dir} was sampled at temperature {manifest['sample']['temperature']}; "
-                        f"its draws estimate the teacher at that temperature only: set "
-                        f"train.temperature={manifest['sample']['temperature']}")
-
 
 def check_output_dir(path: str, overwrite: bool) -> None:
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
@@ -113,7 +82,11 @@ class DistillRecipe:
         self.reader = CacheReader(self.cache_dir)
         self.tokenizer = load_tokenizer(cfg.student.model, "student tokenizer")
         student_config = load_model_config(cfg.student.model, "student")
-        check_cache_matches(self.reader, cfg, tokenizer_hash(self.tokenizer), student_config.vocab_size)
+        consumer = Consumer(name=f"the student {cfg.student.model}", tokenizer_hash=tokenizer_hash(self.tokenizer),
+                            vocab_size=student_config.vocab_size, seq_len=cfg.data.seq_len, dataset=cfg.data.dataset,
+                            subset=cfg.data.subset, split=cfg.data.split, loss=cfg.train.loss,
+                            topk_tail=cfg.train.topk_tail, temperature=cfg.train.temperature)
+        check_compatible(self.reader.manifest, self.cache_dir, consumer, self.reader.read_all("input_ids"))
         check_output_dir(cfg.train.output_dir, cfg.train.overwrite)
         self.vocab_size = self.reader.vocab_size
         self.device = resolve_device(cfg.train.device)
@@ -241,7 +214,7 @@ class DistillRecipe:
         self.student.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         record = {"config": self.cfg.to_dict(), "cache_dir": os.path.abspath(self.cache_dir),
-                  "cache_manifest_sha256": file_sha256(os.path.join(self.cache_dir, MANIFEST)),
+                  "cache_manifest_sha256": file_sha256(manifest_path(self.cache_dir)),
                   "cache_mode": self.reader.mode, "live_teacher": self.live_teacher,
                   "steps": self.step, "tokens": self.tokens,
                   "seconds": time.perf_counter() - self.start,

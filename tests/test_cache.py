@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from cache.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
-from cache.reader import CacheReader, load_manifest, verify_cache
-from cache.writer import CacheLayout, CacheWriter, DatasetSpec, check_destination
+from cache.manifest import DataEntry, DatasetEntry, Manifest, TeacherEntry, TokenizerEntry, load_manifest
+from cache.reader import CacheReader, verify_cache
+from cache.writer import CacheLayout, CacheWriter, check_destination
 from common.cli import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +37,21 @@ def make_arrays(seed: int = 0, n: int = N) -> dict[str, np.ndarray]:
 
 def make_layout(n: int = N, compression: str | None = None) -> CacheLayout:
     specs = {
-        "input_ids": DatasetSpec((L,), "int32"),
-        "topk_ids": DatasetSpec((L, K), "int32", compression),
-        "topk_logprobs": DatasetSpec((L, K), "float16", compression),
+        "input_ids": DatasetEntry([L], "int32"),
+        "topk_ids": DatasetEntry([L, K], "int32", compression),
+        "topk_logprobs": DatasetEntry([L, K], "float16", compression),
     }
     return CacheLayout("topk", n, L, specs, SHARD_BLOCKS)
+
+
+def manifest_for(layout: CacheLayout) -> Manifest:
+    """A manifest without shards for `layout`, as stage one hands it to the writer."""
+    return Manifest(format=FORMAT_NAME, format_version=FORMAT_VERSION, mode="topk", num_blocks=layout.num_blocks,
+                    seq_len=L, vocab_size=V, value_dtype="float16", values="test values", k=K,
+                    datasets=layout.datasets, teacher=TeacherEntry("teacher", "0" * 64, V + 6, "float32"),
+                    tokenizer=TokenizerEntry("tok", "1" * 64, V),
+                    dataset=DataEntry("data", None, "train", None, None, layout.num_blocks * L, "2" * 64),
+                    settings={"note": "test"})
 
 
 def call_with_timeout(fn, timeout: float = 60.0):
@@ -65,13 +76,13 @@ def call_with_timeout(fn, timeout: float = 60.0):
 def write_cache(final_dir: Path, arrays: dict[str, np.ndarray], sizes=PUT_SIZES, overwrite: bool = False,
                 compression: str | None = None) -> dict:
     def run():
-        writer = CacheWriter(str(final_dir), make_layout(sum(sizes), compression), overwrite=overwrite,
-                             queue_size=2)
+        layout = make_layout(sum(sizes), compression)
+        writer = CacheWriter(str(final_dir), layout, overwrite=overwrite, queue_size=2)
         start = 0
         for size in sizes:
             writer.put({name: a[start:start + size] for name, a in arrays.items()})
             start += size
-        return writer.finish({"vocab_size": V, "k": K, "note": "test"})
+        return writer.finish(manifest_for(layout))
     return call_with_timeout(run)
 
 
@@ -99,13 +110,13 @@ def test_shard_files_and_manifest(written):
 
     with open(cache_dir / MANIFEST) as fh:
         manifest = json.load(fh)
-    assert manifest == returned
+    assert Manifest.from_json(json.dumps(manifest)) == returned
     assert manifest["format"] == FORMAT_NAME == "kd-logit-cache"
     assert manifest["format_version"] == FORMAT_VERSION == 1
     assert manifest["mode"] == "topk"
     assert manifest["num_blocks"] == N
     assert manifest["seq_len"] == L
-    assert manifest["vocab_size"] == V and manifest["note"] == "test"  # caller's fields kept
+    assert manifest["vocab_size"] == V and manifest["settings"] == {"note": "test"}  # caller's fields kept
     assert manifest["datasets"]["topk_logprobs"]["shape_per_block"] == [L, K]
     assert manifest["datasets"]["topk_logprobs"]["dtype"] == "float16"
 
@@ -176,7 +187,7 @@ def test_any_put_sizes_give_the_same_data(tmp_path, sizes):
     arrays = make_arrays(seed=1)
     cache_dir = tmp_path / "c"
     manifest = write_cache(cache_dir, arrays, sizes=sizes)
-    assert [s["num_blocks"] for s in manifest["shards"]] == [4, 4, 2]
+    assert [s.num_blocks for s in manifest.shards] == [4, 4, 2]
     reader = CacheReader(str(cache_dir))
     for name in arrays:
         np.testing.assert_array_equal(reader.read_all(name), arrays[name])
@@ -308,7 +319,7 @@ def test_overwrite_replaces_an_existing_cache(written):
     cache_dir, old_arrays, _ = written
     new_arrays = make_arrays(seed=7, n=5)
     manifest = write_cache(cache_dir, new_arrays, sizes=(5,), overwrite=True)
-    assert manifest["num_blocks"] == 5
+    assert manifest.num_blocks == 5
     assert sorted(os.listdir(cache_dir)) == [MANIFEST, "shard-00000.h5", "shard-00001.h5"]
     reader = CacheReader(str(cache_dir))
     np.testing.assert_array_equal(reader.read_all("input_ids"), new_arrays["input_ids"])
@@ -325,7 +336,7 @@ def test_finish_with_too_few_blocks_raises_and_writes_no_manifest(tmp_path):
     def run():
         writer = CacheWriter(str(final), make_layout(), queue_size=2)
         writer.put({name: a[:7] for name, a in arrays.items()})
-        writer.finish({"vocab_size": V})
+        writer.finish(manifest_for(make_layout()))
     with pytest.raises(ValueError, match="7 of 10"):
         call_with_timeout(run)
     assert not (final / MANIFEST).exists()
@@ -367,7 +378,7 @@ def test_writer_thread_error_surfaces_in_finish(tmp_path):
     def run():
         writer = CacheWriter(str(final), make_layout(), queue_size=1)
         writer.put({name: a[:3] for name, a in bad.items()})
-        writer.finish({"vocab_size": V})
+        writer.finish(manifest_for(make_layout()))
     with pytest.raises(RuntimeError, match="cache writer failed"):
         call_with_timeout(run, timeout=60)
     assert not final.exists()
@@ -383,6 +394,6 @@ def test_writer_thread_error_surfaces_in_put(tmp_path):
         writer = CacheWriter(str(tmp_path / "c"), layout, queue_size=1)
         for start in range(0, 40):
             writer.put({name: a[start:start + 1] for name, a in bad.items()})
-        writer.finish({"vocab_size": V})
+        writer.finish(manifest_for(layout))
     with pytest.raises(RuntimeError, match="cache writer failed"):
         call_with_timeout(run, timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -126,8 +127,28 @@ def test_incomplete_cache_is_refused(tiny, topk_cache, tmp_path):
     assert result.returncode == 2 and "no manifest.json" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_failed_dump_leaves_no_cache(tiny, tmp_path):
+def test_a_failed_dump_leaves_no_cache(tiny, tmp_path, monkeypatch):
+    """The dump dies at its second teacher batch, after the writer has taken the first: nothing a reader
+    accepts is left behind, and the staging directory is not taken for a cache."""
+    from stage1_teacher.dump import TeacherDump
+
+    calls = []
+    real_targets = TeacherDump.targets
+
+    def failing_targets(self, logprobs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure in the second batch")
+        return real_targets(self, logprobs)
+
+    monkeypatch.setattr(TeacherDump, "targets", failing_targets)
     cache = tmp_path / "cache"
-    with pytest.raises(UserError):
-        dump_main(tiny_overrides(tiny, cache, **{"data.seq_len": 10**7}))  # not even one block
+    with pytest.raises(RuntimeError, match="second batch"):
+        dump_main(tiny_overrides(tiny, cache, **{"cache.shard_blocks": 4}))
+    assert len(calls) == 2
     assert not cache.exists()
+    staging = tmp_path / "cache.partial"
+    assert staging.is_dir() and "manifest.json" not in os.listdir(staging)
+    for directory in (cache, staging):
+        with pytest.raises(UserError, match="not found|no manifest.json"):
+            CacheReader(str(directory))

@@ -73,7 +73,10 @@ def test_training_run_writes_metrics_model_and_record(tiny, caches, tmp_path):
     after_model = AutoModelForCausalLM.from_pretrained(out)
     changed = [n for n, p in after_model.state_dict().items() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)  # every tensor moved
-    assert (out / "model.safetensors").exists() and AutoTokenizer.from_pretrained(out) is not None
+    assert (out / "model.safetensors").exists()
+    sentence = "The river flows for 120 kilometres into the Sea ."
+    saved, original = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tiny / "student")
+    assert saved(sentence)["input_ids"] == original(sentence)["input_ids"] and len(saved) == len(original)
     record = json.loads((out / "run.json").read_text())
     assert record["steps"] == 3 and record["final"]["step"] == 3
     assert record["cache_manifest_sha256"] == hashlib.sha256((caches["topk"] / "manifest.json").read_bytes()).hexdigest()
@@ -113,7 +116,7 @@ def _student_with(tiny: Path, target: Path, vocab_size: int | None = None, token
 @pytest.mark.parametrize("case, message", [
     ("seq_len", "seq_len 128, the config data.seq_len 64"),
     ("split", "dataset split 'train', the config expects 'validation'"),
-    ("tokenizer", "differs from the student's"),
+    ("tokenizer", "differs from the tokenizer of the student"),
     ("small_student", "has 900 logits, fewer than the cache vocabulary 1000"),
     ("unsupported_loss", "reverse_kl is infinite with a renormalized top-k teacher"),
 ])
@@ -183,3 +186,23 @@ def test_worker_processes_read_the_same_batches(tiny, caches, tmp_path):
             "train.num_workers": workers, "train.max_steps": 2, "train.output_dir": out, "train.log_dir": tmp_path / "l"})])
         losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+# The first three optimizer steps of one tiny run (topk cache, k=16, T=2, hard weight 0.5), as this release
+# computes them on the CPU. Independent recomputations above check the formulas; these pin the whole chain
+# (data order, cache contents, loss, optimizer, schedule) so that an unintended change to any of it shows.
+GOLDEN_STEPS = [
+    {"loss": 22.885717, "kd_loss": 19.439907, "hard_loss": 6.891620},
+    {"loss": 22.984209, "kd_loss": 19.549396, "hard_loss": 6.869627},
+    {"loss": 22.783277, "kd_loss": 19.395011, "hard_loss": 6.776530},
+]
+
+
+def test_first_steps_match_golden_values(tiny, caches, tmp_path):
+    out = tmp_path / "out"
+    train_main(["--cache", str(caches["topk"]), *tiny_overrides(tiny, caches["topk"], **{
+        "train.output_dir": out, "train.log_dir": tmp_path / "logs", "train.max_steps": 3, "train.hard_weight": 0.5})])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for record, golden in zip(records, GOLDEN_STEPS, strict=True):
+        for key, value in golden.items():
+            assert record[key] == pytest.approx(value, rel=1e-5), (record["step"], key)

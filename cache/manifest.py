@@ -1,0 +1,194 @@
+"""`manifest.json` as a typed record: every field of the cache contract is spelled here and nowhere else.
+
+`Manifest.from_json` validates a whole manifest on load — every field's presence and type, the format
+name and version, and the invariants between fields (the datasets a mode needs, shards covering every
+block in order, shard files inside the cache directory) — so a hand-edited, truncated or foreign
+manifest is one `UserError` naming what is wrong, before anything is read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from cache.format import FORMAT_NAME, MANIFEST, MODE_DATASETS, SUPPORTED_VERSIONS, CacheMode, counts_dtype
+from common.cli import UserError
+from common.schema import SchemaError, from_dict
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """How one per-block dataset is stored in every shard."""
+    shape_per_block: list[int]
+    dtype: str
+    compression: Optional[str] = None  # an HDF5 filter name (gzip) or None
+    compression_opts: Optional[int] = None
+
+
+def dataset_entries(mode: CacheMode, seq_len: int, vocab_size: int, k: int, draws: int) -> dict[str, DatasetEntry]:
+    """How this release stores each dataset of a mode (names, shapes and dtypes: cache/format.py)."""
+    entries = {"input_ids": DatasetEntry([seq_len], "int32")}
+    if mode == "topk":
+        entries["topk_ids"] = DatasetEntry([seq_len, k], "int32")
+        entries["topk_logprobs"] = DatasetEntry([seq_len, k], "float16")
+    elif mode == "full":
+        entries["logprobs"] = DatasetEntry([seq_len, vocab_size], "float16")
+    else:
+        # Padding (-1 / 0) and small counts compress well: on disk the size follows the unique ids, not
+        # the slots. Level 9 saves ~10 % over the default 4 and the writer thread has the time.
+        entries["sample_ids"] = DatasetEntry([seq_len, draws], "int32", "gzip", 9)
+        entries["sample_counts"] = DatasetEntry([seq_len, draws], counts_dtype(draws), "gzip", 9)
+    return entries
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str  # a file name inside the cache directory
+    first_block: int
+    num_blocks: int
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    model: str
+    config_hash: str  # sha256 of the teacher's config (its diff from the defaults)
+    padded_vocab_size: int  # logits the teacher computes; only the first `vocab_size` are real tokens
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TokenizerEntry:
+    name: str
+    hash: str  # sha256 of the vocabulary (token → id): equal hashes, equal token ids
+    size: int
+
+
+@dataclass(frozen=True)
+class DataEntry:
+    """Which text the blocks are, and the fingerprint of the exact tokens (common.data.data_fingerprint)."""
+    name: str
+    subset: Optional[str]
+    split: str
+    local_dir: Optional[str]
+    max_blocks: Optional[int]
+    stream_tokens: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class SampleEntry:
+    draws: int
+    temperature: float  # the draws estimate the teacher at this temperature only
+    slots: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    format_version: int
+    mode: CacheMode
+    num_blocks: int
+    seq_len: int
+    vocab_size: int  # V: the tokenizer's real tokens; distributions live on [0, V)
+    value_dtype: str
+    values: str  # what the stored numbers are, in words
+    k: Optional[int]  # top-k mode only
+    datasets: dict[str, DatasetEntry]
+    teacher: TeacherEntry
+    tokenizer: TokenizerEntry
+    dataset: DataEntry
+    settings: dict[str, Any]  # how it was made; informational
+    sample: Optional[SampleEntry] = None  # sample mode only
+    shards: list[ShardEntry] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.seq_len
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
+        """Parse and validate a manifest; any problem is a one-line UserError naming `where` and the field."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{where} is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise UserError(f"{where}: not a {FORMAT_NAME} manifest")
+        version = data.get("format_version")
+        if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+            raise UserError(f"{where}: {FORMAT_NAME} format_version {version!r} is not supported by this release "
+                            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+        try:
+            manifest = from_dict(cls, data, "field")
+            manifest.check()
+        except SchemaError as err:
+            raise UserError(f"{where}: {err}") from None
+        return manifest
+
+    def check(self) -> None:
+        """The invariants between fields; raises SchemaError naming the field."""
+        for name in ("num_blocks", "seq_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise SchemaError(f"field {name}: must be positive, got {getattr(self, name)}")
+        expected = set(MODE_DATASETS[self.mode])
+        if set(self.datasets) != expected:
+            raise SchemaError(f"field datasets: a {self.mode} cache holds {sorted(expected)}, "
+                              f"the manifest lists {sorted(self.datasets)}")
+        if self.datasets["input_ids"].shape_per_block != [self.seq_len]:
+            raise SchemaError(f"field datasets.input_ids.shape_per_block: expected [{self.seq_len}], "
+                              f"got {self.datasets['input_ids'].shape_per_block}")
+        if self.mode == "topk" and (self.k is None or not 1 <= self.k <= self.vocab_size):
+            raise SchemaError(f"field k: a topk cache needs 1 <= k <= vocab_size, got {self.k!r}")
+        if self.mode == "sample" and self.sample is None:
+            raise SchemaError("field sample: missing for a sample cache")
+        if not self.shards:
+            raise SchemaError("field shards: empty")
+        first = 0
+        for i, shard in enumerate(self.shards):
+            where = f"field shards[{i}]"
+            if os.path.basename(shard.file) != shard.file or shard.file in ("", ".", ".."):
+                raise SchemaError(f"{where}.file: must be a file name inside the cache, got {shard.file!r}")
+            if shard.first_block != first:
+                raise SchemaError(f"{where}.first_block: expected {first}, got {shard.first_block}")
+            if shard.num_blocks < 1 or shard.bytes < 0:
+                raise SchemaError(f"{where}: num_blocks must be positive and bytes non-negative")
+            if not _SHA256.fullmatch(shard.sha256):
+                raise SchemaError(f"{where}.sha256: not a sha256 hex digest")
+            first += shard.num_blocks
+        if first != self.num_blocks:
+            raise SchemaError(f"field num_blocks: {self.num_blocks}, but the shards cover {first} blocks")
+
+
+def manifest_path(cache_dir: str) -> str:
+    return os.path.join(cache_dir, MANIFEST)
+
+
+def load_manifest(cache_dir: str) -> Manifest:
+    """The validated manifest of a complete cache; a missing directory or manifest is a UserError."""
+    if not os.path.isdir(cache_dir):
+        raise UserError(f"cache directory not found: {cache_dir}")
+    path = manifest_path(cache_dir)
+    if not os.path.isfile(path):
+        raise UserError(f"{cache_dir} is not a complete cache: it has no {MANIFEST} (stage one did not finish)")
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+    return Manifest.from_json(text, path)
+

@@ -1,0 +1,96 @@
+"""The manifest as a typed, validated record: hand-edited, truncated and foreign manifests are one line naming
+the field, for the library and for every command that reads a cache."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cache.format import FORMAT_NAME, SUPPORTED_VERSIONS, dataset_table_markdown
+from cache.manifest import Manifest, load_manifest
+from common.cli import UserError
+from tests.test_cache import make_arrays, write_cache
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def manifest_text(tmp_path) -> tuple[Path, dict]:
+    cache_dir = tmp_path / "cache"
+    write_cache(cache_dir, make_arrays())
+    return cache_dir, json.loads((cache_dir / "manifest.json").read_text())
+
+
+def edit(cache_dir: Path, data: dict) -> None:
+    (cache_dir / "manifest.json").write_text(json.dumps(data))
+
+
+def test_round_trip(manifest_text):
+    cache_dir, data = manifest_text
+    manifest = load_manifest(str(cache_dir))
+    assert json.loads(manifest.to_json()) == data
+    assert Manifest.from_json(manifest.to_json()) == manifest
+
+
+# each case: an edit of the parsed manifest, and what the one-line error must name
+CASES = {
+    "removed top-level field": (lambda d: d.pop("seq_len"), "missing field 'seq_len'"),
+    "removed nested field": (lambda d: d["tokenizer"].pop("hash"), "field.tokenizer: missing field 'hash'"),
+    "removed shards": (lambda d: d.pop("shards"), "shards"),
+    "wrong type": (lambda d: d.update(num_blocks="10"), "field.num_blocks: expected int, got '10'"),
+    "wrong nested type": (lambda d: d["shards"][1].update(sha256=12), "field.shards[1].sha256: expected str"),
+    "bool for int": (lambda d: d.update(seq_len=True), "field.seq_len"),
+    "unknown mode": (lambda d: d.update(mode="dense"), "field.mode: expected one of 'topk' | 'full' | 'sample'"),
+    "unknown field": (lambda d: d.update(extra=1), "unknown field 'extra'"),
+    "unknown format version": (lambda d: d.update(format_version=99), "format_version 99 is not supported"),
+    "foreign format": (lambda d: d.update(format="other"), f"not a {FORMAT_NAME} manifest"),
+    "shards miss blocks": (lambda d: d.update(num_blocks=1000), "num_blocks: 1000, but the shards cover 10"),
+    "shard gap": (lambda d: d["shards"][1].update(first_block=5), "shards[1].first_block: expected 4, got 5"),
+    "shard outside the cache": (lambda d: d["shards"][0].update(file="../x.h5"), "shards[0].file"),
+    "datasets of another mode": (lambda d: d["datasets"].pop("topk_ids"), "field datasets"),
+    "topk without k": (lambda d: d.update(k=None), "field k"),
+    "not an object": (lambda d: d.update(teacher=[]), "field.teacher: expected an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hand_edited_manifest_is_one_line_naming_the_field(manifest_text, case):
+    cache_dir, data = manifest_text
+    change, named = CASES[case]
+    change(data)
+    edit(cache_dir, data)
+    with pytest.raises(UserError) as info:
+        load_manifest(str(cache_dir))
+    message = str(info.value)
+    assert named in message and "\n" not in message, message
+    assert str(cache_dir / "manifest.json") in message
+
+
+def test_supported_versions_are_the_written_one_and_older():
+    from cache.format import FORMAT_VERSION
+
+    assert FORMAT_VERSION in SUPPORTED_VERSIONS and max(SUPPORTED_VERSIONS) == FORMAT_VERSION
+
+
+def test_readme_dataset_table_is_the_format_definition():
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- BEGIN dataset table -->\n(.*?)\n<!-- END dataset table -->", readme, re.S)
+    assert match, "README lacks the dataset table markers"
+    assert match.group(1).strip() == dataset_table_markdown()
+
+
+@pytest.mark.parametrize("case", ["removed top-level field", "wrong nested type", "unknown format version"])
+@pytest.mark.parametrize("command", ["cache.verify", "stage2_student.train"])
+def test_commands_refuse_a_bad_manifest_in_one_line(manifest_text, tmp_path, case, command):
+    from tests.conftest import run_cli
+
+    cache_dir, data = manifest_text
+    CASES[case][0](data)
+    edit(cache_dir, data)
+    args = [cache_dir] if command == "cache.verify" else ["--cache", cache_dir, f"train.output_dir={tmp_path / 'out'}"]
+    result = run_cli(command, *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and CASES[case][1] in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
