@@ -1,0 +1,82 @@
+"""Advisory locks on a cache directory, so a cache in use is never replaced under its reader.
+
+Every cache (and every staging directory `<dir>.partial`) holds one lock file, `kd-cache.lock`. Readers
+(stage two) hold a shared `flock` on it for their lifetime; stage one holds an exclusive one on its staging
+directory while it writes, and on the destination while it swaps a finished cache in. A lock that is busy
+is refused at once with one line, never waited on forever. The lock file travels with the directory when
+stage one publishes it, so it is listed nowhere but is always allowed (`LOCK_FILE`).
+
+Locks are advisory and local to one machine's kernel (or an NFS server that supports flock); they guard
+against our own processes, not against `rm -rf`.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from common.cli import UserError
+
+LOCK_FILE = "kd-cache.lock"
+
+
+class CacheLock:
+    """A shared (reader) or exclusive (writer) lock on `directory`/kd-cache.lock; a context manager."""
+
+    def __init__(self, directory: str, exclusive: bool) -> None:
+        self.directory = directory
+        self.exclusive = exclusive
+        self.path = os.path.join(directory, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> "CacheLock":
+        """Take the lock now or raise UserError naming who holds it; retries if the directory was swapped
+        (renamed) between opening the lock file and locking it."""
+        while True:
+            fd = self._open()
+            if fd is None:
+                return self  # a read-only cache nobody can replace: nothing to guard
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise UserError(f"cannot lock {self.path}: {err.strerror}") from None
+                holder = "a running stage one or stage two" if self.exclusive else "a running stage one"
+                raise UserError(f"{self.directory} is in use by {holder} (lock {self.path} is held); "
+                                f"wait for it to finish or use another directory") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return self
+            os.close(fd)  # the directory was replaced while we waited: lock the new one
+
+    def _open(self) -> int | None:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and not self.exclusive:
+                try:
+                    return os.open(self.path, os.O_RDONLY)  # flock works on a read-only descriptor
+                except FileNotFoundError:
+                    return None  # a read-only cache of an earlier release, without a lock file
+            raise UserError(f"cannot create the lock file {self.path}: {err.strerror}") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "CacheLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
