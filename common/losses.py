@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 import torch.nn.functional as F
 
 from common.alignment import announce_once
-
-TAILS = ("bucket", "renormalize")
+from common.config import LossName, TopkTail
 
 
 @dataclass
@@ -86,17 +85,15 @@ def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float = 0.1, **_) -
     return _plogq(log_p, log_p) - _plogq(log_p, _mix(log_p, log_q, alpha))
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+LOSSES: dict[LossName, Callable[..., torch.Tensor]] = {
     "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
 }
+assert tuple(LOSSES) == get_args(LossName), "LOSSES must define every LossName, in its order"
 
 
-def unsupported_reason(loss: str, kind: str, tail: str) -> str | None:
-    """Why `loss` cannot be computed from this kind of teacher data (None: it can)."""
-    if loss not in LOSSES:
-        return f"unknown loss {loss!r} (known: {', '.join(LOSSES)})"
-    if kind == "topk" and tail not in TAILS:
-        return f"unknown top-k tail handling {tail!r} (known: {', '.join(TAILS)})"
+def unsupported_reason(loss: LossName, kind: str, tail: TopkTail) -> str | None:
+    """Why `loss` cannot be computed from this kind of teacher data (None: it can). The names themselves
+    are checked when the config loads."""
     if kind == "sample" and loss != "forward_kl":
         return (f"loss {loss} needs the teacher's probabilities, which a sample cache does not hold; "
                 f"only forward_kl (an unbiased estimate from the draws) is computable")
@@ -117,7 +114,8 @@ def _log_rest(log_in: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(covered))
 
 
-def supports(z: torch.Tensor, teacher: TeacherTargets, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
+def supports(z: torch.Tensor, teacher: TeacherTargets, temperature: float,
+             tail: TopkTail) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_p, log_q) [P, S] for student logits z [P, V] (fp32) and one chunk of teacher targets."""
     log_q_full = torch.log_softmax(z / temperature, dim=-1)
     if teacher.kind == "dense":

@@ -4,10 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import get_args
 
 import torch
 
 from common.cli import UserError
+from common.config import DTypeName
 
 
 def _looks_like_path(name: str) -> bool:
@@ -37,17 +39,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES: dict[DTypeName, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+assert set(DTYPES) | {"auto"} == set(get_args(DTypeName)), "DTYPES must name every DTypeName but auto"
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on a GPU that has it, fp32 otherwise."""
     if name == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r} (known: auto, {', '.join(DTYPES)})")
     return DTYPES[name]
 
 

@@ -12,7 +12,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cache.format import MANIFEST, file_sha256
 from cache.reader import CacheReader
 from common.cli import UserError, run_main
-from common.config import PipelineConfig, config_arg_parser, parse_args
+from common.config import PipelineConfig, Precision, config_arg_parser, parse_args
 from common.data import data_fingerprint
 from common.losses import unsupported_reason
 from common.models import (load_causal_lm, load_model_config, load_tokenizer, resolve_device,
@@ -81,15 +81,18 @@ def check_train_settings(cfg: PipelineConfig) -> None:
         raise UserError(f"train.max_steps must be positive or null, got {t.max_steps}")
     if t.temperature <= 0 or t.lr <= 0:
         raise UserError("train.temperature and train.lr must be positive")
-    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"train.precision must be auto, bf16, fp16 or fp32, got {t.precision!r}")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Native autocast (no apex): bf16 where the device has it; None = plain fp32."""
+# train.precision → autocast's compute dtype; None = no autocast (the names are checked when the config loads)
+AUTOCAST_DTYPES: dict[Precision, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+assert set(AUTOCAST_DTYPES) | {"auto"} == set(get_args(Precision)), "AUTOCAST_DTYPES must name every Precision but auto"
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """Native autocast (no apex): `auto` = bf16 where the device has it, else none."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return AUTOCAST_DTYPES[precision]
 
 
 def seed_everything(seed: int) -> None:
