@@ -19,6 +19,7 @@ VOCAB, PADDED = 151_646, 151_936  # Qwen2 tokenizer and Qwen2-1.5B's padded embe
 def measure(kind: str, chunk: int, batch: int, seq_len: int) -> dict:
     import torch
 
+    from common.config import TrainConfig
     from common.losses import KDLoss, TeacherTargets
 
     torch.manual_seed(0)
@@ -35,7 +36,7 @@ def measure(kind: str, chunk: int, batch: int, seq_len: int) -> dict:
         targets = TeacherTargets("dense", dense)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    loss = KDLoss("forward_kl", VOCAB, chunk=chunk)(logits, targets, 2.0)
+    loss = KDLoss.from_config(TrainConfig(loss="forward_kl", loss_chunk=chunk), VOCAB)(logits, targets, 2.0)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

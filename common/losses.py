@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common.alignment import announce_once
-from common.config import LossName, TopkTail
+from common.config import LossName, TopkTail, TrainConfig
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Ten
     return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
-def jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float = 0.5, **_) -> torch.Tensor:
+def jsd(log_p: torch.Tensor, log_q: torch.Tensor, *, beta: float, **_) -> torch.Tensor:
     """Generalized JSD: β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q (GKD, Agarwal et al. 2024)."""
     log_m = _mix(log_p, log_q, beta)
     kl_pm = _plogq(log_p, log_p) - _plogq(log_p, log_m)
@@ -80,7 +80,7 @@ def jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float = 0.5, **_) -> tor
     return beta * kl_pm + (1.0 - beta) * kl_qm
 
 
-def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float = 0.1, **_) -> torch.Tensor:
+def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, *, alpha: float, **_) -> torch.Tensor:
     """Skew KL: KL(p ‖ α·p + (1−α)·q) (DistiLLM, Ko et al. 2024)."""
     return _plogq(log_p, log_p) - _plogq(log_p, _mix(log_p, log_q, alpha))
 
@@ -182,14 +182,20 @@ def chunked_sum(fn: Callable[..., torch.Tensor], z: torch.Tensor, chunk: int,
 
 @dataclass
 class KDLoss:
-    """A TextBrewer KD loss: `(student_logits [B, L, V'], teacher targets, temperature) -> scalar`."""
-    name: str
+    """A TextBrewer KD loss: `(student_logits [B, L, V'], teacher targets, temperature) -> scalar`.
+    No defaults here: the settings' one source is `TrainConfig` (see `from_config`)."""
+    name: LossName
     vocab_size: int
-    tail: str = "bucket"
-    chunk: int = 512
-    beta: float = 0.5
-    alpha: float = 0.1
+    tail: TopkTail
+    chunk: int
+    beta: float
+    alpha: float
     detached: bool = False  # weight 0: report the value, skip its backward
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, vocab_size: int) -> "KDLoss":
+        return cls(train.loss, vocab_size, tail=train.topk_tail, chunk=train.loss_chunk, beta=train.loss_beta,
+                   alpha=train.loss_alpha, detached=train.kd_weight == 0)
 
     def _chunk_sum(self, z: torch.Tensor, teacher: TeacherTargets, temperature: float) -> torch.Tensor:
         log_p, log_q = supports(z[:, : self.vocab_size].float(), teacher, temperature, self.tail)
