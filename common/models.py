@@ -13,8 +13,10 @@ from common.config import DTypeName
 
 
 def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else is meant as a local directory."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(os.path.dirname(name) or "//")
+    """Hub ids are `name` or `org/name`; anything else is meant as a local directory, and so is `org/name`
+    where `org` is an existing local directory (`tiny/teacher` before it is built)."""
+    parent = os.path.dirname(name)
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent != "" and os.path.isdir(parent))
 
 
 def check_model_source(name: str, what: str, need_config: bool = True) -> None:

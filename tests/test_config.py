@@ -257,13 +257,19 @@ CLI_CASES = {
     "missing config": (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
     "missing model": (["teacher.model=/nonexistent/model"], "/nonexistent/model"),
     "outside a closed set": (["train.precision=bf61"], "train.precision: expected one of auto, bf16, fp16, fp32"),
+    # hub ids reach from_pretrained, which fails offline with the hub's own error (not "directory not found")
+    "bare hub id": (["teacher.model=gpt2"], "cannot load teacher tokenizer gpt2: "),
+    "org/name hub id": (["teacher.model=no-such-org/no-such-model"],
+                        "cannot load teacher tokenizer no-such-org/no-such-model: "),
 }
 
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
     """Run the commands concurrently (each is mostly interpreter start-up)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    hf_home = tmp_path_factory.mktemp("hf_home")  # empty: no cached hub model
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"))
     procs = {}
     for name, (args, _) in CLI_CASES.items():
         cache_dir = tmp_path_factory.mktemp("cli") / "cache"
