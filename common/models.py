@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -68,7 +68,8 @@ def load_tokenizer(name: str, what: str = "tokenizer"):
         raise _hub_error(err, name, what) from None
 
 
-def load_causal_lm(name: str, what: str, device: torch.device, dtype: torch.dtype):
+def load_causal_lm(name: str, what: str, device: torch.device, dtype: torch.dtype | Literal["auto"]):
+    """`dtype="auto"`: the dtype the model was saved in (`from_pretrained`'s own auto)."""
     from transformers import AutoModelForCausalLM
 
     check_model_source(name, what)
