@@ -55,14 +55,16 @@ def main() -> None:
         return
     positions = args.batch * args.seq_len
     logits_mib = positions * PADDED * 4 / 2**20
-    print(f"B={args.batch} L={args.seq_len} V={VOCAB} (padded {PADDED}); one fp32 [B, L, V] tensor = {logits_mib:.0f} MiB")
+    print(f"B={args.batch} L={args.seq_len} V={VOCAB} (padded {PADDED}); "
+          f"one fp32 [B, L, V] tensor = {logits_mib:.0f} MiB")
     print("| teacher | loss chunk (positions) | extra peak RSS, MiB | × one [B,L,V] | seconds | loss |")
     print("|---|---|---|---|---|---|")
     for kind in ("topk", "full"):
         rows = []
         for chunk in (positions, 128):
-            out = subprocess.run([sys.executable, "-m", "bench.loss_memory", "--one", kind, str(chunk), "--batch", str(args.batch),
-                                  "--seq-len", str(args.seq_len)], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "bench.loss_memory", "--one", kind, str(chunk),
+                                  "--batch", str(args.batch), "--seq-len", str(args.seq_len)],
+                                 capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         for r in rows:
             label = f"{r['chunk']}" + (" (unchunked)" if r["chunk"] == positions else "")

@@ -25,8 +25,14 @@ from common.cli import UserError, run_main
 from common.config import PipelineConfig, Precision, config_arg_parser, parse_args
 from common.data import data_fingerprint
 from common.losses import unsupported_reason
-from common.models import (load_causal_lm, load_model_config, load_tokenizer, resolve_device,
-                           resolve_dtype, tokenizer_hash)
+from common.models import (
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_hash,
+)
 from stage2_student.batches import CachedBlocks, collate_cached, collate_live
 from stage2_student.distiller import build_distiller
 
@@ -41,7 +47,8 @@ def check_cache_matches(reader: CacheReader, cfg: PipelineConfig, student_tok_ha
                         f"(hash {manifest['tokenizer']['hash'][:12]}), which differs from the student's "
                         f"{cfg.student.model} (hash {student_tok_hash[:12]})")
     if manifest["seq_len"] != cfg.data.seq_len:
-        raise UserError(f"cache {reader.dir} has seq_len {manifest['seq_len']}, the config data.seq_len {cfg.data.seq_len}")
+        raise UserError(f"cache {reader.dir} has seq_len {manifest['seq_len']}, "
+                        f"the config data.seq_len {cfg.data.seq_len}")
     dataset = manifest["dataset"]
     expected = {"name": cfg.data.dataset, "subset": cfg.data.subset, "split": cfg.data.split}
     for key, value in expected.items():
@@ -138,7 +145,8 @@ class DistillRecipe:
 
     def load_student(self) -> torch.nn.Module:
         cfg = self.cfg
-        student = load_causal_lm(cfg.student.model, "student", self.device, resolve_dtype(cfg.student.dtype, self.device))
+        dtype = resolve_dtype(cfg.student.dtype, self.device)
+        student = load_causal_lm(cfg.student.model, "student", self.device, dtype)
         if cfg.train.gradient_checkpointing:  # renamed in transformers 5; the old name still works in 4.x
             enable = getattr(student, "activation_checkpointing_enable", None)
             (enable or student.gradient_checkpointing_enable)()

@@ -13,7 +13,8 @@ from stage2_student.evaluate import Scorer, main as evaluate_main, sliding_windo
 from tests.conftest import tiny_overrides
 
 
-@pytest.mark.parametrize("num_tokens, length, stride", [(1000, 128, 128), (1000, 128, 64), (257, 128, 50), (10, 128, 64)])
+@pytest.mark.parametrize("num_tokens, length, stride",
+                         [(1000, 128, 128), (1000, 128, 64), (257, 128, 50), (10, 128, 64)])
 def test_windows_score_every_token_once(num_tokens, length, stride):
     windows = sliding_windows(num_tokens, length, stride)
     scored = np.zeros(num_tokens, dtype=int)
