@@ -19,6 +19,7 @@ VOCAB, PADDED = 151_646, 151_936  # Qwen2 tokenizer and Qwen2-1.5B's padded embe
 def measure(kind: str, chunk: int, batch: int, seq_len: int) -> dict:
     import torch
 
+    from common.config import TrainConfig
     from common.losses import KDLoss, TeacherTargets
 
     torch.manual_seed(0)
@@ -35,7 +36,7 @@ def measure(kind: str, chunk: int, batch: int, seq_len: int) -> dict:
         targets = TeacherTargets("full", dense)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    loss = KDLoss("forward_kl", VOCAB, chunk=chunk)(logits, targets, 2.0)
+    loss = KDLoss.from_config(TrainConfig(loss="forward_kl", loss_chunk=chunk), VOCAB)(logits, targets, 2.0)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -54,14 +55,16 @@ def main() -> None:
         return
     positions = args.batch * args.seq_len
     logits_mib = positions * PADDED * 4 / 2**20
-    print(f"B={args.batch} L={args.seq_len} V={VOCAB} (padded {PADDED}); one fp32 [B, L, V] tensor = {logits_mib:.0f} MiB")
+    print(f"B={args.batch} L={args.seq_len} V={VOCAB} (padded {PADDED}); "
+          f"one fp32 [B, L, V] tensor = {logits_mib:.0f} MiB")
     print("| teacher | loss chunk (positions) | extra peak RSS, MiB | × one [B,L,V] | seconds | loss |")
     print("|---|---|---|---|---|---|")
     for kind in ("topk", "full"):
         rows = []
         for chunk in (positions, 128):
-            out = subprocess.run([sys.executable, "-m", "bench.loss_memory", "--one", kind, str(chunk), "--batch", str(args.batch),
-                                  "--seq-len", str(args.seq_len)], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "bench.loss_memory", "--one", kind, str(chunk),
+                                  "--batch", str(args.batch), "--seq-len", str(args.seq_len)],
+                                 capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         for r in rows:
             label = f"{r['chunk']}" + (" (unchunked)" if r["chunk"] == positions else "")

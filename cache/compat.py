@@ -13,6 +13,7 @@ import numpy as np
 from cache.format import CacheMode
 from cache.manifest import Manifest
 from common.cli import UserError
+from common.config import LossName, TopkTail
 from common.data import data_fingerprint
 
 
@@ -26,12 +27,12 @@ class Consumer:
     dataset: str
     subset: Optional[str]
     split: str
-    loss: str
-    topk_tail: str
+    loss: LossName
+    topk_tail: TopkTail
     temperature: float
 
 
-def unsupported_reason(loss: str, mode: CacheMode, tail: str) -> str | None:
+def unsupported_reason(loss: LossName, mode: CacheMode, tail: TopkTail) -> str | None:
     """Why `loss` cannot be computed from this kind of cached teacher data (None: it can)."""
     if mode == "sample" and loss != "forward_kl":
         return (f"loss {loss} needs the teacher's probabilities, which a sample cache does not hold; "

@@ -1,97 +1,130 @@
 """One typed configuration for both stages: `pipeline.yaml` plus `section.key=value` overrides.
 
-The schema is the dataclasses below; a key that is not a field, or a value of the wrong type, is a
-`UserError` naming it.
+The schema is the dataclasses below: each key's type, default and help text. A key that is not a field,
+or a value of the wrong type or outside a closed set of names (`Literal`), is a `UserError` naming it.
+`python -m common.config --markdown` prints the README's table of keys from this schema; every command's
+`--help` lists them too.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import yaml
 
-from common.cli import UserError
+from cache.format import CacheMode
+from common.cli import UserError, run_main
 
 DEFAULT_CONFIG = "pipeline.yaml"
+
+# The closed sets of names, each defined once; the code that acts on them keys its tables by these.
+LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
+TopkTail = Literal["bucket", "renormalize"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]  # autocast's compute mode
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # the dtype weights are loaded in
+
+
+def setting(default: Any, doc: str) -> Any:
+    """A config key: its default and the help text that --help and the README table show."""
+    return field(default=default, metadata={"help": doc})
 
 
 @dataclass
 class TeacherConfig:
-    model: str = "Qwen/Qwen2-7B"
-    batch_size: int = 4  # blocks per teacher forward in stage one
-    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on a CPU
-    device: str = "auto"
+    model: str = setting("Qwen/Qwen2-7B", "hub id or local directory of the teacher")
+    batch_size: int = setting(4, "blocks per teacher forward in stage one")
+    dtype: DTypeName = setting("auto", "teacher weights; `auto` = bfloat16 on a GPU that has it, float32 otherwise")
+    device: str = setting("auto", "stage one's device: `auto` = cuda if available, else cpu; or a torch device "
+                                  "name (`cpu`, `cuda:1`)")
 
 
 @dataclass
 class StudentConfig:
-    model: str = "Qwen/Qwen2-1.5B"
-    dtype: str = "float32"  # master weights; autocast decides the compute dtype
+    model: str = setting("Qwen/Qwen2-1.5B", "hub id or local directory of the student (its tokenizer must be "
+                                            "the cache's)")
+    dtype: DTypeName = setting("float32", "the student's master weights in stage two (`auto` as in teacher.dtype); "
+                                          "the compute dtype is train.precision")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "wikitext"
-    subset: str = "wikitext-2-raw-v1"
-    local_dir: Optional[str] = None  # wiki.{train,valid,test}.raw, no network
-    split: str = "train"
-    seq_len: int = 256
-    max_blocks: Optional[int] = 5000  # the original's quick subset; null = full data
+    dataset: str = setting("wikitext", "hub dataset, `load_dataset(dataset, subset)`; recorded in the cache "
+                                       "and checked by stage two")
+    subset: str = setting("wikitext-2-raw-v1", "the dataset's configuration")
+    local_dir: Optional[str] = setting(None, "folder with `wiki.{train,valid,test}.raw` to read instead of the "
+                                             "hub (nothing is fetched); null = the hub")
+    split: str = setting("train", "split that stage one dumps and stage two trains on")
+    seq_len: int = setting(256, "tokens per block, and per evaluation window")
+    max_blocks: Optional[int] = setting(5000, "at most this many blocks (the original's quick subset); "
+                                              "null = all blocks")
 
 
 @dataclass
 class CacheConfig:
-    dir: str = "cache/wikitext"
-    mode: str = "topk"  # topk | full | sample
-    k: int = 64
-    draws: int = 50  # sample mode: draws per position
-    sample_temperature: float = 1.0
-    seed: int = 0
-    shard_blocks: int = 512  # blocks per HDF5 shard
-    queue_size: int = 8  # batches waiting for the writer thread
-    overwrite: bool = False
+    dir: str = setting("cache/wikitext", "the cache stage one writes and stage two reads (stage two's "
+                                         "`--cache` overrides it)")
+    mode: CacheMode = setting("topk", "what stage one stores per position: the k most likely tokens' "
+                                      "log-probs, every log-prob, or sampled tokens and their counts")
+    k: int = setting(64, "topk mode: ids per position")
+    draws: int = setting(50, "sample mode: tokens drawn per position, with replacement")
+    sample_temperature: float = setting(1.0, "sample mode: temperature of the teacher distribution drawn from")
+    seed: int = setting(0, "sample mode: seed of the on-device generator")
+    shard_blocks: int = setting(512, "blocks per HDF5 shard")
+    queue_size: int = setting(8, "batches waiting for the writer thread")
+    overwrite: bool = setting(False, "replace an existing cache (never a directory that is not a cache)")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "distilled_qwen2_1.5B"
-    log_dir: str = "logs_qwen2"
-    batch_size: int = 2
-    gradient_accumulation: int = 8
-    epochs: int = 1
-    max_steps: Optional[int] = None  # optimizer steps; stops early
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    temperature: float = 2.0
-    kd_weight: float = 1.0
-    hard_weight: float = 0.0
-    loss: str = "forward_kl"  # see common.losses.LOSSES
-    topk_tail: str = "bucket"  # bucket | renormalize
-    loss_beta: float = 0.5  # generalized JSD
-    loss_alpha: float = 0.1  # skew KL
-    loss_chunk: int = 128  # positions per loss chunk: bounds the student's fp32 log-softmax (docs/benchmarks.md)
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    device: str = "auto"
-    num_workers: int = 0  # DataLoader processes reading the cache ahead of the GPU
-    overwrite: bool = False
+    output_dir: str = setting("distilled_qwen2_1.5B", "where stage two saves the model, tokenizer, "
+                                                      "`metrics.jsonl` and `run.json`")
+    log_dir: str = setting("logs_qwen2", "TensorBoard scalars; evaluation writes its JSON here by default")
+    batch_size: int = setting(2, "blocks per micro-batch")
+    gradient_accumulation: int = setting(8, "micro-batches per optimizer step")
+    epochs: int = setting(1, "passes over the cache")
+    max_steps: Optional[int] = setting(None, "optimizer steps; overrides epochs, as in HF Trainer; "
+                                             "null = whole epochs")
+    lr: float = setting(2e-5, "AdamW peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_ratio: float = setting(0.05, "fraction of the steps warming up linearly; then linear decay to 0")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+    temperature: float = setting(2.0, "T: divides the teacher's log-probs and the student's logits; the KD "
+                                      "loss is scaled by T²")
+    kd_weight: float = setting(1.0, "weight of the KD loss; 0 = logged without its gradient")
+    hard_weight: float = setting(0.0, "weight of the next-token cross-entropy; always logged as `hard_loss`")
+    loss: LossName = setting("forward_kl", "KD divergence: soft cross-entropy (the original), reverse KL, "
+                                           "generalized JSD, skew KL")
+    topk_tail: TopkTail = setting("bucket", "topk caches: keep the teacher's missing mass as one bucket, or "
+                                            "renormalize the teacher over its k ids")
+    loss_beta: float = setting(0.5, "`jsd`: β, the teacher's weight in the mixture")
+    loss_alpha: float = setting(0.1, "`skew_kl`: α, the teacher's weight in the skewed student")
+    loss_chunk: int = setting(128, "positions per loss chunk: bounds the student's fp32 log-softmax "
+                                   "(`docs/benchmarks.md`)")
+    precision: Precision = setting("auto", "autocast's compute mode, not a weight dtype (that is student.dtype): "
+                                           "`auto` = bf16 on a GPU that has it, else off; `fp32` = off")
+    gradient_checkpointing: bool = setting(False, "recompute the student's activations in the backward pass")
+    seed: int = setting(42, "data order and initialisation")
+    device: str = setting("auto", "stage two's and evaluation's device, as teacher.device")
+    num_workers: int = setting(0, "DataLoader processes reading the cache ahead of the GPU")
+    overwrite: bool = setting(False, "write into a non-empty train.output_dir")
 
 
 @dataclass
 class EvalConfig:
-    split: str = "test"
-    stride: Optional[int] = None  # sliding-window stride; null = seq_len // 2
-    batch_size: int = 8
-    max_windows: Optional[int] = None
-    output: Optional[str] = None  # JSON path; default <train.log_dir>/eval_<split>.json
+    split: str = setting("test", "split to score")
+    stride: Optional[int] = setting(None, "sliding-window stride in tokens; null = data.seq_len / 2")
+    batch_size: int = setting(8, "windows per forward")
+    max_windows: Optional[int] = setting(None, "score only the first windows; null = all")
+    output: Optional[str] = setting(None, "JSON results; null = `<train.log_dir>/eval_<split>.json`")
+    dtype: DTypeName = setting("auto", "weights of every scored model; `auto` = the dtype each model was saved "
+                                       "in (its config.json), as `from_pretrained(dtype=\"auto\")`")
 
 
 @dataclass
@@ -107,13 +140,27 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
+def _split_optional(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether null is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        return next(a for a in typing.get_args(hint) if a is not type(None)), True
+    return hint, False
+
+
+def _is_text(hint: Any) -> bool:
+    return hint is str or typing.get_origin(hint) is Literal
+
+
 def _check_type(name: str, value: Any, hint: Any) -> Any:
     """Return `value` as the schema type `hint`, or raise UserError naming `name`."""
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-    if optional:
-        if value is None:
-            return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    hint, optional = _split_optional(hint)
+    if optional and value is None:
+        return None
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise UserError(f"config key {name}: expected one of {', '.join(allowed)}, got {value!r}")
     if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML 1.1 reads `1e-3` as a string
@@ -142,13 +189,14 @@ def _apply(cfg: PipelineConfig, section: str, key: str, value: Any) -> None:
 
 
 def _parse_override_value(text: str, hint: Any) -> Any:
-    """YAML typing for numbers, booleans and null; text stays text for str keys (`cache.dir=no`)."""
+    """YAML typing for numbers, booleans and null; text stays text for text keys (`cache.dir=no`)."""
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         return text
-    if str in typing.get_args(hint) or hint is str:
-        return None if value is None and hint is not str else text
+    base, optional = _split_optional(hint)
+    if _is_text(base):
+        return None if value is None and optional else text
     return value
 
 
@@ -179,11 +227,72 @@ def load_config(path: str | None = DEFAULT_CONFIG, overrides: Sequence[str] = ()
     return cfg
 
 
+# --- the keys' documentation, from the schema ------------------------------------------------------------
+
+@dataclass
+class KeyDoc:
+    key: str  # section.key
+    default: str  # as YAML writes it
+    allowed: list[str]  # the closed set of names, or a one-word type, then `null` if allowed
+    help: str
+
+
+_TYPE_WORDS = {int: "integer", float: "number", str: "text"}
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def key_docs() -> Iterator[KeyDoc]:
+    """Every config key in schema order."""
+    for section in dataclasses.fields(PipelineConfig):
+        schema = section.default_factory
+        hints = typing.get_type_hints(schema)
+        for key in dataclasses.fields(schema):
+            hint, optional = _split_optional(hints[key.name])
+            if typing.get_origin(hint) is Literal:
+                allowed = list(typing.get_args(hint))
+            elif hint is bool:
+                allowed = ["true", "false"]
+            else:
+                allowed = [_TYPE_WORDS[hint]]
+            yield KeyDoc(f"{section.name}.{key.name}", _yaml_scalar(key.default),
+                         allowed + ["null"] * optional, key.metadata["help"])
+
+
+def config_keys_markdown() -> str:
+    """The README's table of keys."""
+    def code(words: list[str]) -> str:
+        return ", ".join(w if w in _TYPE_WORDS.values() else f"`{w}`" for w in words)
+
+    lines = ["| key | default | allowed values | meaning |", "| --- | --- | --- | --- |"]
+    for doc in key_docs():
+        cells = [f"`{doc.key}`", f"`{doc.default}`", code(doc.allowed), doc.help]
+        lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def config_keys_text() -> str:
+    """The same keys as plain text, for --help."""
+    lines = ["config keys (section.key=value; shown with the schema's default, which --config's file may change):"]
+    for doc in key_docs():
+        lines.append(f"  {doc.key}={doc.default}  ({' | '.join(doc.allowed)})")
+        lines += textwrap.wrap(doc.help.replace("`", ""), width=100, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines) + "\n"
+
+
 def config_arg_parser(description: str) -> argparse.ArgumentParser:
-    """The parser every command starts from: --config and trailing key=value overrides."""
-    parser = argparse.ArgumentParser(description=description)
+    """The parser every command starts from: --config and trailing key=value overrides; --help lists the keys."""
+    parser = argparse.ArgumentParser(description=description, epilog=config_keys_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: pipeline.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (keys below)")
     return parser
 
 
@@ -191,3 +300,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[ar
     """Parse argv; argparse's own usage errors already exit with status 2 and one message."""
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     return args, load_config(args.config, args.overrides)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m common.config",
+                                     description="Print every config key: default, allowed values, help.")
+    parser.add_argument("--markdown", action="store_true", help="as the README's table")
+    args = parser.parse_args(argv)
+    sys.stdout.write(config_keys_markdown() if args.markdown else config_keys_text())
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

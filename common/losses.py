@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 import torch.nn.functional as F
 
 from cache.format import CacheMode
 from common.alignment import AlignmentLog
-
-TAILS = ("bucket", "renormalize")
+from common.config import LossName, TopkTail, TrainConfig
 
 
 @dataclass
@@ -74,7 +73,7 @@ def _mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Ten
     return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
-def jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float = 0.5, **_) -> torch.Tensor:
+def jsd(log_p: torch.Tensor, log_q: torch.Tensor, *, beta: float, **_) -> torch.Tensor:
     """Generalized JSD: β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q (GKD, Agarwal et al. 2024)."""
     log_m = _mix(log_p, log_q, beta)
     kl_pm = _plogq(log_p, log_p) - _plogq(log_p, log_m)
@@ -82,14 +81,15 @@ def jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float = 0.5, **_) -> tor
     return beta * kl_pm + (1.0 - beta) * kl_qm
 
 
-def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float = 0.1, **_) -> torch.Tensor:
+def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, *, alpha: float, **_) -> torch.Tensor:
     """Skew KL: KL(p ‖ α·p + (1−α)·q) (DistiLLM, Ko et al. 2024)."""
     return _plogq(log_p, log_p) - _plogq(log_p, _mix(log_p, log_q, alpha))
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+LOSSES: dict[LossName, Callable[..., torch.Tensor]] = {
     "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
 }
+assert tuple(LOSSES) == get_args(LossName), "LOSSES must define every LossName, in its order"
 
 
 # --- supports ------------------------------------------------------------------------------------------
@@ -103,7 +103,8 @@ def _log_rest(log_in: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(covered))
 
 
-def supports(z: torch.Tensor, teacher: TeacherTargets, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
+def supports(z: torch.Tensor, teacher: TeacherTargets, temperature: float,
+             tail: TopkTail) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_p, log_q) [P, S] for student logits z [P, V] (fp32) and one chunk of teacher targets."""
     log_q_full = torch.log_softmax(z / temperature, dim=-1)
     if teacher.kind == "full":
@@ -170,15 +171,21 @@ def chunked_sum(fn: Callable[..., torch.Tensor], z: torch.Tensor, chunk: int,
 
 @dataclass
 class KDLoss:
-    """A TextBrewer KD loss: `(student_logits [B, L, V'], teacher targets, temperature) -> scalar`."""
-    name: str
+    """A TextBrewer KD loss: `(student_logits [B, L, V'], teacher targets, temperature) -> scalar`.
+    No defaults here: the settings' one source is `TrainConfig` (see `from_config`)."""
+    name: LossName
     vocab_size: int
-    tail: str = "bucket"
-    chunk: int = 512
-    beta: float = 0.5
-    alpha: float = 0.1
+    tail: TopkTail
+    chunk: int
+    beta: float
+    alpha: float
     detached: bool = False  # weight 0: report the value, skip its backward
-    alignment: AlignmentLog = field(default_factory=AlignmentLog)
+    alignment: AlignmentLog = field(default_factory=AlignmentLog, compare=False)  # this run's [ALIGN] lines
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, vocab_size: int, alignment: AlignmentLog | None = None) -> "KDLoss":
+        return cls(train.loss, vocab_size, tail=train.topk_tail, chunk=train.loss_chunk, beta=train.loss_beta,
+                   alpha=train.loss_alpha, detached=train.kd_weight == 0, alignment=alignment or AlignmentLog())
 
     def _chunk_sum(self, z: torch.Tensor, teacher: TeacherTargets, temperature: float) -> torch.Tensor:
         log_p, log_q = supports(z[:, : self.vocab_size].float(), teacher, temperature, self.tail)

@@ -4,15 +4,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Literal, get_args
 
 import torch
 
 from common.cli import UserError
+from common.config import DTypeName
 
 
 def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else is meant as a local directory."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(os.path.dirname(name) or "//")
+    """Hub ids are `name` or `org/name`; anything else is meant as a local directory, and so is `org/name`
+    where `org` is an existing local directory (`tiny/teacher` before it is built)."""
+    parent = os.path.dirname(name)
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent != "" and os.path.isdir(parent))
 
 
 def check_model_source(name: str, what: str, need_config: bool = True) -> None:
@@ -37,17 +41,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES: dict[DTypeName, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+assert set(DTYPES) | {"auto"} == set(get_args(DTypeName)), "DTYPES must name every DTypeName but auto"
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on a GPU that has it, fp32 otherwise."""
     if name == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r} (known: auto, {', '.join(DTYPES)})")
     return DTYPES[name]
 
 
@@ -66,7 +68,8 @@ def load_tokenizer(name: str, what: str = "tokenizer"):
         raise _hub_error(err, name, what) from None
 
 
-def load_causal_lm(name: str, what: str, device: torch.device, dtype: torch.dtype):
+def load_causal_lm(name: str, what: str, device: torch.device, dtype: torch.dtype | Literal["auto"]):
+    """`dtype="auto"`: the dtype the model was saved in (`from_pretrained`'s own auto)."""
     from transformers import AutoModelForCausalLM
 
     check_model_source(name, what)

@@ -50,9 +50,7 @@ class StudentAdaptor:
 def register_kd_loss(train: TrainConfig, vocab_size: int, alignment: AlignmentLog) -> str:
     """Register this run's KD loss in TextBrewer's KD_LOSS_MAP; returns its registry name."""
     name = KD_LOSS_PREFIX + train.loss
-    register_new("kd_loss", name, KDLoss(train.loss, vocab_size, tail=train.topk_tail, chunk=train.loss_chunk,
-                                         beta=train.loss_beta, alpha=train.loss_alpha,
-                                         detached=train.kd_weight == 0, alignment=alignment))
+    register_new("kd_loss", name, KDLoss.from_config(train, vocab_size, alignment))
     return name
 
 

@@ -17,10 +17,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from common.alignment import vocab_logprobs
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, config_arg_parser, parse_args
 from common.data import load_rows, tokenize_stream
-from common.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from common.models import DTYPES, load_causal_lm, load_tokenizer, resolve_device
 
 ECE_BINS = 15
 
@@ -85,9 +86,10 @@ class Scorer:
 
 @torch.inference_mode()
 def evaluate_model(model_dir: str, rows: list[str], cfg: PipelineConfig, device: torch.device) -> Score:
-    """Each model is scored on the rows as its own tokenizer splits them."""
+    """Each model is scored on the rows as its own tokenizer splits them, in its own dtype (eval.dtype)."""
     tokenizer = load_tokenizer(model_dir, "tokenizer")
-    model = load_causal_lm(model_dir, "model", device, resolve_dtype(cfg.teacher.dtype, device)).eval()
+    dtype = "auto" if cfg.eval.dtype == "auto" else DTYPES[cfg.eval.dtype]  # auto: as the model was saved
+    model = load_causal_lm(model_dir, "model", device, dtype).eval()
     stream = tokenize_stream(tokenizer, rows)
     length = cfg.data.seq_len
     windows = sliding_windows(len(stream), length, eval_stride(cfg))
@@ -98,8 +100,7 @@ def evaluate_model(model_dir: str, rows: list[str], cfg: PipelineConfig, device:
     for i in range(0, len(windows), cfg.eval.batch_size):
         for same in _by_length(windows[i:i + cfg.eval.batch_size]):
             ids = torch.from_numpy(np.stack([stream[w.begin:w.end] for w in same])).to(device, torch.long)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :vocab]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = vocab_logprobs(model(input_ids=ids, use_cache=False).logits[:, :-1], vocab)
             for row, window in enumerate(same):
                 first = max(ids.size(1) - 1 - window.scored, 0)  # the first token has no prediction
                 scorer.add(logprobs[row, first:], ids[row, first + 1:])

@@ -12,7 +12,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 import numpy as np
 import torch
@@ -24,11 +24,18 @@ from cache.format import file_sha256
 from cache.manifest import manifest_path
 from cache.reader import CacheReader
 from common.cli import UserError, run_main
-from common.config import PipelineConfig, config_arg_parser, parse_args
-from common.models import (load_causal_lm, load_model_config, load_tokenizer, resolve_device,
-                           resolve_dtype, tokenizer_hash)
+from common.config import PipelineConfig, Precision, config_arg_parser, parse_args
+from common.models import (
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_hash,
+)
 from stage2_student.batches import CachedBlocks, collate_cached, collate_live
 from stage2_student.distiller import build_distiller
+
 
 def check_output_dir(path: str, overwrite: bool) -> None:
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
@@ -50,15 +57,18 @@ def check_train_settings(cfg: PipelineConfig) -> None:
         raise UserError(f"train.max_steps must be positive or null, got {t.max_steps}")
     if t.temperature <= 0 or t.lr <= 0:
         raise UserError("train.temperature and train.lr must be positive")
-    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"train.precision must be auto, bf16, fp16 or fp32, got {t.precision!r}")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Native autocast (no apex): bf16 where the device has it; None = plain fp32."""
+# train.precision → autocast's compute dtype; None = no autocast (the names are checked when the config loads)
+AUTOCAST_DTYPES: dict[Precision, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+assert set(AUTOCAST_DTYPES) | {"auto"} == set(get_args(Precision)), "AUTOCAST_DTYPES must name every Precision but auto"
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """Native autocast (no apex): `auto` = bf16 where the device has it, else none."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return AUTOCAST_DTYPES[precision]
 
 
 def seed_everything(seed: int) -> None:
@@ -108,7 +118,8 @@ class DistillRecipe:
 
     def load_student(self) -> torch.nn.Module:
         cfg = self.cfg
-        student = load_causal_lm(cfg.student.model, "student", self.device, resolve_dtype(cfg.student.dtype, self.device))
+        dtype = resolve_dtype(cfg.student.dtype, self.device)
+        student = load_causal_lm(cfg.student.model, "student", self.device, dtype)
         if cfg.train.gradient_checkpointing:  # renamed in transformers 5; the old name still works in 4.x
             enable = getattr(student, "activation_checkpointing_enable", None)
             (enable or student.gradient_checkpointing_enable)()

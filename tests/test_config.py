@@ -5,12 +5,14 @@ import dataclasses
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from common.cli import UserError
-from common.config import PipelineConfig, load_config
+from common.config import PipelineConfig, config_keys_markdown, load_config, main as config_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_YAML = REPO_ROOT / "pipeline.yaml"
@@ -71,10 +73,45 @@ def test_required_keys_exist():
     assert cfg.train.max_steps is None
 
 
-def test_to_dict_round_trips_sections():
-    data = load_config(str(PIPELINE_YAML)).to_dict()
-    assert set(data) == {"teacher", "student", "data", "cache", "train", "eval"}
-    assert data["cache"]["k"] == 64 and data["data"]["seq_len"] == 256
+def schema_keys() -> list[tuple[str, dataclasses.Field, typing.Any]]:
+    """(section.key, field, type hint) of every key, read from the dataclasses."""
+    keys = []
+    for section in dataclasses.fields(PipelineConfig):
+        hints = typing.get_type_hints(section.default_factory)
+        keys += [(f"{section.name}.{f.name}", f, hints[f.name]) for f in dataclasses.fields(section.default_factory)]
+    return keys
+
+
+def non_default(dotted: str, default, hint):
+    """A valid value other than the default, chosen from the key's type."""
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]: a non-null X
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is typing.Literal:
+        return next(name for name in typing.get_args(hint) if name != default)
+    if hint is bool:
+        return not default
+    if hint is int:
+        return 7 if default is None else default + 3
+    if hint is float:
+        return default + 0.25
+    return f"{dotted}-set"
+
+
+def test_to_dict_round_trips_every_key(tmp_path):
+    """Overrides → to_dict() → a YAML file → parse: the same config, every key set to a non-default value."""
+    overrides = []
+    for dotted, f, hint in schema_keys():
+        value = non_default(dotted, f.default, hint)
+        overrides.append(f"{dotted}={str(value).lower() if isinstance(value, bool) else value}")
+    first = load_config(None, overrides)
+    path = tmp_path / "round_trip.yaml"
+    path.write_text(yaml.safe_dump(first.to_dict()))
+    second = load_config(str(path))
+    for dotted, f, _ in schema_keys():
+        a, b = get(first, dotted), get(second, dotted)
+        assert a != f.default, dotted
+        assert a == b and type(a) is type(b), f"{dotted}: {a!r} became {b!r}"
+    assert second == first
 
 
 # --- typed overrides ----------------------------------------------------------------------------------
@@ -91,6 +128,11 @@ def test_to_dict_round_trips_sections():
     ("cache.overwrite=false", "cache.overwrite", False),
     ("teacher.model=/some/dir", "teacher.model", "/some/dir"),
     ("cache.mode=sample", "cache.mode", "sample"),
+    ("train.precision=fp16", "train.precision", "fp16"),
+    ("teacher.dtype=bfloat16", "teacher.dtype", "bfloat16"),
+    ("eval.dtype=float32", "eval.dtype", "float32"),
+    ("train.loss=skew_kl", "train.loss", "skew_kl"),
+    ("train.topk_tail=renormalize", "train.topk_tail", "renormalize"),
 ])
 def test_overrides_are_typed(override, dotted, expected):
     cfg = load_config(str(PIPELINE_YAML), [override])
@@ -135,6 +177,38 @@ def test_bad_override_is_a_user_error_naming_it(override, named):
         load_config(str(PIPELINE_YAML), [override])
     assert named in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("train.precision=bf61", "auto, bf16, fp16, fp32"),
+    ("train.precision=bfloat16", "auto, bf16, fp16, fp32"),         # a dtype name is not a precision
+    ("teacher.dtype=bf16", "auto, float32, bfloat16, float16"),     # one spelling per dtype
+    ("student.dtype=fp32", "auto, float32, bfloat16, float16"),
+    ("eval.dtype=half", "auto, float32, bfloat16, float16"),
+    ("train.loss=kl", "forward_kl, reverse_kl, jsd, skew_kl"),
+    ("train.topk_tail=chop", "bucket, renormalize"),
+    ("cache.mode=dense", "topk, full, sample"),
+    ("cache.mode=null", "topk, full, sample"),                      # a name key keeps the text: 'null'
+    ("cache.mode=1", "topk, full, sample"),
+])
+def test_closed_set_is_checked_at_parse_time(override, allowed):
+    key, _, value = override.partition("=")
+    with pytest.raises(UserError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert message.startswith(f"config key {key}: expected one of {allowed}, got ")
+    assert value in message and "\n" not in message
+
+
+def test_closed_set_is_checked_in_yaml_files(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  precision: bf61\n")
+    with pytest.raises(UserError,
+                       match=r"^config key train.precision: expected one of auto, bf16, fp16, fp32, got 'bf61'$"):
+        load_config(str(path))
+    path.write_text("cache:\n  mode: 3\n")
+    with pytest.raises(UserError, match=r"^config key cache.mode: expected one of topk, full, sample, got 3$"):
+        load_config(str(path))
 
 
 def test_malformed_override_message_says_how_it_should_look():
@@ -182,13 +256,20 @@ CLI_CASES = {
     "wrong type": (["data.seq_len=abc"], "data.seq_len"),
     "missing config": (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
     "missing model": (["teacher.model=/nonexistent/model"], "/nonexistent/model"),
+    "outside a closed set": (["train.precision=bf61"], "train.precision: expected one of auto, bf16, fp16, fp32"),
+    # hub ids reach from_pretrained, which fails offline with the hub's own error (not "directory not found")
+    "bare hub id": (["teacher.model=gpt2"], "cannot load teacher tokenizer gpt2: "),
+    "org/name hub id": (["teacher.model=no-such-org/no-such-model"],
+                        "cannot load teacher tokenizer no-such-org/no-such-model: "),
 }
 
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
-    """Run the four commands concurrently (each is mostly interpreter start-up)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    """Run the commands concurrently (each is mostly interpreter start-up)."""
+    hf_home = tmp_path_factory.mktemp("hf_home")  # empty: no cached hub model
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"))
     procs = {}
     for name, (args, _) in CLI_CASES.items():
         cache_dir = tmp_path_factory.mktemp("cli") / "cache"
@@ -213,3 +294,65 @@ def test_cli_user_error_is_one_line_and_status_2(cli_results, case):
     assert named in lines[0]
     assert not os.path.exists(cache_dir)  # refused before touching the cache directory
     assert not os.path.exists(f"{cache_dir}.partial")
+
+
+# --- the keys' documentation: one source, the schema ----------------------------------------------------
+
+README = REPO_ROOT / "README.md"
+TABLE_BEGIN, TABLE_END = "<!-- BEGIN config keys -->\n", "<!-- END config keys -->"
+
+
+def markdown_rows(table: str) -> dict[str, list[str]]:
+    """section.key → its row's cells, from a markdown table (header and rule skipped)."""
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_every_key_has_help():
+    for dotted, f, _ in schema_keys():
+        assert f.metadata.get("help", "").strip(), f"{dotted} has no help text"
+
+
+def test_key_table_lists_every_key():
+    rows = markdown_rows(config_keys_markdown())
+    assert list(rows) == [dotted for dotted, _, _ in schema_keys()]
+    for dotted, f, _ in schema_keys():
+        assert len(rows[dotted]) == 4 and rows[dotted][3] == f.metadata["help"], dotted
+    assert rows["train.precision"][1:3] == ["`auto`", "`auto`, `bf16`, `fp16`, `fp32`"]
+    assert rows["teacher.dtype"][2] == "`auto`, `float32`, `bfloat16`, `float16`"
+    assert rows["data.max_blocks"][1:3] == ["`5000`", "integer, `null`"]
+    assert rows["cache.overwrite"][1:3] == ["`false`", "`true`, `false`"]
+    assert rows["train.lr"][1:3] == ["`2e-05`", "number"]
+
+
+def test_readme_key_table_is_generated_from_the_schema():
+    readme = README.read_text(encoding="utf-8")
+    assert readme.count(TABLE_BEGIN) == 1 and readme.count(TABLE_END) == 1
+    table = readme[readme.index(TABLE_BEGIN) + len(TABLE_BEGIN): readme.index(TABLE_END)]
+    assert table == config_keys_markdown(), \
+        "README.md's key table differs from the schema: paste `python -m common.config --markdown` between the markers"
+
+
+def test_markdown_command_prints_the_table(capsys):
+    assert config_main(["--markdown"]) == 0
+    assert capsys.readouterr().out == config_keys_markdown()
+
+
+@pytest.mark.parametrize("module", ["stage1_teacher.dump", "stage2_student.train", "stage2_student.evaluate"])
+def test_help_lists_every_key_with_its_default_and_help(module, capsys):
+    main = __import__(module, fromlist=["main"]).main
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines()]
+    for dotted, f, _ in schema_keys():
+        default = "null" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+        assert any(line.startswith(f"{dotted}={default}  (") for line in lines), f"{module} --help lacks {dotted}"
+        first_words = " ".join(f.metadata["help"].replace("`", "").split()[:4])
+        assert first_words in " ".join(out.split()), f"{module} --help lacks the help of {dotted}"
+    precision = next(line for line in lines if line.startswith("train.precision="))
+    assert precision == "train.precision=auto  (auto | bf16 | fp16 | fp32)"

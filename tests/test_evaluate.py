@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stage2_student.evaluate import main as evaluate_main, sliding_windows
+from stage2_student.evaluate import Scorer, main as evaluate_main, sliding_windows
 from tests.conftest import tiny_overrides
 
 
-@pytest.mark.parametrize("num_tokens, length, stride", [(1000, 128, 128), (1000, 128, 64), (257, 128, 50), (10, 128, 64)])
+@pytest.mark.parametrize("num_tokens, length, stride",
+                         [(1000, 128, 128), (1000, 128, 64), (257, 128, 50), (10, 128, 64)])
 def test_windows_score_every_token_once(num_tokens, length, stride):
     windows = sliding_windows(num_tokens, length, stride)
     scored = np.zeros(num_tokens, dtype=int)
@@ -24,23 +25,69 @@ def test_windows_score_every_token_once(num_tokens, length, stride):
     assert windows[-1].end == num_tokens
 
 
+def ece_reference(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Textbook ECE: Σ_b (n_b / N)·|accuracy_b − mean confidence_b| over equal-width bins [b/bins, (b+1)/bins)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = (confidence >= edges[b]) & ((confidence < edges[b + 1]) | (b == bins - 1))
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total)
+
+
+def test_scorer_against_a_hand_computed_case():
+    """Five tokens, top probability (confidence) and whether the top token is the label:
+      0.90 right (bin 13)   0.62 wrong, 0.64 right (bin 9)   0.68 right (bin 10)   0.40 wrong (bin 6)
+    with 15 bins of width 1/15. ECE = Σ_bins |#right − Σ confidence| / N
+      = (|1 − 0.90| + |1 − (0.62 + 0.64)| + |1 − 0.68| + |0 − 0.40|) / 5 = (0.10 + 0.26 + 0.32 + 0.40) / 5 = 0.216.
+    (Per-token |right − confidence| would give 0.36; 10 bins, where 0.62, 0.64 and 0.68 share a bin, 0.112.)"""
+    probs = torch.tensor([[0.90, 0.04, 0.03, 0.03],
+                          [0.62, 0.20, 0.10, 0.08],
+                          [0.10, 0.64, 0.16, 0.10],
+                          [0.10, 0.10, 0.68, 0.12],
+                          [0.40, 0.30, 0.20, 0.10]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 2, 3])
+    scorer = Scorer()
+    logprobs = probs.log().float()
+    scorer.add(logprobs[:2], labels[:2])  # statistics accumulate over calls
+    scorer.add(logprobs[2:], labels[2:])
+    score = scorer.result("hand", windows=1)
+    nll = -(math.log(0.90) + math.log(0.20) + math.log(0.64) + math.log(0.68) + math.log(0.10)) / 5
+    assert score.ece == pytest.approx(0.216, abs=1e-6)
+    assert score.accuracy == pytest.approx(3 / 5)
+    assert score.nll == pytest.approx(nll, rel=1e-6)
+    assert score.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
+    assert (score.tokens, score.windows) == (5, 1)
+
+
+@pytest.mark.parametrize("overrides, scored_dtype", [
+    # eval.dtype=auto: the model's saved float32, whatever dtypes the stages load their models in
+    ({"teacher.dtype": "bfloat16", "student.dtype": "bfloat16"}, torch.float32),
+    ({"eval.dtype": "bfloat16"}, torch.bfloat16),
+])
 @torch.no_grad()
-def test_perplexity_equals_direct_computation(tiny, tmp_path):
+def test_scores_equal_direct_computation(tiny, tmp_path, overrides, scored_dtype):
+    assert json.loads((tiny / "teacher" / "config.json").read_text())["dtype"] == "float32"  # as saved
     output = tmp_path / "eval.json"
     evaluate_main(["--model", str(tiny / "teacher"), "--name", "teacher",
                    *tiny_overrides(tiny, tmp_path / "unused", **{"eval.split": "test", "eval.stride": 128,
-                                                                  "eval.max_windows": 5, "eval.output": output})])
+                                                                  "eval.max_windows": 5, "eval.output": output,
+                                                                  **overrides})])
     result = json.loads(output.read_text())["results"][0]
     # independent: the test file's first 5·128 tokens in 5 disjoint windows; each predicts its last 127 tokens
     tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
     lines = (tiny / "data" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
-    ids = tokenizer("".join(l if l.strip() else "" for l in lines), add_special_tokens=False)["input_ids"]
+    ids = tokenizer("".join(line if line.strip() else "" for line in lines), add_special_tokens=False)["input_ids"]
     blocks = torch.tensor(ids[: 5 * 128]).view(5, 128)
-    model = AutoModelForCausalLM.from_pretrained(tiny / "teacher").eval()
-    logprobs = torch.log_softmax(model(input_ids=blocks).logits[:, :-1, : len(tokenizer)], -1)
+    model = AutoModelForCausalLM.from_pretrained(tiny / "teacher", dtype=scored_dtype).eval()
+    logits = model(input_ids=blocks).logits[:, :-1, : len(tokenizer)].float()
+    logprobs = torch.log_softmax(logits, -1)
     nll = -logprobs.gather(-1, blocks[:, 1:, None]).mean().item()
     assert result["tokens"] == 5 * 127
-    assert result["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
+    # bfloat16 weights move the perplexity by ~5e-4 relative on this model: 1e-5 tells the dtypes apart
+    assert result["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
     confidence, prediction = logprobs.exp().max(-1)
-    assert result["accuracy"] == pytest.approx((prediction == blocks[:, 1:]).float().mean().item(), abs=1e-6)
-    assert 0.0 <= result["ece"] <= 1.0
+    correct = (prediction == blocks[:, 1:]).numpy().ravel().astype(float)
+    assert result["accuracy"] == pytest.approx(correct.mean(), abs=1e-6)
+    assert result["ece"] == pytest.approx(ece_reference(confidence.numpy().ravel(), correct), abs=1e-6)

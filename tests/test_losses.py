@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.compat import unsupported_reason
+from common.config import TrainConfig
 from common.losses import LOSSES, KDLoss, TeacherTargets, hard_label_loss
 
 B, L, V, V_PAD, K = 2, 5, 37, 41, 6   # B*L = 10 positions; the student has 4 padded logits
@@ -38,24 +39,22 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (xlogy(p, p) - xlogy(p, q)).sum(-1)
 
 
-def ref_divergence(name: str, p: torch.Tensor, q: torch.Tensor, beta: float = BETA,
-                   alpha: float = ALPHA) -> torch.Tensor:
+def ref_divergence(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Per-position divergence between teacher p and student q, probability vectors [P, S]."""
     if name == "forward_kl":
         return -xlogy(p, q).sum(-1)          # soft cross-entropy, as the original recipe
     if name == "reverse_kl":
         return kl(q, p)
     if name == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+        m = BETA * p + (1 - BETA) * q
+        return BETA * kl(p, m) + (1 - BETA) * kl(q, m)
     if name == "skew_kl":
-        return kl(p, alpha * p + (1 - alpha) * q)
+        return kl(p, ALPHA * p + (1 - ALPHA) * q)
     raise AssertionError(name)
 
 
-def ref_loss(name: str, p: torch.Tensor, q: torch.Tensor, temperature: float, beta: float = BETA,
-             alpha: float = ALPHA) -> torch.Tensor:
-    return ref_divergence(name, p, q, beta, alpha).mean() * temperature**2
+def ref_loss(name: str, p: torch.Tensor, q: torch.Tensor, temperature: float) -> torch.Tensor:
+    return ref_divergence(name, p, q).mean() * temperature**2
 
 
 def student_probs(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,9 +62,9 @@ def student_probs(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(z[..., :V].double() / temperature, dim=-1).reshape(-1, V)
 
 
-def ref_dense(name, z, teacher_lp, temperature, **weights):
+def ref_dense(name, z, teacher_lp, temperature):
     p = torch.softmax(teacher_lp.double() / temperature, dim=-1).reshape(-1, V)
-    return ref_loss(name, p, student_probs(z, temperature), temperature, **weights)
+    return ref_loss(name, p, student_probs(z, temperature), temperature)
 
 
 def ref_topk_bucket(name, z, ids, topk_lp, temperature):
@@ -139,6 +138,11 @@ def draw_sample(teacher_lp: torch.Tensor, draws: int, slots: int, temperature: f
     return ids.reshape(B, L, slots), counts.reshape(B, L, slots)
 
 
+def kd_loss(name: str, chunk: int, tail: str = "bucket", detached: bool = False) -> KDLoss:
+    """The loss with this file's β and α, which the reference uses too."""
+    return KDLoss(name, V, tail=tail, chunk=chunk, beta=BETA, alpha=ALPHA, detached=detached)
+
+
 def grad_of(loss: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     (grad,) = torch.autograd.grad(loss, z)
     return grad
@@ -161,21 +165,25 @@ def assert_value_and_grad(loss, ref, z, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, gr
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_dense_matches_reference(name, temperature, chunk):
     z, t_lp = student_logits(), teacher_logprobs()
-    loss = KDLoss(name, V, chunk=chunk, beta=BETA, alpha=ALPHA)(z, TeacherTargets("full", t_lp), temperature)
+    loss = kd_loss(name, chunk)(z, TeacherTargets("full", t_lp), temperature)
     assert_value_and_grad(loss, ref_dense(name, z, t_lp, temperature), z)
 
 
-@pytest.mark.parametrize("name", ["jsd", "skew_kl"])
-def test_default_weights_are_beta_half_alpha_tenth(name):
-    z, t_lp = student_logits(), teacher_logprobs()
-    loss = KDLoss(name, V, chunk=4)(z, TeacherTargets("full", t_lp), 2.0)
-    assert_value_and_grad(loss, ref_dense(name, z, t_lp, 2.0, beta=0.5, alpha=0.1), z)
+def test_settings_come_from_the_train_config():
+    """KDLoss has no defaults of its own: the run's loss takes each setting from TrainConfig."""
+    with pytest.raises(TypeError):
+        KDLoss("jsd", V)
+    train = TrainConfig(loss="jsd", topk_tail="renormalize", loss_chunk=3, loss_beta=BETA, loss_alpha=ALPHA,
+                        kd_weight=0.0)  # every value differs from the schema's default
+    assert KDLoss.from_config(train, V) == KDLoss("jsd", V, tail="renormalize", chunk=3, beta=BETA, alpha=ALPHA,
+                                                  detached=True)
+    assert not KDLoss.from_config(TrainConfig(), V).detached  # kd_weight 1: the loss has a gradient
 
 
 def test_dense_float16_cache_values():
     """A full cache stores float16 log-probs; the loss reads them as they are."""
     z, t_lp = student_logits(), teacher_logprobs().to(torch.float16)
-    loss = KDLoss("forward_kl", V, chunk=4)(z, TeacherTargets("full", t_lp), 2.0)
+    loss = kd_loss("forward_kl", 4)(z, TeacherTargets("full", t_lp), 2.0)
     assert_value_and_grad(loss, ref_dense("forward_kl", z, t_lp, 2.0), z)
 
 
@@ -188,7 +196,7 @@ def test_original_recipe_formula_equals_forward_kl(temperature):
     original = -(F.softmax(t / temperature, dim=-1) * F.log_softmax(s / temperature, dim=-1)).sum(-1).mean()
     original = original * temperature**2
     cached = torch.log_softmax(t.float(), dim=-1)
-    loss = KDLoss("forward_kl", V, chunk=3)(s, TeacherTargets("full", cached), temperature)
+    loss = kd_loss("forward_kl", 3)(s, TeacherTargets("full", cached), temperature)
     torch.testing.assert_close(loss, original, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_of(loss, s), grad_of(original, s), rtol=1e-4, atol=1e-7)
 
@@ -196,7 +204,7 @@ def test_original_recipe_formula_equals_forward_kl(temperature):
 def test_sequence_lengths_are_aligned():
     """A teacher shorter than the student's sequence: the first common positions are compared."""
     z, t_lp = student_logits(), teacher_logprobs()
-    loss = KDLoss("forward_kl", V, chunk=4)(z, TeacherTargets("full", t_lp[:, : L - 2]), 1.0)
+    loss = kd_loss("forward_kl", 4)(z, TeacherTargets("full", t_lp[:, : L - 2]), 1.0)
     p = torch.softmax(t_lp[:, : L - 2].double(), dim=-1).reshape(-1, V)
     q = student_probs(z[:, : L - 2], 1.0)
     torch.testing.assert_close(loss.double(), ref_loss("forward_kl", p, q, 1.0).detach(), rtol=1e-5, atol=1e-6)
@@ -210,7 +218,7 @@ def test_sequence_lengths_are_aligned():
 def test_topk_bucket_matches_reference(name, temperature, chunk):
     z = student_logits()
     ids, values = topk_of(teacher_logprobs())
-    loss = KDLoss(name, V, tail="bucket", chunk=chunk, beta=BETA, alpha=ALPHA)(
+    loss = kd_loss(name, chunk, tail="bucket")(
         z, TeacherTargets("topk", values, ids), temperature)
     assert_value_and_grad(loss, ref_topk_bucket(name, z, ids.long(), values, temperature), z,
                           rtol=2e-5, grad_rtol=2e-4, grad_atol=1e-6)
@@ -223,7 +231,7 @@ def test_topk_renormalize_matches_reference(name, temperature, chunk):
     z = student_logits()
     ids, values = topk_of(teacher_logprobs())
     assert unsupported_reason(name, "topk", "renormalize") is None
-    loss = KDLoss(name, V, tail="renormalize", chunk=chunk, beta=BETA, alpha=ALPHA)(
+    loss = kd_loss(name, chunk, tail="renormalize")(
         z, TeacherTargets("topk", values, ids), temperature)
     assert_value_and_grad(loss, ref_topk_renormalize(name, z, ids.long(), values, temperature), z,
                           rtol=2e-5, grad_rtol=2e-4, grad_atol=1e-6)
@@ -234,7 +242,7 @@ def test_topk_renormalize_with_every_id_is_the_dense_loss(name):
     """k = V: the renormalized teacher is the whole teacher, so the loss is the dense one."""
     z, t_lp = student_logits(), teacher_logprobs()
     values, ids = torch.topk(t_lp, V, dim=-1)
-    loss = KDLoss(name, V, tail="renormalize", chunk=4, beta=BETA, alpha=ALPHA)(
+    loss = kd_loss(name, 4, tail="renormalize")(
         z, TeacherTargets("topk", values, ids), 2.0)
     torch.testing.assert_close(loss.double(), ref_dense(name, z, t_lp, 2.0).detach(), rtol=1e-5, atol=1e-6)
 
@@ -243,7 +251,7 @@ def test_topk_bucket_with_every_id_is_nearly_the_dense_loss():
     """k = V at T = 1: the bucket holds only the REST_FLOOR (1e-6) of teacher mass."""
     z, t_lp = student_logits(), teacher_logprobs()
     values, ids = torch.topk(t_lp, V, dim=-1)
-    loss = KDLoss("forward_kl", V, tail="bucket", chunk=4)(z, TeacherTargets("topk", values, ids), 1.0)
+    loss = kd_loss("forward_kl", 4, tail="bucket")(z, TeacherTargets("topk", values, ids), 1.0)
     torch.testing.assert_close(loss.double(), ref_dense("forward_kl", z, t_lp, 1.0).detach(), rtol=0, atol=1e-4)
 
 
@@ -264,7 +272,7 @@ def test_support_rules():
 def test_sample_matches_reference(temperature, chunk):
     z = student_logits()
     ids, counts = draw_sample(teacher_logprobs(), draws=12, slots=16, temperature=temperature)
-    loss = KDLoss("forward_kl", V, chunk=chunk)(z, TeacherTargets("sample", counts.to(torch.uint8), ids),
+    loss = kd_loss("forward_kl", chunk)(z, TeacherTargets("sample", counts.to(torch.uint8), ids),
                                                 temperature)
     assert_value_and_grad(loss, ref_sample(z, ids, counts, temperature), z)
 
@@ -274,11 +282,11 @@ def test_sample_loss_is_unbiased(temperature):
     """Many draws from softmax(lp/T): the sample loss approaches the dense forward_kl at T."""
     z, t_lp = student_logits(), teacher_logprobs()
     ids, counts = draw_sample(t_lp, draws=20000, slots=V + 3, temperature=temperature, seed=11)
-    loss = KDLoss("forward_kl", V, chunk=7)(z.detach(), TeacherTargets("sample", counts, ids), temperature)
+    loss = kd_loss("forward_kl", 7)(z.detach(), TeacherTargets("sample", counts, ids), temperature)
     dense = ref_dense("forward_kl", z.detach(), t_lp, temperature)
     assert abs(loss.item() - dense.item()) < 0.01 * dense.item() + 0.01
     few_ids, few_counts = draw_sample(t_lp, draws=3, slots=5, temperature=temperature, seed=11)
-    few = KDLoss("forward_kl", V, chunk=7)(z.detach(), TeacherTargets("sample", few_counts, few_ids), temperature)
+    few = kd_loss("forward_kl", 7)(z.detach(), TeacherTargets("sample", few_counts, few_ids), temperature)
     assert abs(few.item() - dense.item()) > abs(loss.item() - dense.item())  # the error shrinks with draws
 
 
@@ -311,7 +319,7 @@ def test_small_chunks_equal_one_big_chunk(kind):
     results = []
     for chunk in (1, 3, 4, B * L, 4096):
         z = student_logits()
-        loss = KDLoss("forward_kl", V, chunk=chunk)(z, targets, 2.0)
+        loss = kd_loss("forward_kl", chunk)(z, targets, 2.0)
         results.append((loss.detach(), grad_of(loss, z)))
     for loss, grad in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-6)
@@ -321,8 +329,8 @@ def test_small_chunks_equal_one_big_chunk(kind):
 def test_detached_loss_reports_the_value_without_a_graph():
     z, t_lp = student_logits(), teacher_logprobs()
     targets = TeacherTargets("full", t_lp)
-    live = KDLoss("jsd", V, chunk=3)(z, targets, 2.0)
-    detached = KDLoss("jsd", V, chunk=3, detached=True)(z, targets, 2.0)
+    live = kd_loss("jsd", 3)(z, targets, 2.0)
+    detached = kd_loss("jsd", 3, detached=True)(z, targets, 2.0)
     assert not detached.requires_grad
     torch.testing.assert_close(detached, live.detach())
 
@@ -331,5 +339,5 @@ def test_no_grad_path_equals_grad_path():
     z, t_lp = student_logits(), teacher_logprobs()
     targets = TeacherTargets("full", t_lp)
     with torch.no_grad():
-        plain = KDLoss("skew_kl", V, chunk=3)(z, targets, 1.0)
-    torch.testing.assert_close(plain, KDLoss("skew_kl", V, chunk=3)(z, targets, 1.0).detach())
+        plain = kd_loss("skew_kl", 3)(z, targets, 1.0)
+    torch.testing.assert_close(plain, kd_loss("skew_kl", 3)(z, targets, 1.0).detach())
