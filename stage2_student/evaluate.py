@@ -8,6 +8,7 @@ Probabilities are taken over the real vocabulary (len(tokenizer)), not the padde
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from common.alignment import vocab_logprobs
+from cache.manifest import Manifest, load_manifest
 from common.cli import UserError, run_main
-from common.config import PipelineConfig, config_arg_parser, parse_args
+from common.config import DataConfig, PipelineConfig, config_arg_parser, parse_args
 from common.data import load_rows, tokenize_stream
 from common.models import DTYPES, load_causal_lm, load_tokenizer, resolve_device
 
@@ -107,6 +109,13 @@ def evaluate_model(model_dir: str, rows: list[str], cfg: PipelineConfig, device:
     return scorer.result(model_dir, len(windows))
 
 
+def data_config_of(manifest: Manifest, data: DataConfig) -> DataConfig:
+    """The data settings a cache was made from: the same text source, tokenization and block length."""
+    source = manifest.dataset
+    return dataclasses.replace(data, dataset=source.name, subset=source.subset, local_dir=source.local_dir,
+                               seq_len=manifest.seq_len)
+
+
 def eval_stride(cfg: PipelineConfig) -> int:
     """eval.stride, by default half a window: every token gets at least seq_len/2 tokens of context."""
     return cfg.eval.stride or max(cfg.data.seq_len // 2, 1)
@@ -131,10 +140,15 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--model", action="append", required=True, metavar="DIR",
                         help="model directory or hub id; repeat for several")
     parser.add_argument("--name", action="append", default=None, help="label per --model, in order")
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="evaluate on the dataset and block length this stage-one cache was made from "
+                             "(its manifest's data settings replace data.*)")
     args, cfg = parse_args(parser, argv)
     names = args.name or args.model
     if len(names) != len(args.model):
         raise UserError(f"got {len(names)} --name for {len(args.model)} --model")
+    if args.cache is not None:
+        cfg.data = data_config_of(load_manifest(args.cache), cfg.data)
     device = resolve_device(cfg.train.device)
     rows = load_rows(cfg.data, cfg.eval.split)
     scores = [evaluate_model(model, rows, cfg, device) for model in args.model]

@@ -91,3 +91,20 @@ def test_scores_equal_direct_computation(tiny, tmp_path, overrides, scored_dtype
     correct = (prediction == blocks[:, 1:]).numpy().ravel().astype(float)
     assert result["accuracy"] == pytest.approx(correct.mean(), abs=1e-6)
     assert result["ece"] == pytest.approx(ece_reference(confidence.numpy().ravel(), correct), abs=1e-6)
+
+
+def test_evaluate_on_the_data_a_cache_was_made_from(tiny, tmp_path):
+    """--cache takes the data source and block length from the cache's manifest, not from the config."""
+    from stage1_teacher.dump import main as dump_main
+
+    cache = tmp_path / "cache"
+    dump_main(tiny_overrides(tiny, cache, **{"data.seq_len": 64, "data.max_blocks": 2}))
+    direct, from_cache = tmp_path / "direct.json", tmp_path / "from_cache.json"
+    common = {"eval.split": "test", "eval.stride": 64, "eval.max_windows": 3}
+    evaluate_main(["--model", str(tiny / "teacher"),
+                   *tiny_overrides(tiny, cache, **common, **{"data.seq_len": 64, "eval.output": direct})])
+    evaluate_main(["--model", str(tiny / "teacher"), "--cache", str(cache),
+                   *tiny_overrides(tiny, cache, **common, **{"data.seq_len": 128, "data.local_dir": tmp_path / "none",
+                                                             "eval.output": from_cache})])
+    a, b = (json.loads(p.read_text()) for p in (direct, from_cache))
+    assert b["seq_len"] == 64 and a["results"][0]["perplexity"] == b["results"][0]["perplexity"]

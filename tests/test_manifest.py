@@ -82,14 +82,16 @@ def test_readme_dataset_table_is_the_format_definition():
 
 
 @pytest.mark.parametrize("case", ["removed top-level field", "wrong nested type", "unknown format version"])
-@pytest.mark.parametrize("command", ["cache.verify", "stage2_student.train"])
+@pytest.mark.parametrize("command", ["cache.verify", "stage2_student.train", "stage2_student.evaluate"])
 def test_commands_refuse_a_bad_manifest_in_one_line(manifest_text, tmp_path, case, command):
     from tests.conftest import run_cli
 
     cache_dir, data = manifest_text
     CASES[case][0](data)
     edit(cache_dir, data)
-    args = [cache_dir] if command == "cache.verify" else ["--cache", cache_dir, f"train.output_dir={tmp_path / 'out'}"]
+    args = {"cache.verify": [cache_dir],
+            "stage2_student.train": ["--cache", cache_dir, f"train.output_dir={tmp_path / 'out'}"],
+            "stage2_student.evaluate": ["--cache", cache_dir, "--model", tmp_path / "no-model"]}[command]
     result = run_cli(command, *args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and CASES[case][1] in result.stderr, result.stderr
