@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from cache.format import FORMAT_NAME, MANIFEST, MODE_DATASETS, SUPPORTED_VERSIONS, CacheMode, counts_dtype
+from cache.format import FORMAT_NAME, MANIFEST, MODE_DATASETS, SUPPORTED_VERSIONS, CacheMode
 from common.cli import UserError
 from common.schema import SchemaError, from_dict
 
@@ -28,22 +28,6 @@ class DatasetEntry:
     dtype: str
     compression: Optional[str] = None  # an HDF5 filter name (gzip) or None
     compression_opts: Optional[int] = None
-
-
-def dataset_entries(mode: CacheMode, seq_len: int, vocab_size: int, k: int, draws: int) -> dict[str, DatasetEntry]:
-    """How this release stores each dataset of a mode (names, shapes and dtypes: cache/format.py)."""
-    entries = {"input_ids": DatasetEntry([seq_len], "int32")}
-    if mode == "topk":
-        entries["topk_ids"] = DatasetEntry([seq_len, k], "int32")
-        entries["topk_logprobs"] = DatasetEntry([seq_len, k], "float16")
-    elif mode == "full":
-        entries["logprobs"] = DatasetEntry([seq_len, vocab_size], "float16")
-    else:
-        # Padding (-1 / 0) and small counts compress well: on disk the size follows the unique ids, not
-        # the slots. Level 9 saves ~10 % over the default 4 and the writer thread has the time.
-        entries["sample_ids"] = DatasetEntry([seq_len, draws], "int32", "gzip", 9)
-        entries["sample_counts"] = DatasetEntry([seq_len, draws], counts_dtype(draws), "gzip", 9)
-    return entries
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cache.encoding import decode
 from cache.format import MODE_DATASETS, file_sha256
 from cache.manifest import Manifest, load_manifest
 from common.cli import UserError
@@ -68,14 +69,20 @@ class CacheReader:
         return index, block - self._first_blocks[index]
 
     def block(self, block: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """The datasets `names` (default: all) of one block, one chunk read each."""
+        """The decoded datasets `names` (default: all of the mode) of one block, one chunk read each."""
         index, row = self._locate(block)
         handle = self._handle(index)
-        return {name: handle[name][row] for name in names or self.dataset_names}
+        stored = self.manifest.datasets
+        if names == ("input_ids",):  # the tokens alone (the live-teacher route): skip the teacher's data
+            stored = {"input_ids": stored["input_ids"]}
+        decoded = decode(stored, {name: handle[name][row] for name in stored})
+        return {name: decoded[name] for name in names or self.dataset_names}
 
     def read_all(self, name: str) -> np.ndarray:
-        """One dataset over all blocks, in order (meant for small ones such as input_ids)."""
-        return np.concatenate([self._handle(i)[name][:] for i in range(len(self.shards))])
+        """One decoded dataset over all blocks, in order (meant for small ones, such as input_ids, and tests)."""
+        if name == "input_ids":  # stored as it is read, one read per shard
+            return np.concatenate([self._handle(i)[name][:] for i in range(len(self.shards))])
+        return np.stack([self.block(i)[name] for i in range(self.num_blocks)])
 
     def close(self) -> None:
         for handle in self._handles.values():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
+from cache.encoding import encode, h5_create_kwargs
 from cache.format import MANIFEST, file_sha256, shard_name
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
@@ -157,6 +158,7 @@ class CacheWriter:
         try:
             while (arrays := self._queue.get()) is not None:
                 start = time.perf_counter()
+                arrays = encode(self.layout.datasets, arrays)
                 offset, total = 0, len(next(iter(arrays.values())))
                 while offset < total:
                     if shard is None:
@@ -184,8 +186,7 @@ class CacheWriter:
         for name, spec in self.layout.datasets.items():
             tail = tuple(spec.shape_per_block)
             handle.create_dataset(name, shape=(count, *tail), dtype=spec.dtype, chunks=(1, *tail),
-                                  compression=spec.compression, compression_opts=spec.compression_opts,
-                                  shuffle=spec.compression is not None)
+                                  **h5_create_kwargs(spec))
         handle.attrs["first_block"] = first
         return _ShardState(index, first, count, path, handle)
 

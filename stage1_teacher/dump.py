@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from cache.format import FORMAT_NAME, FORMAT_VERSION
-from cache.manifest import (DataEntry, Manifest, SampleEntry, TeacherEntry, TokenizerEntry,
-                            dataset_entries)
+from cache.encoding import stored_datasets
+from cache.manifest import DataEntry, Manifest, SampleEntry, TeacherEntry, TokenizerEntry
 from cache.writer import CacheLayout, CacheWriter, check_destination
 from common.alignment import AlignmentLog, truncate_vocab, vocab_logprobs
 from common.cli import UserError, run_main
@@ -64,7 +64,7 @@ class TeacherDump:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.cache.seed)
         self.alignment = AlignmentLog()
         num_blocks, seq_len = self.blocks.input_ids.shape
-        specs = dataset_entries(cfg.cache.mode, seq_len, self.vocab_size, cfg.cache.k, cfg.cache.draws)
+        specs = stored_datasets(cfg.cache.mode, seq_len, self.vocab_size, cfg.cache.k, cfg.cache.draws)
         self.writer = CacheWriter(cfg.cache.dir, CacheLayout(cfg.cache.mode, num_blocks, seq_len, specs,
                                                              cfg.cache.shard_blocks),
                                   overwrite=cfg.cache.overwrite, queue_size=cfg.cache.queue_size)

@@ -229,3 +229,44 @@ def test_load_blocks_local_end_to_end(local_dir, offline, tiny_tokenizer):
     capped = load_blocks(DataConfig(local_dir=str(local_dir), seq_len=8, max_blocks=1), wrapped, "tiny-hash",
                          split="validation")
     assert capped.input_ids.shape == (1, 8) and capped.fingerprint != blocks.fingerprint
+
+
+# --- streaming ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_chars", [1, 40, 10**6])
+def test_chunked_tokens_equal_the_joined_text(tiny_tokenizer, chunk_chars):
+    """Chunks end after line breaks only; any chunk size gives exactly the tokens of one call on the text."""
+    from common.data import iter_token_chunks
+
+    _, wrapped = tiny_tokenizer
+    rows = (TRAIN_ROWS + VALID_ROWS) * 3
+    chunks = list(iter_token_chunks(wrapped, rows, chunk_chars=chunk_chars))
+    assert len(chunks) > 1 or chunk_chars == 10**6
+    assert np.concatenate(chunks).tolist() == tokenize_stream(wrapped, rows).tolist()
+
+
+def test_a_tokenizer_that_merges_across_line_breaks_is_refused(tiny_tokenizer):
+    """A tokenizer that adds a prefix space to every call would tokenize a chunk's first word differently."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from common.data import iter_token_chunks
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    raw.train_from_iterator([TRAIN_RAW] * 3, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    prefixing = PreTrainedTokenizerFast(tokenizer_object=raw)
+    with pytest.raises(UserError, match="merges tokens across a line break"):
+        list(iter_token_chunks(prefixing, ["alpha beta\n", "gamma delta\n"], chunk_chars=1))
+
+
+def test_block_stream_stops_reading_at_max_blocks(local_dir, offline, tiny_tokenizer):
+    from common.data import BlockStream
+
+    _, wrapped = tiny_tokenizer
+    stream = BlockStream(DataConfig(local_dir=str(local_dir), seq_len=4, max_blocks=2), wrapped, "h", "train")
+    blocks = list(stream)
+    whole = tokenize_stream(wrapped, TRAIN_ROWS)
+    assert np.stack(blocks).reshape(-1).tolist() == whole[:8].tolist()
+    assert stream.num_blocks == 2 and stream.fingerprint == data_fingerprint(np.stack(blocks), "h", 4)
