@@ -15,9 +15,7 @@ Values are log_softmax over the first V logits, computed in fp32. Chunks hold on
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 FORMAT_NAME = "kd-logit-cache"
 FORMAT_VERSION = 1
@@ -51,13 +49,3 @@ def counts_dtype(draws: int) -> str:
         if draws <= top:
             return name
     raise ValueError(f"draws={draws} is too large")
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

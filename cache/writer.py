@@ -17,9 +17,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, file_sha256, shard_name,
-                          write_json_atomic)
+from cache.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, file_sha256, shard_name
 from common.cli import UserError
+from common.fsutil import write_json_atomic
 
 
 @dataclass(frozen=True)
