@@ -5,10 +5,10 @@
 On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the upstream files in
 `../shared/data/wikitext-2-raw-v1`), at a scale two CPU cores finish in under an hour:
 
-1. a byte-level BPE tokenizer (`common.tiny.train_tokenizer`) trained on the training text;
-2. a Qwen2 teacher trained from scratch on packed blocks of it (`common.tiny.train_teacher`), and a
+1. a byte-level BPE tokenizer (`tiny_world.models.train_tokenizer`) trained on the training text;
+2. a Qwen2 teacher trained from scratch on packed blocks of it (`tiny_world.models.train_teacher`), and a
    randomly initialised Qwen2 student (same seed for every run), with padded vocabularies that differ
-   from each other (`common.tiny.padded_vocab_sizes`);
+   from each other (`tiny_world.models.padded_vocab_sizes`);
 3. one cache per mode through the real entry point `python -m stage1_teacher.dump`: full, top-k 12,
    top-k 64 and sample (50 draws);
 4. the same student, same seed and same optimizer steps, trained through `python -m stage2_student.train`
@@ -137,7 +137,7 @@ def build_models(out: str, local_dir: str, scale: Scale) -> dict[str, Any]:
 
     from common.config import DataConfig
     from common.data import load_rows, pack_blocks, tokenize_stream
-    from common.tiny import padded_vocab_sizes, perplexity, train_teacher, train_tokenizer
+    from tiny_world.models import padded_vocab_sizes, perplexity, train_teacher, train_tokenizer
 
     rows = load_rows(DataConfig(local_dir=local_dir, max_blocks=None), DATA["data.split"])
     tokenizer = train_tokenizer("".join(rows), scale.vocab)

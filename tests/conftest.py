@@ -20,7 +20,7 @@ TEST_BLOCKS = 12
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
-    from common.tiny import build
+    from tiny_world.build import build
 
     out = tmp_path_factory.mktemp("tiny") / "tiny"
     build(str(out), teacher_steps=TEST_TEACHER_STEPS)

@@ -96,7 +96,8 @@ def test_training_works_with_the_teacher_deleted(tiny, tmp_path):
 
 
 def _student_with(tiny: Path, target: Path, vocab_size: int | None = None, tokenizer_vocab: int | None = None) -> Path:
-    from common.tiny import build_corpus, train_tokenizer
+    from tiny_world.corpus import build_corpus
+    from tiny_world.models import train_tokenizer
 
     shutil.copytree(tiny / "student", target)
     if vocab_size is not None:
