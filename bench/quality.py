@@ -7,8 +7,9 @@ On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the u
 
 1. a byte-level BPE tokenizer (`tiny_world.models.train_tokenizer`) trained on the training text;
 2. a Qwen2 teacher trained from scratch on packed blocks of it (`tiny_world.models.train_teacher`), and a
-   randomly initialised Qwen2 student (same seed for every run), with padded vocabularies that differ
-   from each other (`tiny_world.models.padded_vocab_sizes`);
+   randomly initialised Qwen2 student (same seed for every run), both configured by
+   `tiny_world.models.model_config`, with padded vocabularies that differ from each other
+   (`tiny_world.models.padded_vocab_sizes`);
 3. one cache per mode through the real entry point `python -m stage1_teacher.dump`: full, top-k 12,
    top-k 64 and sample (50 draws);
 4. the same student, same seed and same optimizer steps, trained through `python -m stage2_student.train`
@@ -30,18 +31,20 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import h5py
 import numpy as np
 import torch
 
+from tiny_world.models import (EOS, ModelShape, model_config, padded_vocab_sizes, perplexity, train_teacher,
+                               train_tokenizer)
+
 DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                                          "data", "wikitext-2-raw-v1"))
 DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}
 SEED = 42
-EOS = "<|endoftext|>"
 
 
 @dataclass
@@ -49,10 +52,10 @@ class Scale:
     """Every size in the study; `quick()` is the smoke-test version."""
     vocab: int = 4096
     seq_len: int = 128
-    teacher: dict[str, int] = field(default_factory=lambda: dict(hidden_size=192, num_hidden_layers=4,
-                                                                 intermediate_size=576))
-    student: dict[str, int] = field(default_factory=lambda: dict(hidden_size=128, num_hidden_layers=2,
-                                                                 intermediate_size=384))
+    teacher: ModelShape = ModelShape(hidden_size=192, num_hidden_layers=4, intermediate_size=576,
+                                     tie_word_embeddings=False)
+    student: ModelShape = ModelShape(hidden_size=128, num_hidden_layers=2, intermediate_size=384,
+                                     tie_word_embeddings=True)
     teacher_steps: int = 400  # of 16 blocks; the teacher trains on every block of the training text
     max_blocks: int | None = 800  # blocks dumped and distilled on (the first ones); None = all
     student_steps: int = 100
@@ -133,11 +136,10 @@ def non_embedding_params(model: torch.nn.Module) -> int:
 
 def build_models(out: str, local_dir: str, scale: Scale) -> dict[str, Any]:
     """Tokenizer on the training text, the trained teacher and the untrained student, saved under `out`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     from common.config import DataConfig
     from common.data import load_rows, pack_blocks, tokenize_stream
-    from tiny_world.models import padded_vocab_sizes, perplexity, train_teacher, train_tokenizer
 
     rows = load_rows(DataConfig(local_dir=local_dir, max_blocks=None), DATA["data.split"])
     tokenizer = train_tokenizer("".join(rows), scale.vocab)
@@ -148,11 +150,9 @@ def build_models(out: str, local_dir: str, scale: Scale) -> dict[str, Any]:
                             "train_blocks": len(blocks)}
     for role, shape in (("teacher", scale.teacher), ("student", scale.student)):
         torch.manual_seed(SEED)
-        config = Qwen2Config(vocab_size=vocab[role], num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=512, bos_token_id=eos_id, eos_token_id=eos_id,
-                             pad_token_id=eos_id, tie_word_embeddings=role == "student", **shape)
-        model = Qwen2ForCausalLM(config)
-        info[role] = {"vocab_size": vocab[role], **shape, "params": sum(p.numel() for p in model.parameters()),
+        model = Qwen2ForCausalLM(model_config(shape, vocab[role], eos_id))
+        info[role] = {"vocab_size": vocab[role], **asdict(shape),
+                      "params": sum(p.numel() for p in model.parameters()),
                       "non_embedding_params": non_embedding_params(model)}
         if role == "teacher":
             log(f"training the teacher ({info[role]['params'] / 1e6:.2f} M params) for {scale.teacher_steps} steps")
