@@ -1,9 +1,11 @@
 """Quality study on real text: one teacher, one cache per mode, the same student distilled from each.
 
     python -m bench.quality [--out bench/out/quality] [--quick | --large] [--results docs/results.md]
+                            [--data-dir ../shared/data/wikitext-2-raw-v1]
 
 On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the upstream files in
-`../shared/data/wikitext-2-raw-v1`), at a scale two CPU cores finish in under an hour:
+`--data-dir`, by default `../shared/data/wikitext-2-raw-v1` next to the repository), at a scale two CPU
+cores finish in under an hour:
 
 1. a byte-level BPE tokenizer (`tiny_world.models.train_tokenizer`) trained on the training text;
 2. a Qwen2 teacher trained from scratch on packed blocks of it (`tiny_world.models.train_teacher`), and a
@@ -38,11 +40,13 @@ import h5py
 import numpy as np
 import torch
 
+from common.cli import UserError, run_main
 from tiny_world.models import (EOS, ModelShape, model_config, padded_vocab_sizes, perplexity, train_teacher,
                                train_tokenizer)
 
-DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                                         "data", "wikitext-2-raw-v1"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "wikitext-2-raw-v1"))
+DATA_FILES = ("wiki.valid.raw", "wiki.test.raw")  # training text, evaluation text
 DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}
 SEED = 42
 
@@ -107,24 +111,27 @@ def run_cli(module: str, args: list[str], log_path: str) -> float:
     return time.time() - start
 
 
-def prefix_dir(path: str, lines: dict[str, int | None]) -> str:
-    """`path` holding the first `lines[name]` lines of each upstream file (all of it for None)."""
+def prefix_dir(path: str, data_dir: str, lines: dict[str, int | None]) -> str:
+    """`path` holding the first `lines[name]` lines of each file of `data_dir` (all of it for None)."""
     os.makedirs(path, exist_ok=True)
     for name, count in lines.items():
-        with open(os.path.join(DATA_DIR, name), encoding="utf-8") as src:
+        with open(os.path.join(data_dir, name), encoding="utf-8") as src:
             text = src.readlines()[:count]
         with open(os.path.join(path, name), "w", encoding="utf-8", newline="\n") as dst:
             dst.writelines(text)
     return path
 
 
-def data_dirs(out: str, scale: Scale) -> tuple[str, str]:
-    """(training folder, evaluation folder): the upstream files, or their first lines under `out`."""
-    train = DATA_DIR if scale.data_lines is None else \
-        prefix_dir(os.path.join(out, "data"), {"wiki.valid.raw": scale.data_lines})
+def data_dirs(out: str, data_dir: str, scale: Scale) -> tuple[str, str]:
+    """(training folder, evaluation folder): `data_dir` itself, or its files' first lines under `out`."""
+    missing = [name for name in DATA_FILES if not os.path.isfile(os.path.join(data_dir, name))]
+    if missing:
+        raise UserError(f"{data_dir} has no {' or '.join(missing)}; pass --data-dir with the WikiText-2 raw files")
+    train = data_dir if scale.data_lines is None else \
+        prefix_dir(os.path.join(out, "data"), data_dir, {"wiki.valid.raw": scale.data_lines})
     if scale.eval_lines is None:
-        return train, DATA_DIR
-    return train, prefix_dir(os.path.join(out, "eval-data"), {"wiki.test.raw": scale.eval_lines})
+        return train, data_dir
+    return train, prefix_dir(os.path.join(out, "eval-data"), data_dir, {"wiki.test.raw": scale.eval_lines})
 
 
 # --- stage 0: tokenizer, teacher, student ---------------------------------------------------------------------
@@ -340,22 +347,25 @@ def write_results(path: str, command: str, info: dict[str, Any]) -> None:
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/out/quality", help="scratch directory (default: bench/out/quality)")
-    parser.add_argument("--quick", action="store_true", help="tiny everything: a smoke test of the script")
-    parser.add_argument("--large", action="store_true", help="all blocks, a longer-trained teacher and "
-                        "3x the student steps (about 15 min on two idle cores)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny everything: a smoke test of the script")
+    size.add_argument("--large", action="store_true", help="all blocks, a longer-trained teacher and "
+                      "3x the student steps (about 15 min on two idle cores)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with WikiText-2 raw's wiki.valid.raw "
+                        "and wiki.test.raw (default: ../shared/data/wikitext-2-raw-v1 next to the repository)")
     parser.add_argument("--results", default=None, help="markdown file for the table (default: docs/results.md, "
                         "or <out>/results.md with --quick)")
     args = parser.parse_args(argv)
+    scale = Scale.quick() if args.quick else Scale.large() if args.large else Scale()
+    out = os.path.abspath(args.out)
+    start = time.time()
+    local_dir, eval_dir = data_dirs(out, os.path.abspath(args.data_dir), scale)  # checked before anything is written
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     datasets.disable_progress_bars()
-    scale = Scale.quick() if args.quick else Scale.large() if args.large else Scale()
-    out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    start = time.time()
-    local_dir, eval_dir = data_dirs(out, scale)
     common = {"data.local_dir": local_dir, **DATA, "data.seq_len": scale.seq_len, "data.max_blocks": scale.max_blocks}
 
     models = build_models(out, local_dir, scale)
@@ -369,6 +379,7 @@ def main(argv: Sequence[str]) -> int:
 
     command = "python -m bench.quality" + (" --quick" if args.quick else "") + (" --large" if args.large else "") + \
         (f" --out {args.out}" if args.out != "bench/out/quality" else "") + \
+        (f" --data-dir {args.data_dir}" if args.data_dir != DEFAULT_DATA_DIR else "") + \
         (f" --results {args.results}" if args.results else "")
     info = {"command": command, "scale": asdict(scale), "models": models, "caches": caches, "runs": runs,
             "scores": scores, "eval_text": eval_text(eval_dir, scale), "table": table(runs, caches, scores), "wall_seconds": time.time() - start}
@@ -382,4 +393,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_main(main)
