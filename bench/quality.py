@@ -76,6 +76,18 @@ class Scale:
     def quick(cls) -> "Scale":
         return cls(vocab=1024, teacher_steps=20, max_blocks=48, student_steps=3, data_lines=300, eval_lines=150)
 
+    @classmethod
+    def from_json(cls, text: str) -> "Scale":
+        """A scale from a JSON object of field overrides (shapes as objects), for tests smaller than quick."""
+        try:
+            fields = json.loads(text)
+            for role in ("teacher", "student"):
+                if role in fields:
+                    fields[role] = ModelShape(**fields[role])
+            return cls(**fields)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UserError(f"--scale-json: {err}") from None
+
 
 @dataclass
 class Run:
@@ -351,12 +363,14 @@ def main(argv: Sequence[str]) -> int:
     size.add_argument("--quick", action="store_true", help="tiny everything: a smoke test of the script")
     size.add_argument("--large", action="store_true", help="all blocks, a longer-trained teacher and "
                       "3x the student steps (about 15 min on two idle cores)")
+    size.add_argument("--scale-json", help=argparse.SUPPRESS)  # tests: Scale fields as JSON, smaller than --quick
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with WikiText-2 raw's wiki.valid.raw "
                         "and wiki.test.raw (default: ../shared/data/wikitext-2-raw-v1 next to the repository)")
     parser.add_argument("--results", default=None, help="markdown file for the table (default: docs/results.md, "
                         "or <out>/results.md with --quick)")
     args = parser.parse_args(argv)
-    scale = Scale.quick() if args.quick else Scale.large() if args.large else Scale()
+    scale = Scale.quick() if args.quick else Scale.large() if args.large else \
+        Scale.from_json(args.scale_json) if args.scale_json else Scale()
     out = os.path.abspath(args.out)
     start = time.time()
     local_dir, eval_dir = data_dirs(out, os.path.abspath(args.data_dir), scale)  # checked before anything is written
@@ -378,6 +392,7 @@ def main(argv: Sequence[str]) -> int:
     scores = evaluate(out, evaluated + [(r["label"], r["dir"]) for r in runs], eval_dir, scale)
 
     command = "python -m bench.quality" + (" --quick" if args.quick else "") + (" --large" if args.large else "") + \
+        (f" --scale-json {shlex.quote(args.scale_json)}" if args.scale_json else "") + \
         (f" --out {args.out}" if args.out != "bench/out/quality" else "") + \
         (f" --data-dir {args.data_dir}" if args.data_dir != DEFAULT_DATA_DIR else "") + \
         (f" --results {args.results}" if args.results else "")
@@ -385,7 +400,9 @@ def main(argv: Sequence[str]) -> int:
             "scores": scores, "eval_text": eval_text(eval_dir, scale), "table": table(runs, caches, scores), "wall_seconds": time.time() - start}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(info, fh, indent=2)
-    results = args.results or (os.path.join(out, "results.md") if args.quick else "docs/results.md")
+    # the study's own record is docs/results.md; a smaller scale must not overwrite it by default
+    full_study = not (args.quick or args.scale_json)
+    results = args.results or ("docs/results.md" if full_study else os.path.join(out, "results.md"))
     write_results(results, command, info)
     print(info["table"])
     log(f"done in {info['wall_seconds'] / 60:.1f} min; wrote {results} and {out}/summary.json")
