@@ -67,6 +67,7 @@ class Scale:
     eval_stride: int = 128
     data_lines: int | None = None  # quick: only the first lines of each data file
     eval_lines: int | None = None  # evaluate on the first lines of wiki.test.raw; None = all of it
+    runs: list[str] | None = None  # labels of the student runs to make (smoke tests: fewer processes); None = all
 
     @classmethod
     def large(cls) -> "Scale":
@@ -189,10 +190,12 @@ CACHES = {"full": {"cache.mode": "full"}, "topk12": {"cache.mode": "topk", "cach
           "sample50": {"cache.mode": "sample", "cache.draws": 50, "cache.sample_temperature": 1.0}}
 
 
-def dump_caches(out: str, common: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """One cache per mode through `python -m stage1_teacher.dump`; returns each one's size and timing."""
+def dump_caches(out: str, common: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+    """Each cache of `names` through `python -m stage1_teacher.dump`; returns each one's size and timing."""
     stats = {}
     for name, mode in CACHES.items():
+        if name not in names:
+            continue
         cache_dir = os.path.join(out, "cache", name)
         args = overrides({**common, "teacher.model": os.path.join(out, "teacher"), "teacher.batch_size": 16,
                           "cache.dir": cache_dir, "cache.overwrite": "true", **mode})
@@ -233,10 +236,11 @@ def topk_mass(cache_dir: str, manifest: dict[str, Any]) -> float:
 
 # --- stage 2: students --------------------------------------------------------------------------------------------
 
-def student_runs(out: str) -> list[Run]:
+def student_runs(out: str, labels: list[str] | None = None) -> list[Run]:
+    """The study's runs, or those of them named in `labels`."""
     cache = lambda name: os.path.join(out, "cache", name)  # noqa: E731
     hard = {"train.kd_weight": 0, "train.hard_weight": 1}
-    return [Run("hard labels (CE)", cache("topk12"), hard),
+    runs = [Run("hard labels (CE)", cache("topk12"), hard),
             Run("full KD (cache)", cache("full"), {}),
             Run("full KD (live teacher)", cache("full"), {"teacher.model": os.path.join(out, "teacher")}, live=True),
             Run("top-12, tail bucket", cache("topk12"), {"train.topk_tail": "bucket"}),
@@ -244,6 +248,10 @@ def student_runs(out: str) -> list[Run]:
             Run("top-64, tail bucket", cache("topk64"), {"train.topk_tail": "bucket"}),
             Run("top-64, renormalized", cache("topk64"), {"train.topk_tail": "renormalize"}),
             Run("sample, 50 draws", cache("sample50"), {})]
+    unknown = sorted(set(labels or ()) - {run.label for run in runs})
+    if unknown:
+        raise UserError(f"no student run is labelled {', '.join(map(repr, unknown))}")
+    return [run for run in runs if labels is None or run.label in labels]
 
 
 def slug(label: str) -> str:
@@ -257,13 +265,13 @@ def median_step_seconds(metrics_path: str) -> float:
     return float(np.median(np.diff([0.0, *elapsed])))
 
 
-def train_students(out: str, common: dict[str, Any], scale: Scale) -> list[dict[str, Any]]:
+def train_students(out: str, common: dict[str, Any], scale: Scale, runs: list[Run]) -> list[dict[str, Any]]:
     """Every run with the same student, seed, data order, steps and optimizer; returns run.json's essentials."""
     shared = {**common, "student.model": os.path.join(out, "student"), "train.batch_size": 8,
               "train.gradient_accumulation": 2, "train.epochs": 1000, "train.max_steps": scale.student_steps,
               "train.lr": scale.lr, "train.temperature": 1.0, "train.seed": SEED, "train.overwrite": "true"}
     results = []
-    for run in student_runs(out):
+    for run in runs:
         name = slug(run.label)
         target = os.path.join(out, "students", name)
         args = ["--cache", run.cache, *(["--live-teacher"] if run.live else []),
@@ -374,6 +382,7 @@ def main(argv: Sequence[str]) -> int:
     out = os.path.abspath(args.out)
     start = time.time()
     local_dir, eval_dir = data_dirs(out, os.path.abspath(args.data_dir), scale)  # checked before anything is written
+    planned = student_runs(out, scale.runs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -385,9 +394,9 @@ def main(argv: Sequence[str]) -> int:
     models = build_models(out, local_dir, scale)
     log(f"teacher trained in {models['teacher']['train_seconds']} s, training-text perplexity "
         f"{models['teacher']['train_ppl']}")
-    caches = dump_caches(out, common)
+    caches = dump_caches(out, common, {os.path.basename(run.cache) for run in planned})
     log("caches: " + ", ".join(f"{k} {v['bytes_per_token']:.1f} B/token" for k, v in caches.items()))
-    runs = train_students(out, common, scale)
+    runs = train_students(out, common, scale, planned)
     evaluated = [("teacher", os.path.join(out, "teacher")), ("untrained student", os.path.join(out, "student"))]
     scores = evaluate(out, evaluated + [(r["label"], r["dir"]) for r in runs], eval_dir, scale)
 

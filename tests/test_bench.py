@@ -9,10 +9,13 @@ import pytest
 
 from tests.conftest import run_cli
 
-# far below --quick: every stage runs and the table comes out in well under a minute; the teacher is trained
-# and the lr high enough that two student steps move the student far more than the cache/live tolerance
+# Far below --quick: the cost is almost all interpreter start-up (one process per cache and per run), so
+# one run per kind of row: hard labels, full cache, live teacher, top-k, sample. The teacher is trained and
+# the lr high enough that two student steps move the student far more than the cache/live tolerance.
+SMOKE_RUNS = ["hard labels (CE)", "full KD (cache)", "full KD (live teacher)", "top-12, tail bucket",
+              "sample, 50 draws"]
 SMOKE_SCALE = {"vocab": 320, "seq_len": 32, "teacher_steps": 30, "max_blocks": 16, "student_steps": 2, "lr": 0.05,
-               "eval_stride": 32, "data_lines": 300, "eval_lines": 60,
+               "eval_stride": 32, "data_lines": 300, "eval_lines": 60, "runs": SMOKE_RUNS,
                "teacher": {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
                            "tie_word_embeddings": False},
                "student": {"hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 32,
@@ -39,15 +42,13 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 
 def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
-    from bench.quality import student_runs
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny tensors: on a busy machine threads make steps 100x slower
     out = tmp_path / "out"
     result = run_cli("bench.quality", "--out", out, "--data-dir", wiki_dir, "--scale-json", json.dumps(SMOKE_SCALE))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = table_rows((out / "results.md").read_text(encoding="utf-8"))
-    labels = [run.label for run in student_runs(str(out))]
-    assert [row[0] for row in rows] == ["teacher", "untrained student", *labels]
+    assert [row[0] for row in rows] == ["teacher", "untrained student", *SMOKE_RUNS]
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["full", "sample50", "topk12"]  # only those used
     perplexities = [float(row[4]) for row in rows]
     assert all(math.isfinite(p) and p > 1 for p in perplexities), perplexities
     scores = json.loads((out / "summary.json").read_text())["scores"]
@@ -58,12 +59,16 @@ def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
     assert cached["perplexity"] != pytest.approx(scores["untrained student"]["perplexity"], rel=2e-2)
 
 
-def test_quality_refuses_a_missing_data_dir_and_two_scales(tmp_path):
+def test_quality_refuses_a_missing_data_dir_an_unknown_run_and_two_scales(wiki_dir, tmp_path):
     missing = run_cli("bench.quality", "--out", tmp_path / "out", "--data-dir", tmp_path / "nowhere")
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'} has no wiki.valid.raw or "
                                                    "wiki.test.raw; pass --data-dir with the WikiText-2 raw files"]
-    assert not (tmp_path / "out").exists()
+    unknown = run_cli("bench.quality", "--out", tmp_path / "out", "--data-dir", wiki_dir,
+                      "--scale-json", json.dumps({"runs": ["full KD (cache)", "top-13"]}))
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines() == ["error: no student run is labelled 'top-13'"]
+    assert not (tmp_path / "out").exists()  # refused before anything was written
     both = run_cli("bench.quality", "--quick", "--large", "--out", tmp_path / "out")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
