@@ -1,14 +1,17 @@
 """Quality study on real text: one teacher, one cache per mode, the same student distilled from each.
 
     python -m bench.quality [--out bench/out/quality] [--quick | --large] [--results docs/results.md]
+                            [--data-dir ../shared/data/wikitext-2-raw-v1]
 
 On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the upstream files in
-`../shared/data/wikitext-2-raw-v1`), at a scale two CPU cores finish in under an hour:
+`--data-dir`, by default `../shared/data/wikitext-2-raw-v1` next to the repository), at a scale two CPU
+cores finish in under an hour:
 
-1. a byte-level BPE tokenizer (`common.tiny.train_tokenizer`) trained on the training text;
-2. a Qwen2 teacher trained from scratch on packed blocks of it (`common.tiny.train_teacher`), and a
-   randomly initialised Qwen2 student (same seed for every run), with padded vocabularies that differ
-   from each other (`common.tiny.padded_vocab_sizes`);
+1. a byte-level BPE tokenizer (`tiny_world.models.train_tokenizer`) trained on the training text;
+2. a Qwen2 teacher trained from scratch on packed blocks of it (`tiny_world.models.train_teacher`), and a
+   randomly initialised Qwen2 student (same seed for every run), both configured by
+   `tiny_world.models.model_config`, with padded vocabularies that differ from each other
+   (`tiny_world.models.padded_vocab_sizes`);
 3. one cache per mode through the real entry point `python -m stage1_teacher.dump`: full, top-k 12,
    top-k 64 and sample (50 draws);
 4. the same student, same seed and same optimizer steps, trained through `python -m stage2_student.train`
@@ -30,17 +33,28 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                                         "data", "wikitext-2-raw-v1"))
+from common.cli import UserError, run_main
+from tiny_world.models import (
+    EOS,
+    ModelShape,
+    model_config,
+    padded_vocab_sizes,
+    perplexity,
+    train_teacher,
+    train_tokenizer,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "wikitext-2-raw-v1"))
+DATA_FILES = ("wiki.valid.raw", "wiki.test.raw")  # training text, evaluation text
 DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}
 SEED = 42
-EOS = "<|endoftext|>"
 
 
 @dataclass
@@ -48,10 +62,10 @@ class Scale:
     """Every size in the study; `quick()` is the smoke-test version."""
     vocab: int = 4096
     seq_len: int = 128
-    teacher: dict[str, int] = field(default_factory=lambda: dict(hidden_size=192, num_hidden_layers=4,
-                                                                 intermediate_size=576))
-    student: dict[str, int] = field(default_factory=lambda: dict(hidden_size=128, num_hidden_layers=2,
-                                                                 intermediate_size=384))
+    teacher: ModelShape = ModelShape(hidden_size=192, num_hidden_layers=4, intermediate_size=576,
+                                     tie_word_embeddings=False)
+    student: ModelShape = ModelShape(hidden_size=128, num_hidden_layers=2, intermediate_size=384,
+                                     tie_word_embeddings=True)
     teacher_steps: int = 400  # of 16 blocks; the teacher trains on every block of the training text
     max_blocks: int | None = 800  # blocks dumped and distilled on (the first ones); None = all
     student_steps: int = 100
@@ -59,6 +73,7 @@ class Scale:
     eval_stride: int = 128
     data_lines: int | None = None  # quick: only the first lines of each data file
     eval_lines: int | None = None  # evaluate on the first lines of wiki.test.raw; None = all of it
+    runs: list[str] | None = None  # labels of the student runs to make (smoke tests: fewer processes); None = all
 
     @classmethod
     def large(cls) -> "Scale":
@@ -67,6 +82,18 @@ class Scale:
     @classmethod
     def quick(cls) -> "Scale":
         return cls(vocab=1024, teacher_steps=20, max_blocks=48, student_steps=3, data_lines=300, eval_lines=150)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Scale":
+        """A scale from a JSON object of field overrides (shapes as objects), for tests smaller than quick."""
+        try:
+            fields = json.loads(text)
+            for role in ("teacher", "student"):
+                if role in fields:
+                    fields[role] = ModelShape(**fields[role])
+            return cls(**fields)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UserError(f"--scale-json: {err}") from None
 
 
 @dataclass
@@ -103,24 +130,27 @@ def run_cli(module: str, args: list[str], log_path: str) -> float:
     return time.time() - start
 
 
-def prefix_dir(path: str, lines: dict[str, int | None]) -> str:
-    """`path` holding the first `lines[name]` lines of each upstream file (all of it for None)."""
+def prefix_dir(path: str, data_dir: str, lines: dict[str, int | None]) -> str:
+    """`path` holding the first `lines[name]` lines of each file of `data_dir` (all of it for None)."""
     os.makedirs(path, exist_ok=True)
     for name, count in lines.items():
-        with open(os.path.join(DATA_DIR, name), encoding="utf-8") as src:
+        with open(os.path.join(data_dir, name), encoding="utf-8") as src:
             text = src.readlines()[:count]
         with open(os.path.join(path, name), "w", encoding="utf-8", newline="\n") as dst:
             dst.writelines(text)
     return path
 
 
-def data_dirs(out: str, scale: Scale) -> tuple[str, str]:
-    """(training folder, evaluation folder): the upstream files, or their first lines under `out`."""
-    train = DATA_DIR if scale.data_lines is None else \
-        prefix_dir(os.path.join(out, "data"), {"wiki.valid.raw": scale.data_lines})
+def data_dirs(out: str, data_dir: str, scale: Scale) -> tuple[str, str]:
+    """(training folder, evaluation folder): `data_dir` itself, or its files' first lines under `out`."""
+    missing = [name for name in DATA_FILES if not os.path.isfile(os.path.join(data_dir, name))]
+    if missing:
+        raise UserError(f"{data_dir} has no {' or '.join(missing)}; pass --data-dir with the WikiText-2 raw files")
+    train = data_dir if scale.data_lines is None else \
+        prefix_dir(os.path.join(out, "data"), data_dir, {"wiki.valid.raw": scale.data_lines})
     if scale.eval_lines is None:
-        return train, DATA_DIR
-    return train, prefix_dir(os.path.join(out, "eval-data"), {"wiki.test.raw": scale.eval_lines})
+        return train, data_dir
+    return train, prefix_dir(os.path.join(out, "eval-data"), data_dir, {"wiki.test.raw": scale.eval_lines})
 
 
 # --- stage 0: tokenizer, teacher, student ---------------------------------------------------------------------
@@ -132,11 +162,10 @@ def non_embedding_params(model: torch.nn.Module) -> int:
 
 def build_models(out: str, local_dir: str, scale: Scale) -> dict[str, Any]:
     """Tokenizer on the training text, the trained teacher and the untrained student, saved under `out`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     from common.config import DataConfig
     from common.data import load_rows, pack_blocks, tokenize_stream
-    from common.tiny import padded_vocab_sizes, perplexity, train_teacher, train_tokenizer
 
     rows = load_rows(DataConfig(local_dir=local_dir, max_blocks=None), DATA["data.split"])
     tokenizer = train_tokenizer("".join(rows), scale.vocab)
@@ -147,11 +176,9 @@ def build_models(out: str, local_dir: str, scale: Scale) -> dict[str, Any]:
                             "train_blocks": len(blocks)}
     for role, shape in (("teacher", scale.teacher), ("student", scale.student)):
         torch.manual_seed(SEED)
-        config = Qwen2Config(vocab_size=vocab[role], num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=512, bos_token_id=eos_id, eos_token_id=eos_id,
-                             pad_token_id=eos_id, tie_word_embeddings=role == "student", **shape)
-        model = Qwen2ForCausalLM(config)
-        info[role] = {"vocab_size": vocab[role], **shape, "params": sum(p.numel() for p in model.parameters()),
+        model = Qwen2ForCausalLM(model_config(shape, vocab[role], eos_id))
+        info[role] = {"vocab_size": vocab[role], **asdict(shape),
+                      "params": sum(p.numel() for p in model.parameters()),
                       "non_embedding_params": non_embedding_params(model)}
         if role == "teacher":
             log(f"training the teacher ({info[role]['params'] / 1e6:.2f} M params) for {scale.teacher_steps} steps")
@@ -169,10 +196,12 @@ CACHES = {"full": {"cache.mode": "full"}, "topk12": {"cache.mode": "topk", "cach
           "sample50": {"cache.mode": "sample", "cache.draws": 50, "cache.sample_temperature": 1.0}}
 
 
-def dump_caches(out: str, common: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """One cache per mode through `python -m stage1_teacher.dump`; returns each one's size and timing."""
+def dump_caches(out: str, common: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+    """Each cache of `names` through `python -m stage1_teacher.dump`; returns each one's size and timing."""
     stats = {}
     for name, mode in CACHES.items():
+        if name not in names:
+            continue
         cache_dir = os.path.join(out, "cache", name)
         args = overrides({**common, "teacher.model": os.path.join(out, "teacher"), "teacher.batch_size": 16,
                           "cache.dir": cache_dir, "cache.overwrite": "true", **mode})
@@ -220,10 +249,11 @@ def topk_mass(cache_dir: str) -> float:
 
 # --- stage 2: students --------------------------------------------------------------------------------------------
 
-def student_runs(out: str) -> list[Run]:
+def student_runs(out: str, labels: list[str] | None = None) -> list[Run]:
+    """The study's runs, or those of them named in `labels`."""
     cache = lambda name: os.path.join(out, "cache", name)  # noqa: E731
     hard = {"train.kd_weight": 0, "train.hard_weight": 1}
-    return [Run("hard labels (CE)", cache("topk12"), hard),
+    runs = [Run("hard labels (CE)", cache("topk12"), hard),
             Run("full KD (cache)", cache("full"), {}),
             Run("full KD (live teacher)", cache("full"), {"teacher.model": os.path.join(out, "teacher")}, live=True),
             Run("top-12, tail bucket", cache("topk12"), {"train.topk_tail": "bucket"}),
@@ -231,6 +261,10 @@ def student_runs(out: str) -> list[Run]:
             Run("top-64, tail bucket", cache("topk64"), {"train.topk_tail": "bucket"}),
             Run("top-64, renormalized", cache("topk64"), {"train.topk_tail": "renormalize"}),
             Run("sample, 50 draws", cache("sample50"), {})]
+    unknown = sorted(set(labels or ()) - {run.label for run in runs})
+    if unknown:
+        raise UserError(f"no student run is labelled {', '.join(map(repr, unknown))}")
+    return [run for run in runs if labels is None or run.label in labels]
 
 
 def slug(label: str) -> str:
@@ -244,13 +278,13 @@ def median_step_seconds(metrics_path: str) -> float:
     return float(np.median(np.diff([0.0, *elapsed])))
 
 
-def train_students(out: str, common: dict[str, Any], scale: Scale) -> list[dict[str, Any]]:
+def train_students(out: str, common: dict[str, Any], scale: Scale, runs: list[Run]) -> list[dict[str, Any]]:
     """Every run with the same student, seed, data order, steps and optimizer; returns run.json's essentials."""
     shared = {**common, "student.model": os.path.join(out, "student"), "train.batch_size": 8,
               "train.gradient_accumulation": 2, "train.epochs": 1000, "train.max_steps": scale.student_steps,
               "train.lr": scale.lr, "train.temperature": 1.0, "train.seed": SEED, "train.overwrite": "true"}
     results = []
-    for run in student_runs(out):
+    for run in runs:
         name = slug(run.label)
         target = os.path.join(out, "students", name)
         args = ["--cache", run.cache, *(["--live-teacher"] if run.live else []),
@@ -302,7 +336,8 @@ def table(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], scores:
         if r["label"].startswith("hard"):
             mode, ids, size = "none (hard labels)", "–", "–"
         else:
-            mode = "live teacher" if r["live"] else c["mode"] + (f", k={c['ids_per_position']}" if c["mode"] == "topk" else "")
+            k = f", k={c['ids_per_position']}" if c["mode"] == "topk" else ""
+            mode = "live teacher" if r["live"] else c["mode"] + k
             ids = f"{c['ids_per_position']:.1f}" if c["mode"] == "sample" else str(c["ids_per_position"])
             size = "– (teacher run every step)" if r["live"] else f"{c['bytes_per_token']:,.1f}"
         rows.append(f"| {r['label']} | {mode} | {ids} | {size} | {s['perplexity']:.2f} | {s['ece']:.4f} | "
@@ -318,14 +353,16 @@ def write_results(path: str, command: str, info: dict[str, Any]) -> None:
     block = (f"<!-- generated by `{command}` -->\n\n{info['table']}\n\n"
              f"Scale: tokenizer {info['models']['tokenizer_size']} BPE tokens; training text "
              f"{info['models']['train_tokens']:,} tokens ({info['models']['train_blocks']} blocks of "
-             f"{info['scale']['seq_len']}), of which {distilled} are dumped and distilled on; teacher {t['params'] / 1e6:.2f} M params "
+             f"{info['scale']['seq_len']}), of which {distilled} are dumped and distilled on; "
+             f"teacher {t['params'] / 1e6:.2f} M params "
              f"({t['non_embedding_params'] / 1e6:.2f} M non-embedding, {t['num_hidden_layers']} layers × "
              f"{t['hidden_size']}), {info['scale']['teacher_steps']} steps of 16 blocks in {t['train_seconds']:.0f} s "
              f"(training-text perplexity {t['train_ppl']}); student {s['params'] / 1e6:.2f} M params "
              f"({s['non_embedding_params'] / 1e6:.2f} M non-embedding, {s['num_hidden_layers']} layers × "
              f"{s['hidden_size']}), {info['scale']['student_steps']} optimizer steps of 16 blocks "
              f"(lr {info['scale']['lr']}, T = 1.0, seed {SEED}) per run; evaluation on "
-             f"{info['eval_text']}, windows of {info['scale']['seq_len']} tokens, stride {info['scale']['eval_stride']}; "
+             f"{info['eval_text']}, windows of {info['scale']['seq_len']} tokens, "
+             f"stride {info['scale']['eval_stride']}; "
              f"total wall time {info['wall_seconds'] / 60:.1f} min.\n")
     begin, end = "<!-- BEGIN quality table -->", "<!-- END quality table -->"
     text = ""
@@ -346,41 +383,52 @@ def write_results(path: str, command: str, info: dict[str, Any]) -> None:
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/out/quality", help="scratch directory (default: bench/out/quality)")
-    parser.add_argument("--quick", action="store_true", help="tiny everything: a smoke test of the script")
-    parser.add_argument("--large", action="store_true", help="all blocks, a longer-trained teacher and "
-                        "3x the student steps (about 15 min on two idle cores)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny everything: a smoke test of the script")
+    size.add_argument("--large", action="store_true", help="all blocks, a longer-trained teacher and "
+                      "3x the student steps (about 15 min on two idle cores)")
+    size.add_argument("--scale-json", help=argparse.SUPPRESS)  # tests: Scale fields as JSON, smaller than --quick
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with WikiText-2 raw's wiki.valid.raw "
+                        "and wiki.test.raw (default: ../shared/data/wikitext-2-raw-v1 next to the repository)")
     parser.add_argument("--results", default=None, help="markdown file for the table (default: docs/results.md, "
                         "or <out>/results.md with --quick)")
     args = parser.parse_args(argv)
+    scale = Scale.quick() if args.quick else Scale.large() if args.large else \
+        Scale.from_json(args.scale_json) if args.scale_json else Scale()
+    out = os.path.abspath(args.out)
+    start = time.time()
+    local_dir, eval_dir = data_dirs(out, os.path.abspath(args.data_dir), scale)  # checked before anything is written
+    planned = student_runs(out, scale.runs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     datasets.disable_progress_bars()
-    scale = Scale.quick() if args.quick else Scale.large() if args.large else Scale()
-    out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    start = time.time()
-    local_dir, eval_dir = data_dirs(out, scale)
     common = {"data.local_dir": local_dir, **DATA, "data.seq_len": scale.seq_len, "data.max_blocks": scale.max_blocks}
 
     models = build_models(out, local_dir, scale)
     log(f"teacher trained in {models['teacher']['train_seconds']} s, training-text perplexity "
         f"{models['teacher']['train_ppl']}")
-    caches = dump_caches(out, common)
+    caches = dump_caches(out, common, {os.path.basename(run.cache) for run in planned})
     log("caches: " + ", ".join(f"{k} {v['bytes_per_token']:.1f} B/token" for k, v in caches.items()))
-    runs = train_students(out, common, scale)
+    runs = train_students(out, common, scale, planned)
     evaluated = [("teacher", os.path.join(out, "teacher")), ("untrained student", os.path.join(out, "student"))]
     scores = evaluate(out, evaluated + [(r["label"], r["dir"]) for r in runs], eval_dir, scale)
 
     command = "python -m bench.quality" + (" --quick" if args.quick else "") + (" --large" if args.large else "") + \
+        (f" --scale-json {shlex.quote(args.scale_json)}" if args.scale_json else "") + \
         (f" --out {args.out}" if args.out != "bench/out/quality" else "") + \
+        (f" --data-dir {args.data_dir}" if args.data_dir != DEFAULT_DATA_DIR else "") + \
         (f" --results {args.results}" if args.results else "")
     info = {"command": command, "scale": asdict(scale), "models": models, "caches": caches, "runs": runs,
-            "scores": scores, "eval_text": eval_text(eval_dir, scale), "table": table(runs, caches, scores), "wall_seconds": time.time() - start}
+            "scores": scores, "eval_text": eval_text(eval_dir, scale), "table": table(runs, caches, scores),
+            "wall_seconds": time.time() - start}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(info, fh, indent=2)
-    results = args.results or (os.path.join(out, "results.md") if args.quick else "docs/results.md")
+    # the study's own record is docs/results.md; a smaller scale must not overwrite it by default
+    full_study = not (args.quick or args.scale_json)
+    results = args.results or ("docs/results.md" if full_study else os.path.join(out, "results.md"))
     write_results(results, command, info)
     print(info["table"])
     log(f"done in {info['wall_seconds'] / 60:.1f} min; wrote {results} and {out}/summary.json")
@@ -388,4 +436,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_main(main)

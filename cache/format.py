@@ -73,4 +73,3 @@ def counts_dtype(draws: int) -> str:
         if draws <= top:
             return name
     raise ValueError(f"draws={draws} is too large")
-

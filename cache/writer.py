@@ -21,6 +21,7 @@ from cache.encoding import encode, h5_create_kwargs
 from cache.format import MANIFEST, file_sha256, shard_name
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
+from common.fsutil import publish_directory, write_text_atomic
 
 
 @dataclass
@@ -37,16 +38,6 @@ class CacheLayout:
         return [(first, min(step, self.num_blocks - first)) for first in range(0, self.num_blocks, step)]
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write to a temporary name, flush to disk, rename: a reader sees the old file or the whole new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def check_destination(final_dir: str, overwrite: bool) -> None:
     """Refuse before any expensive work if finishing would destroy data."""
     if not os.path.exists(final_dir):
@@ -59,7 +50,8 @@ def check_destination(final_dir: str, overwrite: bool) -> None:
     if MANIFEST not in entries:
         raise UserError(f"cache.dir {final_dir} exists, is not empty and is not a cache; refusing to touch it")
     if not overwrite:
-        raise UserError(f"cache.dir {final_dir} already holds a cache; pass cache.overwrite=true or choose another cache.dir")
+        raise UserError(f"cache.dir {final_dir} already holds a cache; pass cache.overwrite=true or choose another "
+                        "cache.dir")
 
 
 @dataclass
@@ -143,14 +135,9 @@ class CacheWriter:
             raise RuntimeError(f"cache writer failed: {self._error!r}") from self._error
 
     def _move_into_place(self) -> None:
-        old = None
         if os.path.exists(self.final_dir):
             check_destination(self.final_dir, self.overwrite)  # still safe to replace?
-            old = f"{self.final_dir.rstrip('/')}.old-{os.getpid()}"
-            os.replace(self.final_dir, old)
-        os.replace(self.staging_dir, self.final_dir)
-        if old is not None:
-            shutil.rmtree(old)
+        publish_directory(self.staging_dir, self.final_dir)
 
     # -- writer thread -------------------------------------------------------------------------
     def _run(self) -> None:

@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CONFIG=configs/tiny.yaml
 OUT=outputs/tiny
 
-python -m common.tiny --out tiny
+python -m tiny_world --out tiny
 python -m stage1_teacher.dump --config "$CONFIG" cache.overwrite=true "$@"
 python -m stage2_student.train --config "$CONFIG" train.overwrite=true \
     train.output_dir="$OUT/distilled" train.log_dir="$OUT/logs/distilled" "$@"

@@ -13,16 +13,23 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from cache.format import FORMAT_NAME, FORMAT_VERSION
 from cache.encoding import stored_datasets
+from cache.format import FORMAT_NAME, FORMAT_VERSION
 from cache.manifest import DataEntry, Manifest, SampleEntry, TeacherEntry, TokenizerEntry
 from cache.writer import CacheLayout, CacheWriter, check_destination
 from common.alignment import AlignmentLog, truncate_vocab, vocab_logprobs
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, config_arg_parser, parse_args
 from common.data import Blocks, load_blocks
-from common.models import (load_causal_lm, load_model_config, load_tokenizer, model_config_hash,
-                           resolve_device, resolve_dtype, tokenizer_hash)
+from common.models import (
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    model_config_hash,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_hash,
+)
 from stage1_teacher.targets import full_targets, sample_targets, topk_targets
 
 

@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from common.alignment import vocab_logprobs
 from cache.manifest import Manifest, load_manifest
+from common.alignment import vocab_logprobs
 from common.cli import UserError, run_main
 from common.config import DataConfig, PipelineConfig, config_arg_parser, parse_args
 from common.data import load_rows, tokenize_stream

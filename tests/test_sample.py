@@ -60,7 +60,8 @@ def sample_caches(tiny, tmp_path_factory):
 
 def test_sample_dump_manifest_and_reproducibility(tiny, sample_caches):
     manifest = json.loads((sample_caches / "a" / "manifest.json").read_text())
-    assert manifest["mode"] == "sample" and manifest["sample"] == {"draws": 50, "temperature": 1.0, "slots": 50, "seed": 5}
+    assert manifest["mode"] == "sample"
+    assert manifest["sample"] == {"draws": 50, "temperature": 1.0, "slots": 50, "seed": 5}
     assert manifest["datasets"]["sample_counts"]["dtype"] == "uint8"
     a, b = CacheReader(str(sample_caches / "a")), CacheReader(str(sample_caches / "b"))
     counts = a.read_all("sample_counts").astype(int)
@@ -75,7 +76,8 @@ def test_sample_cache_trains_at_its_temperature_and_refuses_others(tiny, sample_
         train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{"train.temperature": 2.0,
                                                                             "train.output_dir": tmp_path / "x"})])
     with pytest.raises(UserError, match="only forward_kl"):
-        train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{"train.temperature": 1.0, "train.loss": "jsd",
+        train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{"train.temperature": 1.0,
+                                                                            "train.loss": "jsd",
                                                                             "train.output_dir": tmp_path / "y"})])
     out = tmp_path / "ok"
     train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{

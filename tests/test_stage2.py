@@ -29,7 +29,8 @@ def caches(tiny, tmp_path_factory) -> dict[str, Path]:
 
 
 def recipe(tiny: Path, cache: Path, tmp: Path, live: bool = False, **extra) -> DistillRecipe:
-    cfg = load_config(None, tiny_overrides(tiny, cache, **{"train.output_dir": tmp / "out", "train.log_dir": tmp / "logs",
+    cfg = load_config(None, tiny_overrides(tiny, cache, **{"train.output_dir": tmp / "out",
+                                                          "train.log_dir": tmp / "logs",
                                                           **extra}))
     r = DistillRecipe(cfg, str(cache), live_teacher=live)
     r.setup()
@@ -79,7 +80,8 @@ def test_training_run_writes_metrics_model_and_record(tiny, caches, tmp_path):
     assert saved(sentence)["input_ids"] == original(sentence)["input_ids"] and len(saved) == len(original)
     record = json.loads((out / "run.json").read_text())
     assert record["steps"] == 3 and record["final"]["step"] == 3
-    assert record["cache_manifest_sha256"] == hashlib.sha256((caches["topk"] / "manifest.json").read_bytes()).hexdigest()
+    manifest_bytes = (caches["topk"] / "manifest.json").read_bytes()
+    assert record["cache_manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
     assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
 
 
@@ -99,14 +101,16 @@ def test_training_works_with_the_teacher_deleted(tiny, tmp_path):
 
 
 def _student_with(tiny: Path, target: Path, vocab_size: int | None = None, tokenizer_vocab: int | None = None) -> Path:
-    from common.tiny import build_corpus, train_tokenizer
+    from tiny_world.corpus import build_corpus
+    from tiny_world.models import train_tokenizer
 
     shutil.copytree(tiny / "student", target)
     if vocab_size is not None:
         config = json.loads((target / "config.json").read_text())
         config["vocab_size"] = vocab_size
         (target / "config.json").write_text(json.dumps(config))
-        model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(target, ignore_mismatched_sizes=True).config)
+        resized = AutoModelForCausalLM.from_pretrained(target, ignore_mismatched_sizes=True).config
+        model = AutoModelForCausalLM.from_config(resized)
         model.save_pretrained(target)
     if tokenizer_vocab is not None:
         train_tokenizer(build_corpus()["train"][:20000], vocab_size=tokenizer_vocab).save_pretrained(target)
@@ -153,7 +157,8 @@ def test_two_runs_with_different_temperatures_leave_the_cache_untouched(tiny, ca
             "train.temperature": temperature, "train.max_steps": 1,
             "train.output_dir": tmp_path / f"out{temperature}", "train.log_dir": tmp_path / "logs"})])
     assert files_digest(cache) == before
-    losses = [json.loads((tmp_path / f"out{t}" / "metrics.jsonl").read_text().splitlines()[0])["kd_loss"] for t in (1.0, 4.0)]
+    losses = [json.loads((tmp_path / f"out{t}" / "metrics.jsonl").read_text().splitlines()[0])["kd_loss"]
+              for t in (1.0, 4.0)]
     assert losses[0] != losses[1]
 
 
@@ -183,7 +188,8 @@ def test_worker_processes_read_the_same_batches(tiny, caches, tmp_path):
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
         train_main(["--cache", str(caches["topk"]), *tiny_overrides(tiny, caches["topk"], **{
-            "train.num_workers": workers, "train.max_steps": 2, "train.output_dir": out, "train.log_dir": tmp_path / "l"})])
+            "train.num_workers": workers, "train.max_steps": 2, "train.output_dir": out,
+            "train.log_dir": tmp_path / "l"})])
         losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 

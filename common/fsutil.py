@@ -1,0 +1,45 @@
+"""Publishing files and directories so that a reader sees the old version or the whole new one, never a part.
+
+Both helpers rely on `os.replace`/`os.rename` being atomic within one file system, so the temporary
+file or directory must live next to its final path (a sibling), not in the system's temp directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through `<path>.tmp`, flushed to disk before the rename."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path`, atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def publish_directory(staging: str, final: str) -> None:
+    """Rename the finished directory `staging` to `final`, replacing whatever `final` was.
+
+    `staging` must be complete (its own "done" marker written) and on the same file system as `final`.
+    A directory already at `final` is renamed aside to `<final>.old-<pid>` first and removed only after the
+    swap, so at every moment `final` is the old directory, the new one, or (between the two renames)
+    absent: never a mix. The caller decides whether `final` may be replaced; this function does not ask.
+    """
+    final = final.rstrip(os.sep)  # "cache/x/" must be moved aside as "cache/x.old-…", not inside itself
+    old = f"{final}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)  # only a publish that crashed under a reused pid of ours leaves one
+    moved_aside = os.path.lexists(final)
+    if moved_aside:
+        os.replace(final, old)
+    os.replace(staging, final)
+    if moved_aside:  # the swap is done: a failure to delete leaves only wasted space, not a wrong `final`
+        shutil.rmtree(old, ignore_errors=True)
