@@ -29,6 +29,7 @@ LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 TopkTail = Literal["bucket", "renormalize"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]  # autocast's compute mode
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # the dtype weights are loaded in
+ResumeMode = Literal["auto", "never"]  # what stage two does with the checkpoints of an earlier run
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -113,7 +114,22 @@ class TrainConfig:
     seed: int = setting(42, "data order and initialisation")
     device: str = setting("auto", "stage two's and evaluation's device, as teacher.device")
     num_workers: int = setting(0, "DataLoader processes reading the cache ahead of the GPU")
-    overwrite: bool = setting(False, "write into a non-empty train.output_dir")
+    checkpoint_steps: Optional[int] = setting(500, "optimizer steps between checkpoints in "
+                                                   "`<output_dir>/checkpoints/step-N/` (one is also written at the "
+                                                   "end); null = only at the end")
+    keep_checkpoints: int = setting(2, "complete checkpoints kept; older ones are deleted once a newer one is "
+                                       "complete")
+    resume: ResumeMode = setting("auto", "`auto`: continue from the newest complete checkpoint in train.output_dir "
+                                         "when it was made with the same cache and settings (a mismatch is refused, "
+                                         "naming the setting); `never`: always start afresh")
+    verify_cache: bool = setting(True, "check every shard's sha256 (and dataset shapes) against the manifest "
+                                       "before training; false skips it")
+    fsdp: bool = setting(False, "shard the student across the processes (accelerate's FSDP plugin) instead of "
+                                "replicating it (DDP); GPUs only")
+    collective_timeout_s: int = setting(1800, "seconds a process waits for the others (gradient all-reduce, "
+                                              "checkpoint barrier) before the run stops")
+    overwrite: bool = setting(False, "start afresh in a train.output_dir that holds an earlier run (its files, "
+                                     "and only those, are deleted; any other file there is refused)")
 
 
 @dataclass
