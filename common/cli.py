@@ -2,15 +2,58 @@
 
 A user mistake (bad config, missing file, incompatible cache) raises `UserError`; `run_main` turns it
 into one line on stderr and exit status 2, never a traceback.
+
+Under a launcher (torchrun, accelerate launch) every process runs `run_main`. One failure is reported
+once: the first process to fail claims the report in the run's rendezvous store and prints its line; the
+others, which meet the same error or only lose contact with the failed process, exit quietly with status 1.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
+
+FAILURE_KEY = "offline-kd/first-failure"
+# how a collective reports that another process of the run died or hung (gloo, NCCL, the store)
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+              "timeout")
 
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line and exit status 2."""
+
+
+def _distributed():
+    """torch.distributed if this process belongs to an initialized process group (imported only if already in use)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def first_to_report() -> bool:
+    """Whether this process reports the failure it met: always with one process; under a launcher, only the
+    first process to fail (before the processes connect, rank 0 speaks for all: they meet the same error)."""
+    dist = _distributed()
+    if dist is None:
+        return os.environ.get("RANK", "0") == "0"
+    rank = str(dist.get_rank())
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store().compare_set(FAILURE_KEY, "", rank).decode() == rank
+    except Exception:  # the store is gone with the launcher: speak rather than stay silent
+        return True
+
+
+def _fresh_line() -> str:
+    """A newline where another process (the main one, rank 0) may have left a progress bar mid-line."""
+    dist = _distributed()
+    return "\n" if dist is not None and dist.get_rank() != 0 else ""
+
+
+def _lost_peer(err: BaseException) -> bool:
+    dist = _distributed()
+    return dist is not None and (isinstance(err, dist.DistError) or
+                                 (isinstance(err, RuntimeError) and any(s in str(err) for s in _LOST_PEER)))
 
 
 def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
@@ -18,10 +61,23 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     try:
         status = main(argv) or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if first_to_report():
+            print(f"{_fresh_line()}error: {err}", file=sys.stderr)
         status = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
+    except Exception as err:
+        if _distributed() is None:
+            raise
+        if not first_to_report():
+            status = 1  # another process failed first and said why; this one only lost contact with it
+        elif _lost_peer(err):
+            first = str(err).strip().splitlines()[0]
+            print(f"{_fresh_line()}error: lost contact with another process of this run (killed, out of memory, "
+                  f"or hung past the collective timeout): {first}", file=sys.stderr)
+            status = 1
+        else:
+            raise
     sys.stdout.flush()
     sys.exit(status)
