@@ -24,6 +24,7 @@ from common.cli import UserError, run_main
 from common.config import DataConfig, PipelineConfig, config_arg_parser, parse_args
 from common.data import load_rows, tokenize_stream
 from common.models import DTYPES, load_causal_lm, load_tokenizer, resolve_device
+from stage2_student.checkpoint import check_finished_model
 
 ECE_BINS = 15
 
@@ -147,6 +148,8 @@ def main(argv: Sequence[str]) -> int:
     names = args.name or args.model
     if len(names) != len(args.model):
         raise UserError(f"got {len(names)} --name for {len(args.model)} --model")
+    for model in args.model:  # before any model or data is loaded
+        check_finished_model(model)
     if args.cache is not None:
         cfg.data = data_config_of(load_manifest(args.cache), cfg.data)
     device = resolve_device(cfg.train.device)

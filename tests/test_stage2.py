@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -28,13 +30,14 @@ def caches(tiny, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def recipe(tiny: Path, cache: Path, tmp: Path, live: bool = False, **extra) -> DistillRecipe:
+@contextmanager
+def recipe(tiny: Path, cache: Path, tmp: Path, live: bool = False, **extra) -> Iterator[DistillRecipe]:
     cfg = load_config(None, tiny_overrides(tiny, cache, **{"train.output_dir": tmp / "out",
                                                           "train.log_dir": tmp / "logs",
                                                           **extra}))
-    r = DistillRecipe(cfg, str(cache), live_teacher=live)
-    r.setup()
-    return r
+    with DistillRecipe(cfg, str(cache), live_teacher=live) as r:
+        r.setup()
+        yield r
 
 
 def files_digest(directory: Path) -> dict[str, str]:
@@ -42,12 +45,12 @@ def files_digest(directory: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
+@torch.no_grad()
 def test_full_cache_loss_equals_live_teacher_and_original_formula(tiny, caches, tmp_path, temperature):
-    cached = recipe(tiny, caches["full"], tmp_path / "a", **{"train.temperature": temperature})
-    live = recipe(tiny, caches["full"], tmp_path / "b", live=True, **{"train.temperature": temperature})
-    batch_cached, batch_live = next(iter(cached.loader)), next(iter(live.loader))
-    assert torch.equal(batch_cached["student"]["input_ids"], batch_live["student"]["input_ids"])  # same seed
-    with torch.no_grad():
+    with (recipe(tiny, caches["full"], tmp_path / "a", **{"train.temperature": temperature}) as cached,
+          recipe(tiny, caches["full"], tmp_path / "b", live=True, **{"train.temperature": temperature}) as live):
+        batch_cached, batch_live = next(iter(cached.loader(0))), next(iter(live.loader(0)))
+        assert torch.equal(batch_cached["student"]["input_ids"], batch_live["student"]["input_ids"])  # same seed
         loss_cached, _ = cached.distiller.train_on_batch(batch_cached, {})
         loss_live, _ = live.distiller.train_on_batch(batch_live, {})
         # the original recipe, by hand: live logits, both truncated to the tokenizer's size, mean over positions

@@ -1,0 +1,421 @@
+"""Stage two under failure, through its real entry points on the tiny build: a run killed and resumed ends
+with the weights of an uninterrupted one; the output directory is never half-old, half-new and nothing we did
+not write is deleted; bad settings, a damaged or changing cache, a NaN loss and a full disk each end in one
+line, a non-zero status and the last good checkpoint intact."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cache.reader
+from cache.lock import CacheLock
+from common.cli import UserError
+from stage1_teacher.dump import main as dump_main
+from stage2_student.evaluate import main as evaluate_main
+from stage2_student.train import main as train_main
+from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.test_lock import hold_in_other_process
+
+STEPS = 6  # 12 blocks, 2 per micro-batch, 2 micro-batches per step: 3 steps per epoch, 2 epochs
+METRIC_KEYS = ("step", "epoch", "loss", "kd_loss", "hard_loss", "lr", "grad_norm", "tokens")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("durability") / "cache"
+    dump_main(tiny_overrides(tiny, path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dropout_student(tiny, tmp_path_factory) -> Path:
+    """The tiny student with attention dropout, so that a resumed run that did not restore the RNG state
+    would draw other dropout masks and end with other weights."""
+    path = tmp_path_factory.mktemp("student") / "student"
+    shutil.copytree(tiny / "student", path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    return path
+
+
+def train_args(tiny: Path, cache: Path, student: Path, out: Path, **extra: object) -> list[str]:
+    return ["--cache", str(cache), *tiny_overrides(tiny, cache, **{
+        "student.model": student, "train.output_dir": out, "train.log_dir": out.parent / f"{out.name}-logs",
+        "train.max_steps": STEPS, "train.checkpoint_steps": 2, **extra})]
+
+
+def hooked(*hooks_then_args: str) -> subprocess.CompletedProcess:
+    """stage two's CLI with test hooks (tests/stage2_hooks.py)."""
+    return run_cli("tests.stage2_hooks", *hooks_then_args)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `error: …` lines among a run's stderr (progress bars and library warnings aside)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str, status: int = 2) -> str:
+    assert result.returncode == status, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Bit for bit the same weights and, step by step, the same metrics (timings aside)."""
+    mine, theirs = weights(out), weights(reference)
+    assert mine.keys() == theirs.keys()
+    different = [name for name in mine if not torch.equal(mine[name], theirs[name])]
+    assert different == []
+    assert [{k: r[k] for k in METRIC_KEYS} for r in metrics(out)] == \
+           [{k: r[k] for k in METRIC_KEYS} for r in metrics(reference)]
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def run_record(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, cache_dir, dropout_student, tmp_path_factory) -> Path:
+    """An uninterrupted run of the same command (a subprocess, as the interrupted runs are)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = run_cli("stage2_student.train", *train_args(tiny, cache_dir, dropout_student, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[stage2] verified 3 shards" in result.stdout and "MB/s" in result.stdout  # the start-up check, timed
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_run(tiny, cache_dir, dropout_student, tmp_path_factory) -> Path:
+    """The same command killed with SIGKILL right after step 3 (checkpoint step-2 complete, step 3 logged)."""
+    out = tmp_path_factory.mktemp("killed") / "out"
+    result = hooked("kill-after-step=3", "--", *train_args(tiny, cache_dir, dropout_student, out))
+    assert result.returncode == -9, result.stderr[-3000:]
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "out"
+    shutil.copytree(run, target)
+    return target
+
+
+# -- checkpoints and resume ---------------------------------------------------------------------------------
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(tiny, cache_dir, dropout_student, reference, killed_run,
+                                                         tmp_path):
+    out = copy_of(killed_run, tmp_path)
+    assert checkpoints(out) == ["step-2"] and len(metrics(out)) == 3 and run_record(out)["finished"] is False
+    result = run_cli("stage2_student.train", *train_args(tiny, cache_dir, dropout_student, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout and "step 2 of 6, epoch 0, micro-batch 4 of 6" in result.stdout
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]  # step 3 once, though it ran twice
+    assert_same_run(out, reference)
+    assert checkpoints(out) == ["step-4", "step-6"]  # train.keep_checkpoints=2
+    assert run_record(out)["finished"] is True and run_record(out)["steps"] == STEPS
+
+
+def test_resume_refuses_other_settings_naming_the_setting(tiny, cache_dir, dropout_student, killed_run, tmp_path):
+    out = copy_of(killed_run, tmp_path)
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(UserError, match=r"holds checkpoint step-2 of a run made with train\.lr=0\.001, this run "
+                                        r"has train\.lr=0\.002: rerun with the same settings"):
+        train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.lr": 0.002}))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before  # nothing touched
+    # the same with train.overwrite=true: the old run is deleted and a fresh one trains
+    train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.lr": 0.002, "train.max_steps": 2,
+                                                                    "train.overwrite": True}))
+    assert [r["step"] for r in metrics(out)] == [1, 2] and checkpoints(out) == ["step-2"]
+    assert run_record(out)["settings"]["train.lr"] == 0.002 and run_record(out)["finished"] is True
+
+
+def test_nan_loss_stops_with_the_last_checkpoint_resumable(tiny, cache_dir, dropout_student, reference, tmp_path,
+                                                          monkeypatch):
+    """A loss that turns NaN at step 3 (its first micro-batch): one line, nothing applied, step-2 intact;
+    the same command then resumes from it to the uninterrupted run's weights."""
+    from common.losses import KDLoss
+
+    calls = {"n": 0}
+    original = KDLoss.__call__
+
+    def nan_from_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(KDLoss, "__call__", nan_from_step_3)
+    with pytest.raises(UserError, match=r"the loss became nan at step 3 .* training stopped without applying it: "
+                                        r"the last complete checkpoint .*step-2 is intact") as info:
+        train_main(train_args(tiny, cache_dir, dropout_student, out))
+    assert "\n" not in str(info.value)
+    assert checkpoints(out) == ["step-2"] and [r["step"] for r in metrics(out)] == [1, 2]
+    assert not (out / "model.safetensors").exists() and run_record(out)["finished"] is False
+    monkeypatch.setattr(KDLoss, "__call__", original)
+    train_main(train_args(tiny, cache_dir, dropout_student, out))
+    assert_same_run(out, reference)
+
+
+def test_disk_full_at_the_final_save(tiny, cache_dir, dropout_student, reference, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(tiny, cache_dir, dropout_student, out)
+    result = hooked("file-size-limit-at-save=4096", "--", *args)
+    assert_one_error_line(result, "cannot write the final model", "File too large",
+                          f"{out}/checkpoints/step-6 is intact")
+    assert checkpoints(out) == ["step-4", "step-6"]
+    assert not (out / "model.tmp").exists() and not (out / "model.safetensors").exists()
+    assert run_record(out)["finished"] is False  # no complete-looking model
+    with pytest.raises(UserError, match="unfinished stage-two run"):
+        evaluate_main(["--model", str(out), *tiny_overrides(tiny, cache_dir)])
+    result = run_cli("stage2_student.train", *args)  # space freed: the same command saves it
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 6 of 6" in result.stdout
+    assert_same_run(out, reference)
+
+
+# -- the output directory ------------------------------------------------------------------------------------
+
+def test_overwrite_killed_over_a_finished_run_leaves_no_mix(tiny, cache_dir, dropout_student, reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    args = train_args(tiny, cache_dir, dropout_student, out, **{"train.lr": 0.002})
+    result = hooked("kill-after-step=1", "--", *args, "train.overwrite=true")
+    assert result.returncode == -9, result.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    assert names == {"run.json", "metrics.jsonl"}  # the old model, tokenizer and checkpoints are gone
+    assert run_record(out)["finished"] is False and run_record(out)["settings"]["train.lr"] == 0.002
+    assert [r["step"] for r in metrics(out)] == [1]
+    result = run_cli("stage2_student.evaluate", "--model", out, *tiny_overrides(tiny, cache_dir))
+    assert_one_error_line(result, "is an unfinished stage-two run")
+    # rerun without overwrite: the same settings, stopped before any checkpoint, simply start again
+    result = run_cli("stage2_student.train", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1)) and run_record(out)["finished"] is True
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_files_we_did_not_write_are_never_deleted(tiny, cache_dir, dropout_student, reference, tmp_path, overwrite):
+    out = copy_of(reference, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "my-best").mkdir()
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(UserError, match=r"holds files this tool did not write \(checkpoints/my-best, notes\.txt\); "
+                                        r"nothing was deleted"):
+        train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.overwrite": overwrite}))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+def test_a_finished_run_is_replaced_only_with_overwrite(tiny, cache_dir, dropout_student, reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    with pytest.raises(UserError, match=r"holds a finished run \(6 steps\); pass train.overwrite=true"):
+        train_main(train_args(tiny, cache_dir, dropout_student, out))
+    assert_same_run(out, reference)
+
+
+def test_evaluate_refuses_checkpoints_without_a_model(tiny, cache_dir, killed_run, tmp_path):
+    out = copy_of(killed_run, tmp_path)
+    (out / "run.json").unlink()
+    with pytest.raises(UserError, match="holds stage-two checkpoints but no finished model"):
+        evaluate_main(["--model", str(out), *tiny_overrides(tiny, cache_dir)])
+
+
+# -- settings refused before anything is loaded ------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.temperature": "nan"}, "train.temperature must be a finite number, got nan"),
+    ({"train.lr": "nan"}, "train.lr must be a finite number, got nan"),
+    ({"train.lr": "inf"}, "train.lr must be a finite number, got inf"),
+    ({"train.lr": 0}, "train.lr must be positive, got 0.0"),
+    ({"train.kd_weight": 0, "train.hard_weight": 0}, "train.kd_weight and train.hard_weight are both 0"),
+    ({"train.hard_weight": -0.5}, "train.hard_weight must be 0 or more, got -0.5"),
+    ({"train.warmup_ratio": 1.5}, r"train.warmup_ratio must be in [0, 1], got 1.5"),
+    ({"train.warmup_ratio": -0.1}, r"train.warmup_ratio must be in [0, 1], got -0.1"),
+    ({"train.keep_checkpoints": 0}, "train.keep_checkpoints must be positive, got 0"),
+    ({"train.output_dir": ""}, "train.output_dir is empty"),
+    ({"train.output_dir": "{file}/out"}, "train.output_dir {file}/out cannot be created: {file} is not a directory"),
+])
+def test_settings_refused_before_anything_is_loaded(tmp_path, overrides, message):
+    """The cache and the student do not exist: the settings are refused before either is looked at."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+    values = {"train.output_dir": tmp_path / "out", "train.log_dir": tmp_path / "logs",
+              **{key: str(value).format(file=file) for key, value in overrides.items()}}
+    with pytest.raises(UserError) as info:
+        train_main(["--cache", str(tmp_path / "no-cache"), "student.model=" + str(tmp_path / "no-student"),
+                    *(f"{key}={value}" for key, value in values.items())])
+    assert str(info.value).startswith(message.format(file=file)) and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing created
+
+
+def test_a_setting_refused_on_the_command_line_is_one_line(tmp_path):
+    result = run_cli("stage2_student.train", "--cache", tmp_path / "no-cache", "train.temperature=nan",
+                     f"train.output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2 and result.stderr == "error: train.temperature must be a finite number, got nan\n"
+
+
+# -- a damaged or changing cache -------------------------------------------------------------------------------
+
+def damaged_copy(cache: Path, tmp_path: Path) -> Path:
+    """The cache with one top-k id of block 7 (shard-00001.h5, its third block) set out of the vocabulary."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(cache, copy)
+    with h5py.File(copy / "shard-00001.h5", "r+") as handle:
+        handle["topk_ids"][2, 5, 0] = -16776892
+    return copy
+
+
+def test_a_damaged_shard_is_refused_at_start(tiny, cache_dir, tmp_path):
+    damaged = damaged_copy(cache_dir, tmp_path)
+    result = run_cli("stage2_student.train", *train_args(tiny, damaged, tiny / "student", tmp_path / "out"))
+    assert_one_error_line(result, f"cache {damaged} is damaged: shard-00001.h5: sha256 mismatch",
+                          "python -m cache.verify")
+    assert result.stderr.strip().count("\n") == 0  # refused before the student was loaded
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(cache.reader, "CacheDataError"), reason="the reader's value checks are not merged")
+def test_a_block_damaged_after_the_start_stops_the_run_in_one_line(tiny, cache_dir, tmp_path):
+    """train.verify_cache=false lets the damaged shard in, as a shard damaged after the start check would be:
+    the reader's value check stops the run, naming the shard and the block, from a DataLoader worker too."""
+    damaged = damaged_copy(cache_dir, tmp_path)
+    result = run_cli("stage2_student.train", *train_args(tiny, damaged, tiny / "student", tmp_path / "out", **{
+        "train.verify_cache": False, "train.num_workers": 2, "train.checkpoint_steps": 1}))
+    assert_one_error_line(result, "shard-00001.h5", "7")
+    assert (tmp_path / "out" / "checkpoints").is_dir() and run_record(tmp_path / "out")["finished"] is False
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_reader_error_reaches_the_user_as_its_own_line(tiny, cache_dir, tmp_path, monkeypatch, workers):
+    """The reader refusing block 7 (what its value checks raise), inside a DataLoader worker or not: the
+    run stops with exactly the reader's message, and the checkpoints before it are intact."""
+    message = "cache X: shard-00001.h5 block 7: topk_ids holds -16776892, outside [0, 1000)"
+    block = cache.reader.CacheReader.block
+
+    def refusing(self, index, names=None):
+        if index == 7:
+            raise UserError(message)
+        return block(self, index, names)
+
+    monkeypatch.setattr(cache.reader.CacheReader, "block", refusing)
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as info:
+        train_main(train_args(tiny, cache_dir, tiny / "student", out, **{"train.num_workers": workers,
+                                                                         "train.checkpoint_steps": 1}))
+    assert str(info.value) == message
+    done = len(metrics(out))  # the steps before the one that reads block 7
+    assert 0 < done < STEPS and checkpoints(out) == [f"step-{s}" for s in range(max(done - 1, 1), done + 1)]
+
+
+def test_a_truncated_shard_without_verification_is_one_line(tiny, cache_dir, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    shard = copy / "shard-00001.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = run_cli("stage2_student.train", *train_args(tiny, copy, tiny / "student", tmp_path / "out",
+                                                         **{"train.verify_cache": False}))
+    assert_one_error_line(result, f"cache {copy}: cannot read its tokens")
+
+
+def wait_for(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def paused_run(tiny: Path, cache: Path, out: Path, gate: Path, step: int) -> subprocess.Popen:
+    """Stage two started in the background, paused after `step` until `gate` exists."""
+    args = train_args(tiny, cache, tiny / "student", out)
+    process = subprocess.Popen([sys.executable, "-m", "tests.stage2_hooks", f"pause-after-step={step}:{gate}", "--",
+                                *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    wait_for(Path(f"{gate}.ready"), process)
+    return process
+
+
+def finish(process: subprocess.Popen, gate: Path) -> subprocess.CompletedProcess:
+    gate.touch()
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_a_cache_in_use_is_locked_against_stage_one(tiny, cache_dir, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    process = paused_run(tiny, copy, tmp_path / "out", tmp_path / "gate", step=3)
+    try:
+        with pytest.raises(UserError, match="is in use by a running stage one or stage two"):
+            CacheLock(str(copy), exclusive=True).acquire()  # what stage one takes to replace a cache
+        # another stage one over it, with other settings: refused by its lock, or, where the lock does not
+        # reach, the student stops at the next epoch instead of reading the other teacher's data
+        dump = run_cli("stage1_teacher.dump", *tiny_overrides(tiny, copy, **{"cache.k": 8, "cache.overwrite": True}))
+    finally:
+        result = finish(process, tmp_path / "gate")
+    if dump.returncode == 0:
+        assert_one_error_line(result, "changed during the run", "stopped before epoch 1, after step 3",
+                              "checkpoints/step-2 is intact")
+    else:
+        assert len(error_lines(dump.stderr)) == 1 and "in use" in dump.stderr
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_manifest_changed_between_epochs_stops_the_run(tiny, cache_dir, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    process = paused_run(tiny, copy, tmp_path / "out", tmp_path / "gate", step=3)
+    try:
+        manifest = copy / "manifest.json"
+        manifest.write_text(manifest.read_text() + " ")  # same JSON, another file
+    finally:
+        result = finish(process, tmp_path / "gate")
+    assert_one_error_line(result, f"cache {copy} changed during the run", "checkpoints/step-2 is intact")
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+def test_a_cache_being_written_by_stage_one_is_refused(tiny, cache_dir, tmp_path):
+    holder = hold_in_other_process(cache_dir, exclusive=True)
+    try:
+        result = run_cli("stage2_student.train", *train_args(tiny, cache_dir, tiny / "student", tmp_path / "out"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_error_line(result, f"{cache_dir} is in use by a running stage one")
+    assert not (tmp_path / "out").exists()
+
+
+def test_verification_can_be_skipped_and_reports_its_speed(tiny, cache_dir, tmp_path, capsys):
+    train_main(train_args(tiny, cache_dir, tiny / "student", tmp_path / "a", **{"train.max_steps": 1}))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[stage2] verified"))
+    megabytes = sum(p.stat().st_size for p in cache_dir.glob("shard-*.h5")) / 1e6
+    assert f"3 shards ({megabytes:.1f} MB)" in line and math.isfinite(float(line.split("(")[2].split()[0]))
+    train_main(train_args(tiny, cache_dir, tiny / "student", tmp_path / "b", **{"train.max_steps": 1,
+                                                                              "train.verify_cache": False}))
+    assert "[stage2] verified" not in capsys.readouterr().out
+    assert np.isfinite(metrics(tmp_path / "b")[0]["loss"])
