@@ -251,7 +251,7 @@ class DistillRecipe:
         self.reader = CacheReader(self.cache_dir)
         self.manifest_sha = file_sha256(manifest_path(self.cache_dir))
         if cfg.train.verify_cache:
-            on_main(acc, self.verify_cache)
+            on_main(acc, self.check_shards)
         self.tokenizer = load_tokenizer(cfg.student.model, "student tokenizer")
         student_config = load_model_config(cfg.student.model, "student")
         consumer = Consumer(name=f"the student {cfg.student.model}", tokenizer_hash=tokenizer_hash(self.tokenizer),
@@ -283,7 +283,7 @@ class DistillRecipe:
         if self.checkpoint is not None:
             self.resume(self.checkpoint)
 
-    def verify_cache(self) -> None:
+    def check_shards(self) -> None:
         """Every shard's sha256, shape and dtype against the manifest (what `python -m cache.verify` checks)."""
         start = time.perf_counter()
         problems = verify_cache(self.cache_dir)
