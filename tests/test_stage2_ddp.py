@@ -47,10 +47,13 @@ def launch(launcher: str, module: str, *args: object) -> subprocess.CompletedPro
                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+STEPS = 6  # 12 blocks: 3 optimizer steps of 4 blocks per epoch, 2 epochs
+
+
 def train_args(tiny: Path, cache: Path, out: Path, **extra: object) -> list[str]:
     return ["--cache", str(cache), *tiny_overrides(tiny, cache, **{
-        "train.output_dir": out, "train.log_dir": out.parent / "logs", "train.max_steps": 3,
-        "train.hard_weight": 0.5, **extra})]
+        "train.output_dir": out, "train.log_dir": out.parent / "logs", "train.max_steps": STEPS,
+        "train.checkpoint_steps": 2, "train.hard_weight": 0.5, **extra})]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -79,26 +82,60 @@ def one_process(tiny, cache_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_processes_of_one_block_equal_one_process_of_two(tiny, cache_dir, one_process, tmp_path, launcher):
-    out = tmp_path / "out"
-    result = launch(launcher, "stage2_student.train", *train_args(tiny, cache_dir, out, **{"train.batch_size": 1}))
+@pytest.fixture(scope="module")
+def two_processes(tiny, cache_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The uninterrupted two-process run under torchrun: its output and its output directory."""
+    out = tmp_path_factory.mktemp("two") / "out"
+    result = launch("torchrun", "stage2_student.train", *train_args(tiny, cache_dir, out, **{"train.batch_size": 1}))
     assert result.returncode == 0, result.stderr[-3000:]
+    return result, out
+
+
+def assert_same_as_one_process(result: subprocess.CompletedProcess, out: Path, one: Path) -> None:
+    """Per-step losses within 1e-5 (relative), the same tokens and schedule, weights within fp32 tolerance."""
     assert "Processes: 2 processes, DDP over gloo" in result.stdout
     assert "Global batch: 1 × 2 × 2 processes = 4 blocks (512 tokens) per optimizer step" in result.stdout
     assert result.stdout.count("===== Training info =====") == 1  # the main process speaks
-    two, one = metrics(out), metrics(one_process)
-    assert [r["step"] for r in two] == [1, 2, 3]  # written once, by the main process
-    for mine, theirs in zip(two, one, strict=True):
+    two, reference = metrics(out), metrics(one)
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # written once, by the main process
+    for mine, theirs in zip(two, reference, strict=True):
         assert mine["tokens"] == theirs["tokens"] and mine["lr"] == theirs["lr"]
         for key in ("loss", "kd_loss", "hard_loss", "grad_norm"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine["step"], key)
-    mine, theirs = load_file(out / "model.safetensors"), load_file(one_process / "model.safetensors")
+    mine, theirs = load_file(out / "model.safetensors"), load_file(one / "model.safetensors")
     assert mine.keys() == theirs.keys()
     for name in mine:
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
     record = json.loads((out / "run.json").read_text())
     assert record["finished"] and record["processes"] == 2 and record["global_batch_blocks"] == 4
+
+
+def test_two_processes_of_one_block_equal_one_process_of_two(two_processes, one_process):
+    assert_same_as_one_process(*two_processes, one_process)
+
+
+def test_accelerate_launch_trains_the_same(tiny, cache_dir, one_process, tmp_path):
+    out = tmp_path / "out"
+    result = launch("accelerate", "stage2_student.train", *train_args(tiny, cache_dir, out, **{"train.batch_size": 1}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_as_one_process(result, out, one_process)
+
+
+def test_two_processes_killed_and_resumed_end_bit_identical(tiny, cache_dir, two_processes, tmp_path):
+    """Every process's RNG state and the data position come back: the resumed run equals the uninterrupted one."""
+    out, reference = tmp_path / "out", two_processes[1]
+    args = train_args(tiny, cache_dir, out, **{"train.batch_size": 1})
+    killed = launch("torchrun", "tests.stage2_hooks", "kill-after-step=3", "--", *args)
+    assert killed.returncode != 0 and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (out / "checkpoints/step-2").iterdir()}
+    with pytest.raises(UserError, match="made with processes=2, this run has processes=1"):
+        train_main(args)  # one process cannot resume what two began
+    resumed = launch("torchrun", "stage2_student.train", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 2 of 6, epoch 0, micro-batch 4 of 6" in resumed.stdout
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
+    mine, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert all(torch.equal(mine[name], theirs[name]) for name in theirs)
 
 
 def test_a_failing_process_stops_the_run_in_one_line(tiny, cache_dir, tmp_path):
