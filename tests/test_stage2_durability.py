@@ -148,6 +148,8 @@ def test_resume_refuses_other_settings_naming_the_setting(tiny, cache_dir, dropo
     with pytest.raises(UserError, match=r"holds checkpoint step-2 of a run made with train\.lr=0\.001, this run "
                                         r"has train\.lr=0\.002: rerun with the same settings"):
         train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.lr": 0.002}))
+    with pytest.raises(UserError, match=r"holds an earlier run and train.resume=never: pass train.overwrite=true"):
+        train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.resume": "never"}))
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before  # nothing touched
     # the same with train.overwrite=true: the old run is deleted and a fresh one trains
     train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.lr": 0.002, "train.max_steps": 2,
@@ -236,6 +238,18 @@ def test_a_finished_run_is_replaced_only_with_overwrite(tiny, cache_dir, dropout
     with pytest.raises(UserError, match=r"holds a finished run \(6 steps\); pass train.overwrite=true"):
         train_main(train_args(tiny, cache_dir, dropout_student, out))
     assert_same_run(out, reference)
+
+
+def test_one_run_at_a_time_per_output_directory(tiny, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    process = paused_run(tiny, cache_dir, out, tmp_path / "gate", step=1)
+    try:
+        with pytest.raises(UserError, match=f"train.output_dir {out} is in use by another stage-two run"):
+            train_main(train_args(tiny, cache_dir, tiny / "student", out))
+    finally:
+        result = finish(process, tmp_path / "gate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
 
 
 def test_evaluate_refuses_checkpoints_without_a_model(tiny, cache_dir, killed_run, tmp_path):
