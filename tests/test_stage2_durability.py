@@ -240,6 +240,20 @@ def test_a_finished_run_is_replaced_only_with_overwrite(tiny, cache_dir, dropout
     assert_same_run(out, reference)
 
 
+def test_a_run_of_an_earlier_release_is_replaced_with_overwrite(tiny, cache_dir, reference, tmp_path):
+    """Its run.json had no format, no list of files: its save_pretrained files are recognised by name."""
+    out = copy_of(reference, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    old = run_record(out)
+    (out / "run.json").write_text(json.dumps({key: old[key] for key in (
+        "config", "cache_dir", "cache_manifest_sha256", "cache_mode", "live_teacher", "steps", "tokens", "seconds",
+        "seconds_per_step", "final")}))
+    with pytest.raises(UserError, match="holds a finished run"):
+        train_main(train_args(tiny, cache_dir, tiny / "student", out))
+    train_main(train_args(tiny, cache_dir, tiny / "student", out, **{"train.max_steps": 1, "train.overwrite": True}))
+    assert run_record(out)["finished"] is True and [r["step"] for r in metrics(out)] == [1]
+
+
 def test_one_run_at_a_time_per_output_directory(tiny, cache_dir, tmp_path):
     out = tmp_path / "out"
     process = paused_run(tiny, cache_dir, out, tmp_path / "gate", step=1)
