@@ -1,10 +1,11 @@
-"""`python -m stage2_student.train --cache DIR [key=value …]`, or under `torchrun --nproc_per_node N -m …` /
-`accelerate launch --num_processes N -m …` for data parallelism.
+"""`python -m stage2_student.train --cache DIR [key=value …]` (also under torchrun / accelerate launch)
 
-Trains the student from a stage-one cache through a TextBrewer distiller. The teacher is never loaded:
-its distributions come with each batch. The cache is only read, under a shared lock, so one cache serves
-many runs. Every train.checkpoint_steps optimizer steps a checkpoint is written; rerunning the same command
-after a crash resumes from the newest one and ends with the weights an uninterrupted run would have.
+Trains the student from a stage-one cache through a TextBrewer distiller. The teacher is never loaded: its
+distributions come with each batch. The cache is only read, under a shared lock, so one cache serves many
+runs. For data parallelism start it with `torchrun --nproc_per_node N -m stage2_student.train …` or
+`accelerate launch --num_processes N -m stage2_student.train …`. Every train.checkpoint_steps optimizer
+steps a checkpoint is written; rerunning the same command after a crash resumes from the newest one and
+ends with the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from cache.compat import Consumer, check_compatible
 from cache.format import file_sha256
 from cache.lock import CacheLock
-from cache.manifest import manifest_path
+from cache.manifest import load_manifest, manifest_path
 from cache.reader import CacheReader, verify_cache
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, Precision, TrainConfig, config_arg_parser, parse_args
@@ -245,10 +246,9 @@ class DistillRecipe:
         self.accelerator = acc = make_accelerator(cfg.train)
         self.device = acc.device
         self.main = acc.is_main_process
-        if not os.path.isdir(self.cache_dir):
-            raise UserError(f"cache directory not found: {self.cache_dir}")
+        load_manifest(self.cache_dir)  # a directory that is not a complete cache gets no lock file
         self.cache_lock = CacheLock(self.cache_dir, exclusive=False).acquire()  # held until close()
-        self.reader = CacheReader(self.cache_dir)
+        self.reader = CacheReader(self.cache_dir)  # the manifest read again, under the lock
         self.manifest_sha = file_sha256(manifest_path(self.cache_dir))
         if cfg.train.verify_cache:
             on_main(acc, self.check_shards)
