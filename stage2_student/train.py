@@ -25,6 +25,7 @@ from cache.manifest import manifest_path
 from cache.reader import CacheReader
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, Precision, config_arg_parser, parse_args
+from common.data import source_settings
 from common.models import (
     load_causal_lm,
     load_model_config,
@@ -95,7 +96,8 @@ class DistillRecipe:
         consumer = Consumer(name=f"the student {cfg.student.model}", tokenizer_hash=tokenizer_hash(self.tokenizer),
                             vocab_size=student_config.vocab_size, seq_len=cfg.data.seq_len, dataset=cfg.data.dataset,
                             subset=cfg.data.subset, split=cfg.data.split, loss=cfg.train.loss,
-                            topk_tail=cfg.train.topk_tail, temperature=cfg.train.temperature)
+                            topk_tail=cfg.train.topk_tail, temperature=cfg.train.temperature,
+                            source=source_settings(cfg.data))
         check_compatible(self.reader.manifest, self.cache_dir, consumer, self.reader.read_all("input_ids"))
         check_output_dir(cfg.train.output_dir, cfg.train.overwrite)
         self.vocab_size = self.reader.vocab_size
