@@ -17,10 +17,13 @@ How rows become one token stream (`data.rows`, `auto` by default):
 
 `BlockStream` reads a split lazily, so memory does not grow with the corpus: rows are read in order,
 tokenized a chunk at a time, and packed into blocks as they fill. Documents are independent, so any
-chunk of them is exact. A chunk of lines ends only before a line that begins with a non-space character
-(after at most one space or tab) following a line break: the byte-level BPE pre-tokenizers of Qwen2,
-GPT-2 and Llama 3 always split there, so the chunks' tokens are exactly the whole text's. Each boundary is
-also checked by tokenizing across it, and a tokenizer that merges across one is refused in one line.
+chunk of them is exact. A chunk of lines ends only at a line break where the tokenizer's own
+pre-tokenizer splits the text (no token spans a pre-token boundary): the text from the last line that
+holds a non-space character, followed by the next line, pre-tokenizes as the two parts do apart. For the
+byte-level BPE tokenizers of Qwen2, GPT-2 and Llama 3 that is most line breaks (not, for GPT-2, those
+next to a blank line or before an indented one). The tokens are checked across each boundary too, and a
+tokenizer that merges across one is refused in one line; text with no such line break in 64 chunks'
+worth is refused rather than held in memory.
 """
 from __future__ import annotations
 
@@ -29,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -162,7 +164,8 @@ class TextSource:
         self.files: list[DataFile] = []
         if data.files is not None:
             self.files = split_files(data, split)
-            self.description = f"split {split} of data.files ({len(self.files)} files)"
+            named = self.files[0].path if len(self.files) == 1 else f"{len(self.files)} files from {self.files[0].path}"
+            self.description = f"split {split} of data.files ({named})"
             builder = FILE_BUILDERS[files_suffix([f.path for f in self.files])]
             if builder != "text":
                 first = next((f.path for f in self.files if f.bytes > 0), None)
@@ -271,10 +274,7 @@ def tokenize_stream(tokenizer, rows: list[str], rows_kind: RowKind = "lines") ->
 
 
 CHUNK_CHARS = 1 << 20  # characters tokenized per call: bounds memory, big enough for the fast tokenizer
-MAX_CHUNK_FACTOR = 64  # lines with no safe chunk boundary for this many chunks' worth of text are refused
-
-# a line break before this starts a pre-token in Qwen2's, GPT-2's and Llama 3's pre-tokenizers
-_STARTS_PRETOKEN = re.compile(r"[^\S\r\n]?\S")
+MAX_CHUNK_FACTOR = 64  # lines with no chunk boundary for this many chunks' worth of text are refused
 
 
 def iter_token_chunks(tokenizer, rows: Iterable[str], rows_kind: RowKind = "lines",
@@ -294,24 +294,39 @@ def iter_token_chunks(tokenizer, rows: Iterable[str], rows_kind: RowKind = "line
             yield _encode_documents(tokenizer, documents, eos)
         return
     pending: list[str] = []
-    size = 0
+    size = tail = 0  # pending[tail:]: from the last row that holds a non-space character
     for row in rows:
         if not row:
             continue
-        if size >= chunk_chars and pending[-1].endswith("\n") and _STARTS_PRETOKEN.match(row):
-            _check_boundary(tokenizer, pending[-1], row)
-            yield np.asarray(_encode(tokenizer, "".join(pending)), dtype=np.int32)
-            pending, size = [], 0
-        elif size >= MAX_CHUNK_FACTOR * chunk_chars:
-            raise UserError(f"{size} characters of lines without a line break that starts a word: these rows look "
-                            "like documents; set data.rows=documents")
+        if size >= chunk_chars and pending[-1].endswith("\n"):
+            before = "".join(pending[tail:])
+            if before.strip() and _pre_tokens(tokenizer, before + row) == (_pre_tokens(tokenizer, before)
+                                                                          + _pre_tokens(tokenizer, row)):
+                _check_boundary(tokenizer, before, row)
+                yield np.asarray(_encode(tokenizer, "".join(pending)), dtype=np.int32)
+                pending, size, tail = [], 0, 0
+        if size >= MAX_CHUNK_FACTOR * chunk_chars:
+            raise UserError(f"no line break in {size} characters where the tokenizer "
+                            f"{getattr(tokenizer, 'name_or_path', '')!r} splits, so the text cannot be tokenized in "
+                            "chunks; if the rows are documents, set data.rows=documents")
+        if row.strip():
+            tail = len(pending)
         pending.append(row)
         size += len(row)
     if pending:
         yield np.asarray(_encode(tokenizer, "".join(pending)), dtype=np.int32)
 
 
+def _pre_tokens(tokenizer, text: str) -> list[str]:
+    """The tokenizer's pre-tokens of `text` (no token ever spans two); without a pre-tokenizer, one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return [text]
+    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+
+
 def _check_boundary(tokenizer, before: str, after: str) -> None:
+    """Tokens, not only pre-tokens, split there (an added token could span it)."""
     if _encode(tokenizer, before + after) != _encode(tokenizer, before) + _encode(tokenizer, after):
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} merges tokens across a line break, "
                         "so the corpus cannot be tokenized in chunks; this tool supports byte-level BPE "
@@ -358,12 +373,13 @@ class BlockStream:
     there). The settings and files are checked on construction. Iterate once; then `num_blocks`,
     `stream_tokens` (tokens read) and `fingerprint` are set; `source.files` are the files read."""
 
-    def __init__(self, data: DataConfig, tokenizer, tokenizer_hash: str, split: str | None = None) -> None:
+    def __init__(self, data: DataConfig, tokenizer, tokenizer_hash: str, split: str | None = None, *,
+                 chunk_chars: int = CHUNK_CHARS) -> None:
         if data.seq_len < 2:
             raise UserError(f"data.seq_len must be at least 2, got {data.seq_len}")
         if data.max_blocks is not None and data.max_blocks < 1:
             raise UserError(f"data.max_blocks must be positive or null, got {data.max_blocks}")
-        self.data, self.tokenizer, self.split = data, tokenizer, split or data.split
+        self.data, self.tokenizer, self.split, self.chunk_chars = data, tokenizer, split or data.split, chunk_chars
         self.source = TextSource(data, self.split)
         if self.source.rows == "documents":
             eos_id(tokenizer)
@@ -374,7 +390,7 @@ class BlockStream:
     def __iter__(self) -> Iterator[np.ndarray]:
         seq_len, cap = self.data.seq_len, self.data.max_blocks
         carry = np.zeros(0, dtype=np.int32)
-        for chunk in iter_token_chunks(self.tokenizer, self.source, self.source.rows):
+        for chunk in iter_token_chunks(self.tokenizer, self.source, self.source.rows, self.chunk_chars):
             self.stream_tokens += len(chunk)
             carry = np.concatenate([carry, chunk])
             full = len(carry) // seq_len
