@@ -6,6 +6,9 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from common.cli import UserError
 from common.config import DataConfig
 from common.data import data_fingerprint, load_blocks, load_rows, pack_blocks, tokenize_stream
+from tests.conftest import REPO, run_cli, tiny_overrides
 
 # --- pack_blocks --------------------------------------------------------------------------------------
 
@@ -554,3 +558,153 @@ def test_documents_need_an_eos_token(tmp_path, offline):
     data = DataConfig(files=[str(write_documents(tmp_path / "d.jsonl", DOCUMENTS))], seq_len=2)
     with pytest.raises(UserError, match=r"^tokenizer '' has no EOS token, which ends each document \(data.rows"):
         BlockStream(data, PreTrainedTokenizerFast(tokenizer_object=raw), "h")
+
+
+# --- end to end on the tiny build: stage one from each file type, stage two and evaluate from those caches ------
+
+def articles(text: str) -> list[str]:
+    """WikiText-style text cut into documents at its top-level headings, without trailing newlines."""
+    docs: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(" = ") and not line.startswith(" = = ") or not docs:
+            docs.append("")
+        docs[-1] += line
+    return [d.rstrip() for d in docs if d.strip()]
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tiny, tmp_path_factory) -> dict:
+    """Small local files of each type made from the tiny build's text, and the tokens each should give."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("files")
+    tok = AutoTokenizer.from_pretrained(tiny / "teacher")
+    lines = {split: (tiny / "data" / f"wiki.{split}.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+             for split in ("valid", "test")}
+    text = "".join(lines["valid"][:120])
+
+    def documents_tokens(docs):
+        return [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+
+    (root / "jsonl").mkdir()
+    docs = {"train": articles(text), "test": articles("".join(lines["test"][:40]))}
+    for split, split_docs in docs.items():
+        write_documents(root / "jsonl" / f"{split}.jsonl", split_docs)
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    write_documents(root / "docs.parquet", docs["train"], column="body")
+    return {
+        "txt": {"files": root / "corpus.txt", "read": [root / "corpus.txt"], "column": "text", "rows": "lines",
+                "tokens": tok(text, add_special_tokens=False)["input_ids"]},
+        "jsonl": {"files": root / "jsonl" / "{split}.jsonl", "read": [root / "jsonl" / "train.jsonl"],
+                  "column": "text", "rows": "documents", "tokens": documents_tokens(docs["train"]),
+                  "test_tokens": documents_tokens(docs["test"])},
+        "parquet": {"files": root / "docs.parquet", "read": [root / "docs.parquet"], "column": "body",
+                    "rows": "documents", "tokens": documents_tokens(docs["train"])},
+    }
+
+
+def files_overrides(tiny, cache, kind: dict, **extra) -> list[str]:
+    return tiny_overrides(tiny, cache, **{"data.local_dir": None, "data.files": kind["files"],
+                                          "data.text_column": kind["column"], "data.seq_len": 64,
+                                          "data.max_blocks": None, **extra})
+
+
+@pytest.fixture(scope="module")
+def file_caches(tiny, corpus_files, tmp_path_factory) -> dict:
+    from stage1_teacher.dump import main as dump_main
+
+    root = tmp_path_factory.mktemp("file-caches")
+    for name, kind in corpus_files.items():
+        dump_main(files_overrides(tiny, root / name, kind))
+    return {name: root / name for name in corpus_files}
+
+
+@pytest.mark.parametrize("name", ["txt", "jsonl", "parquet"])
+def test_dump_from_each_file_type_caches_exactly_its_tokens(tiny, corpus_files, file_caches, name):
+    from cache.manifest import load_manifest
+    from cache.reader import CacheReader
+    from common.data import DataFile
+
+    kind, manifest = corpus_files[name], load_manifest(str(file_caches[name]))
+    expected, data = kind["tokens"], manifest.dataset
+    n = len(expected) // 64
+    assert n >= 10 and data.stream_tokens == len(expected) and manifest.num_blocks == n  # read to the end
+    cached = CacheReader(str(file_caches[name])).read_all("input_ids")
+    assert cached.shape == (n, 64) and cached.reshape(-1).tolist() == expected[: n * 64]
+    assert data.fingerprint == independent_fingerprint(expected, manifest.tokenizer.hash, 64)
+    assert data.files == [str(kind["files"])] and data.text_column == kind["column"] and data.rows == kind["rows"]
+    assert data.read_files == [DataFile(str(p), p.stat().st_size) for p in kind["read"]]
+
+
+def test_stage_two_refuses_a_cache_read_from_other_files_and_trains_from_the_same(tiny, corpus_files, file_caches,
+                                                                                   tmp_path):
+    from stage2_student.train import main as train_main
+
+    cache, kind = file_caches["jsonl"], corpus_files["jsonl"]
+    other = {**kind, "files": corpus_files["parquet"]["files"]}  # the same documents, in another file
+    result = run_cli("stage2_student.train", "--cache", cache,
+                     *files_overrides(tiny, cache, other, **{"train.output_dir": tmp_path / "refused"}))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [f"error: cache {cache} was read with data.files={[str(kind['files'])]!r}, "
+                                          f"the config has {[str(other['files'])]!r}"]
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "trained"
+    train_main(["--cache", str(cache), *files_overrides(tiny, cache, kind, **{
+        "train.output_dir": out, "train.log_dir": tmp_path / "logs", "train.max_steps": 1})])
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_evaluate_from_a_documents_cache_reads_the_same_files_for_its_split(tiny, corpus_files, file_caches, tmp_path):
+    """--cache replaces data.files/text_column/rows by the manifest's; `{split}` then names the test file."""
+    from stage2_student.evaluate import main as evaluate_main
+
+    output = tmp_path / "eval.json"
+    evaluate_main(["--model", str(tiny / "teacher"), "--cache", str(file_caches["jsonl"]),
+                   *tiny_overrides(tiny, file_caches["jsonl"], **{
+                       "data.local_dir": None, "data.files": tmp_path / "elsewhere.txt", "data.rows": "lines",
+                       "eval.split": "test", "eval.output": output})])
+    result = json.loads(output.read_text())
+    assert result["seq_len"] == 64
+    assert result["results"][0]["tokens"] == len(corpus_files["jsonl"]["test_tokens"]) - 1  # all but the first
+
+
+def test_the_tiny_qwen2_tokenizer_chunks_exactly(tiny, tmp_path, offline):
+    """Qwen2's pre-tokenizer (the tiny build's) at many chunk boundaries, blank and indented lines included."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "teacher")
+    text = (tiny / "data" / "wiki.test.raw").read_text(encoding="utf-8")[:6000] + "".join(TXT_FILES.values())
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")  # CRLF written as is, read back as LF
+    expected = tok(text.replace("\r\n", "\n"), add_special_tokens=False)["input_ids"]
+    for chunk_chars in (5, 300):  # a boundary every few lines; 5 × 64 characters without one are refused
+        stream, flat = stream_of(DataConfig(files=[str(tmp_path / "t.txt")], seq_len=8, max_blocks=None), tok,
+                                 chunk_chars)
+        assert stream.stream_tokens == len(expected) and flat == expected[: len(expected) // 8 * 8]
+
+
+DUMP_ERRORS = {
+    "missing file": ({"data.files": "{root}/nowhere/*.txt"}, "error: data.files: no file matches {root}/nowhere/*.txt"),
+    "missing column": ({"data.files": "{root}/docs.jsonl", "data.text_column": "body"},
+                       "error: data.text_column 'body' is not a column of {root}/docs.jsonl (columns: id, text)"),
+    "null in a late row": ({"data.files": "{root}/late.jsonl"},
+                           "error: split train of data.files ({root}/late.jsonl): row 3000 has null in column 'text', "
+                           "not text"),
+}
+
+
+def test_dump_data_errors_are_one_line_status_2_and_no_cache(tiny, tmp_path):
+    write_documents(tmp_path / "docs.jsonl", ["a document"] * 3)
+    write_documents(tmp_path / "late.jsonl", [f"document {i} of many" for i in range(3000)] + [None])
+    procs = {}
+    for case, (settings, _) in DUMP_ERRORS.items():
+        cache = tmp_path / case.replace(" ", "-")
+        args = tiny_overrides(tiny, cache, **{"data.local_dir": None, "data.max_blocks": None,
+                                              **{k: v.format(root=tmp_path) for k, v in settings.items()}})
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        procs[case] = (subprocess.Popen([sys.executable, "-m", "stage1_teacher.dump", *args], cwd=REPO, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), cache)
+    for case, (proc, cache) in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (case, stderr[-2000:])
+        assert stderr.splitlines() == [DUMP_ERRORS[case][1].format(root=tmp_path)], case
+        assert not cache.exists() and not Path(f"{cache}.partial").exists(), case
