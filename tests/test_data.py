@@ -708,3 +708,36 @@ def test_dump_data_errors_are_one_line_status_2_and_no_cache(tiny, tmp_path):
         assert proc.returncode == 2, (case, stderr[-2000:])
         assert stderr.splitlines() == [DUMP_ERRORS[case][1].format(root=tmp_path)], case
         assert not cache.exists() and not Path(f"{cache}.partial").exists(), case
+
+
+# --- bench.stream_memory, far below its sizes -----------------------------------------------------------
+
+def test_stream_memory_bench_smoke(tiny, tmp_path):
+    """Both routes on two tiny corpora and the chunking check; the doc's section is rewritten, nothing else."""
+    doc = tmp_path / "performance.md"
+    original = (REPO / "docs" / "performance.md").read_text(encoding="utf-8")
+    doc.write_text(original, encoding="utf-8")
+    wiki = tmp_path / "wiki"
+    wiki.mkdir()
+    (wiki / "wiki.test.raw").write_text((tiny / "data" / "wiki.test.raw").read_text(encoding="utf-8")[:20000])
+    result = run_cli("bench.stream_memory", "--out", tmp_path / "out", "--tiny", tiny, "--tokens", "3000", "9000",
+                     "--repeats", "1", "--doc", doc, "--check-tokenizer", tiny / "teacher", "--check-data", wiki,
+                     "--check-chunks", "100000", "2000")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = doc.read_text(encoding="utf-8")
+    begin, end = "<!-- BEGIN streaming memory -->", "<!-- END streaming memory -->"
+    assert text.split(begin)[0] == original.split(begin)[0] and text.split(end)[1] == original.split(end)[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.split(begin)[1].split(end)[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| corpus") and not line.startswith("| file")]
+    measured = {(r[0], r[1]): r for r in rows if r[0] in ("0.003 M", "0.009 M")}
+    assert set(measured) == {(size, route) for size in ("0.003 M", "0.009 M") for route in ("dump", "tokenize")}
+    for size, target in (("0.003 M", 3000), ("0.009 M", 9000)):
+        tokens = int(measured[size, "dump"][2].replace(",", ""))
+        assert tokens == int(measured[size, "tokenize"][2].replace(",", "")) and abs(tokens - target) < 0.1 * target
+        assert all(float(measured[size, route][3]) > 100 for route in ("dump", "tokenize"))  # MiB of a real process
+    checks = [r for r in rows if r[0] == "wiki.test.raw"]
+    assert [(r[1], r[2]) for r in checks] == [(route, chunk) for route in ("hub rows (data.local_dir)",
+                                                                           "file text (.txt)")
+                                              for chunk in ("100000", "2000")]
+    assert all(r[5] == "yes" for r in checks) and int(checks[-1][3]) > 5  # many chunks at 2000 characters
+    assert not (tmp_path / "out" / "stream-cache").exists()  # each dump's cache is deleted after measuring
