@@ -35,6 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- BEGIN streaming memory -->", "<!-- END streaming memory -->"
 ROUTES = ("dump", "tokenize")
 SEQ_LEN = 128  # configs/tiny.yaml
+ROUTE_DOC = {"dump": f"`dump` is stage one with the tiny teacher (`cache.k={{k}}`, `data.seq_len={SEQ_LEN}`, "
+                     "`data.max_blocks=null`).",
+             "tokenize": "`tokenize` is `common.data.BlockStream` alone over the same file (imports and tokenizer "
+                         "included)."}
 
 
 def label(tokens: int) -> str:
@@ -250,10 +254,9 @@ def main(argv: Sequence[str]) -> int:
         f"`{command}` — {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{time.strftime('%Y-%m-%d')}. Median of {args.repeats} runs per row, each in a fresh process, the rows "
-        f"alternating; peak RSS is the process's `ru_maxrss`, wall time includes start-up. `dump` is stage one "
-        f"with the tiny teacher (`cache.k={args.k}`, `data.seq_len={SEQ_LEN}`, `data.max_blocks=null`); "
-        "`tokenize` is `common.data.BlockStream` alone over the same file (imports and tokenizer included). "
-        "Every run of a corpus read the same tokens (equal fingerprints).",
+        "alternating; peak RSS is the process's `ru_maxrss`, wall time includes start-up. "
+        + " ".join(ROUTE_DOC[route].format(k=args.k) for route in args.routes)
+        + " Every run of a corpus read the same tokens (equal fingerprints).",
         "", *table(runs, args.tokens, args.routes), "",
         f"Chunked tokenization against one call on the whole text, tokenizer `{args.check_tokenizer}`, "
         f"data `{args.check_data}`:", "",

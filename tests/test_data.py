@@ -499,6 +499,9 @@ def _error_case(tmp_path, case):
     if case == "not utf-8":
         (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
         return DataConfig(files=[str(tmp_path / "latin1.txt")]), None
+    if case == "broken parquet":
+        (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+        return DataConfig(files=[str(tmp_path / "broken.parquet")]), None
     if case == "files and local_dir":
         return DataConfig(files=[str(docs)], local_dir=str(tmp_path)), None
     if case == "other split, no placeholder":
@@ -526,6 +529,8 @@ ERRORS = {
                    "in row 1",
     "not utf-8": "cannot read split train of data.files ({tmp}/latin1.txt): 'utf-8' codec can't decode byte 0xe9 in "
                  "position 3: invalid continuation byte",
+    "broken parquet": "cannot read {tmp}/broken.parquet: Parquet magic bytes not found in footer. Either the file "
+                      "is corrupted or this is not a parquet file.",
     "files and local_dir": "data.files and data.local_dir are both set; set one of them",
     "other split, no placeholder": "data.files names the files of split 'train' (data.split) only; to read split "
                                    "'test' too, put {{split}} in the paths (e.g. corpus/{{split}}.jsonl)",
