@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -127,7 +128,7 @@ def split_files(data: DataConfig, split: str) -> list[DataFile]:
         if not matches:
             raise UserError(f"data.files: no file matches {pattern}")
         paths += matches
-    repeated = sorted({path for path in paths if paths.count(path) > 1})
+    repeated = sorted(path for path, count in Counter(paths).items() if count > 1)
     if repeated:
         raise UserError(f"data.files names {repeated[0]} more than once")
     files_suffix(paths)
@@ -179,7 +180,7 @@ class TextSource:
                 raise UserError(f"data.local_dir not found: {data.local_dir}")
             path = local_split_path(data.local_dir, split)
             self.files = [DataFile(os.path.abspath(path), os.path.getsize(path))]
-            self.description = f"{path}"
+            self.description = path
         else:
             self.description = f"split {split} of dataset {data.dataset}/{data.subset}"
 
@@ -221,7 +222,7 @@ class TextSource:
             yield from rows.iter(batch_size=ROW_BATCH)
         elif self.data.local_dir is not None:
             rows = load_dataset("text", data_files={"rows": self.files[0].path}, split="rows", keep_linebreaks=True,
-                                streaming=True)
+                                chunksize=READ_BYTES, streaming=True)
             for batch in rows.iter(batch_size=ROW_BATCH):
                 yield {"text": hub_rows(batch["text"])}
         else:
