@@ -5,7 +5,7 @@ that the cached teacher data can compute.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -13,8 +13,8 @@ import numpy as np
 from cache.format import CacheMode
 from cache.manifest import Manifest
 from common.cli import UserError
-from common.config import LossName, TopkTail
-from common.data import data_fingerprint
+from common.config import DataConfig, LossName, TopkTail
+from common.data import data_fingerprint, source_settings
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Consumer:
     loss: LossName
     topk_tail: TopkTail
     temperature: float
+    source: dict = field(default_factory=lambda: source_settings(DataConfig()))  # common.data.source_settings
 
 
 def unsupported_reason(loss: LossName, mode: CacheMode, tail: TopkTail) -> str | None:
@@ -57,6 +58,10 @@ def check_compatible(manifest: Manifest, cache_dir: str, consumer: Consumer, inp
         cached, wanted = getattr(manifest.dataset, key), getattr(consumer, "dataset" if key == "name" else key)
         if cached != wanted:
             raise UserError(f"cache {cache_dir} holds dataset {key} {cached!r}, the config expects {wanted!r}")
+    for key, wanted in consumer.source.items():
+        if getattr(manifest.dataset, key) != wanted:
+            raise UserError(f"cache {cache_dir} was read with data.{key}={getattr(manifest.dataset, key)!r}, "
+                            f"the config has {wanted!r}")
     if consumer.vocab_size < manifest.vocab_size:
         raise UserError(f"{consumer.name} has {consumer.vocab_size} logits, fewer than the cache "
                         f"vocabulary {manifest.vocab_size}")

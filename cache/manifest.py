@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 from cache.format import FORMAT_NAME, MANIFEST, MODE_DATASETS, SUPPORTED_VERSIONS, CacheMode
 from common.cli import UserError
+from common.config import RowKind
+from common.data import DataFile
 from common.schema import SchemaError, from_dict
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -64,6 +66,11 @@ class DataEntry:
     max_blocks: Optional[int]
     stream_tokens: int
     fingerprint: str
+    # common.data.source_settings (caches made before these fields read the hub or local_dir, lines, `text`)
+    files: Optional[list[str]] = None  # data.files, absolute, `{split}` kept
+    text_column: str = "text"
+    rows: RowKind = "lines"
+    read_files: list[DataFile] = field(default_factory=list)  # the files read, in order (none for the hub)
 
 
 @dataclass(frozen=True)

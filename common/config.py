@@ -30,6 +30,8 @@ TopkTail = Literal["bucket", "renormalize"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]  # autocast's compute mode
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # the dtype weights are loaded in
 ResumeMode = Literal["auto", "never"]  # what stage two does with the checkpoints of an earlier run
+RowKind = Literal["lines", "documents"]  # how a split's rows become one token stream (common.data)
+DataRows = Literal["auto", RowKind]
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -61,6 +63,14 @@ class DataConfig:
     subset: str = setting("wikitext-2-raw-v1", "the dataset's configuration")
     local_dir: Optional[str] = setting(None, "folder with `wiki.{train,valid,test}.raw` to read instead of the "
                                              "hub (nothing is fetched); null = the hub")
+    files: Optional[list[str]] = setting(None, "local `.txt`, `.jsonl` or `.parquet` files or globs to read instead "
+                                               "of the hub, in order; `{split}` in a path stands for the split "
+                                               "name; null = the hub (or data.local_dir)")
+    text_column: str = setting("text", "the column holding the text (hub datasets, `.jsonl`, `.parquet`)")
+    rows: DataRows = setting("auto", "how rows become one token stream: `lines` = lines of one text, joined as "
+                                     "they are (WikiText, `.txt`); `documents` = each row tokenized on its own "
+                                     "and followed by the tokenizer's EOS token; `auto` = `documents` for "
+                                     "`.jsonl`/`.parquet` files, `lines` otherwise")
     split: str = setting("train", "split that stage one dumps and stage two trains on")
     seq_len: int = setting(256, "tokens per block, and per evaluation window")
     max_blocks: Optional[int] = setting(5000, "at most this many blocks (the original's quick subset); "
@@ -172,6 +182,11 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     hint, optional = _split_optional(hint)
     if optional and value is None:
         return None
+    if hint == list[str]:  # one text is a list of one
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, (bool, dict, list)) or item is None for item in items):
+            raise UserError(f"config key {name}: expected text or a list of text, got {value!r}")
+        return [str(item) for item in items]
     if typing.get_origin(hint) is Literal:
         allowed = typing.get_args(hint)
         if isinstance(value, str) and value in allowed:
@@ -213,6 +228,8 @@ def _parse_override_value(text: str, hint: Any) -> Any:
     base, optional = _split_optional(hint)
     if _is_text(base):
         return None if value is None and optional else text
+    if base == list[str] and not isinstance(value, list):  # a flow list `[a, b]`, else one text as written
+        return None if value is None and optional else text
     return value
 
 
@@ -253,7 +270,7 @@ class KeyDoc:
     help: str
 
 
-_TYPE_WORDS = {int: "integer", float: "number", str: "text"}
+_TYPE_WORDS = {int: "integer", float: "number", str: "text", list[str]: "list of text"}
 
 
 def _yaml_scalar(value: Any) -> str:

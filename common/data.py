@@ -1,31 +1,53 @@
-"""WikiText-style data: rows → one token stream → fixed-length blocks, and the fingerprint of the result.
+"""Text → one token stream → fixed-length blocks, and the fingerprint of the result.
 
-Both routes give the same rows: the hub dataset (`load_dataset(name, subset)`) and local files in the
-upstream layout (`wiki.{train,valid,test}.raw`, one row per line, read with the `text` builder). Rows
-keep their trailing newline, blank rows are "" (as in the hub dataset), and the stream is the rows
-joined with nothing in between — the upstream text itself.
+Where a split's text comes from (`TextSource`):
+- the hub: `load_dataset(data.dataset, data.subset)`, column `data.text_column`;
+- `data.local_dir`: WikiText in the upstream layout (`wiki.{train,valid,test}.raw`), read as the hub has
+  it: one row per line keeping its newline, a blank line (" ") as "";
+- `data.files`: local `.txt`, `.jsonl` or `.parquet` files (paths or globs; `{split}` stands for the split
+  name), in the order given (a glob's matches sorted), streamed through `load_dataset`'s `text`, `json`
+  and `parquet` builders.
+
+How rows become one token stream (`data.rows`, `auto` by default):
+- `lines` (WikiText, `.txt` files, hub datasets): rows are the lines of one text and are joined with
+  nothing between — for `.txt` files, the files' text itself (newlines as Python's universal newlines
+  read them); the tokens are those of that whole text tokenized in one call.
+- `documents` (`.jsonl`, `.parquet`): each row is a document, tokenized on its own and followed by the
+  tokenizer's EOS token, as pretraining packers do; an empty document adds nothing.
 
 `BlockStream` reads a split lazily, so memory does not grow with the corpus: rows are read in order,
-tokenized a chunk of rows at a time, and packed into blocks as they fill. The tokens are the ones the
-joined text would give in one call: a chunk ends only after a row that ends a line, where a byte-level
-BPE tokenizer with Qwen2's or GPT-2's pre-tokenizer always splits (no pre-token spans a newline that is
-followed by another character); every chunk boundary is checked, and a tokenizer that merges across
-one is refused in one line.
+tokenized a chunk at a time, and packed into blocks as they fill. Documents are independent, so any
+chunk of them is exact. A chunk of lines ends only at a line break where the tokenizer's own
+pre-tokenizer splits the text (no token spans a pre-token boundary): the text from the last line that
+holds a non-space character, followed by the next line, pre-tokenizes as the two parts do apart. For the
+byte-level BPE tokenizers of Qwen2, GPT-2 and Llama 3 that is most line breaks (not, for GPT-2, those
+next to a blank line or before an indented one). The tokens are checked across each boundary too, and a
+tokenizer that merges across one is refused in one line; text with no such line break in 64 chunks'
+worth is refused rather than held in memory.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from common.cli import UserError
-from common.config import DataConfig
+from common.config import DataConfig, RowKind
 
 # Hugging Face split name → upstream file stem.
 LOCAL_SPLIT_FILES = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}  # data.files suffix → load_dataset builder
+DOCUMENT_FILES = (".jsonl", ".parquet")  # data.rows=auto reads these as documents
+SPLIT_PLACEHOLDER = "{split}"
+ROW_BATCH = 1024  # rows taken from the dataset per call, and read from a Parquet file at a time
+READ_BYTES = 1 << 20  # what the text and json builders read at a time (their 10 MB default spiked 70 MiB)
 
 
 def local_split_path(local_dir: str, split: str) -> str:
@@ -42,61 +64,275 @@ def hub_rows(lines: list[str]) -> list[str]:
     return [line if line.strip() else "" for line in lines]
 
 
-def iter_rows(data: DataConfig, split: str) -> Iterator[str]:
-    """The split's rows, in order, as the hub dataset has them; read lazily."""
-    from datasets import load_dataset
+# --- which text: the settings a cache records, and the files of a split --------------------------------
 
+def configured_files(data: DataConfig) -> list[str] | None:
+    """data.files as a cache records it: each path absolute, `{split}` kept; None when not set."""
+    if data.files is None:
+        return None
     if data.local_dir is not None:
-        if not os.path.isdir(data.local_dir):
-            raise UserError(f"data.local_dir not found: {data.local_dir}")
-        path = local_split_path(data.local_dir, split)
-        rows = load_dataset("text", data_files={"rows": path}, split="rows", keep_linebreaks=True, streaming=True)
-        return (row["text"] if row["text"].strip() else "" for row in rows)
+        raise UserError("data.files and data.local_dir are both set; set one of them")
+    if not data.files or not all(data.files):
+        raise UserError(f"data.files must name files or globs, got {data.files!r}")
+    return [os.path.abspath(os.path.expanduser(path)) for path in data.files]
+
+
+def file_suffix(path: str) -> str:
+    """The data.files type of `path` (a key of FILE_BUILDERS)."""
+    name = os.path.basename(path).lower()
+    suffix = next((s for s in FILE_BUILDERS if name.endswith(s)), None)
+    if suffix is None:
+        raise UserError(f"data.files: {path} is not a {', '.join(FILE_BUILDERS)} file (the types this tool reads)")
+    return suffix
+
+
+def files_suffix(paths: list[str]) -> str:
+    """The one file type of `paths`: each split is read by one builder."""
+    suffixes = sorted({file_suffix(path) for path in paths})
+    if len(suffixes) > 1:
+        raise UserError(f"data.files mixes {' and '.join(suffixes)} files; give files of one type")
+    return suffixes[0]
+
+
+def row_kind(data: DataConfig) -> RowKind:
+    """data.rows with `auto` resolved: documents for .jsonl/.parquet files, lines otherwise."""
+    if data.rows != "auto":
+        return data.rows
+    files = configured_files(data)
+    return "documents" if files is not None and files_suffix(files) in DOCUMENT_FILES else "lines"
+
+
+def source_settings(data: DataConfig) -> dict:
+    """The data settings beyond dataset/subset/split that decide which tokens are read; a cache manifest
+    records them (cache.manifest.DataEntry) and its consumers compare them (cache.compat)."""
+    return {"files": configured_files(data), "text_column": data.text_column, "rows": row_kind(data)}
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A file a split was read from."""
+    path: str  # absolute
+    bytes: int
+
+
+def split_files(data: DataConfig, split: str) -> list[DataFile]:
+    """The files data.files names for `split`, in order: `{split}` replaced, each glob's matches sorted."""
+    patterns = configured_files(data)
+    assert patterns is not None
+    if split != data.split and not any(SPLIT_PLACEHOLDER in p for p in patterns):
+        raise UserError(f"data.files names the files of split {data.split!r} (data.split) only; to read split "
+                        f"{split!r} too, put {SPLIT_PLACEHOLDER} in the paths (e.g. corpus/{SPLIT_PLACEHOLDER}.jsonl)")
+    paths: list[str] = []
+    for pattern in (p.replace(SPLIT_PLACEHOLDER, split) for p in patterns):
+        matches = sorted(path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path))
+        if not matches:
+            raise UserError(f"data.files: no file matches {pattern}")
+        paths += matches
+    repeated = sorted(path for path, count in Counter(paths).items() if count > 1)
+    if repeated:
+        raise UserError(f"data.files names {repeated[0]} more than once")
+    files_suffix(paths)
+    return [DataFile(path, os.path.getsize(path)) for path in paths]
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _first_columns(path: str) -> list[str] | None:
+    """The columns of a .jsonl/.parquet file as its first record shows them (None: not known cheaply)."""
     try:
-        # the hub's files are downloaded once and memory-mapped (Arrow), so rows do not fill memory either
-        rows = load_dataset(data.dataset, data.subset, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise UserError(f"cannot load dataset {data.dataset}/{data.subset} split {split}: {err}") from None
-    return (row["text"] for row in rows)
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(path).names
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    record = json.loads(line)
+                    return list(record) if isinstance(record, dict) else None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {_one_line(err)}") from None
+    return None
+
+
+class TextSource:
+    """One split's text: what it is read from (checked and resolved on construction, before anything is
+    read) and, iterated, its rows in order, read lazily. `files` are the files read (none for the hub)."""
+
+    def __init__(self, data: DataConfig, split: str) -> None:
+        self.data, self.split, self.rows = data, split, row_kind(data)
+        self.files: list[DataFile] = []
+        if data.files is not None:
+            self.files = split_files(data, split)
+            named = self.files[0].path if len(self.files) == 1 else f"{len(self.files)} files from {self.files[0].path}"
+            self.description = f"split {split} of data.files ({named})"
+            builder = FILE_BUILDERS[files_suffix([f.path for f in self.files])]
+            if builder != "text":
+                first = next((f.path for f in self.files if f.bytes > 0), None)
+                columns = _first_columns(first) if first else None
+                if columns is not None and data.text_column not in columns:
+                    raise UserError(f"data.text_column {data.text_column!r} is not a column of {first} "
+                                    f"(columns: {', '.join(columns)})")
+        elif data.local_dir is not None:
+            if not os.path.isdir(data.local_dir):
+                raise UserError(f"data.local_dir not found: {data.local_dir}")
+            path = local_split_path(data.local_dir, split)
+            self.files = [DataFile(os.path.abspath(path), os.path.getsize(path))]
+            self.description = path
+        else:
+            self.description = f"split {split} of dataset {data.dataset}/{data.subset}"
+
+    def __iter__(self) -> Iterator[str]:
+        column, count = self.data.text_column, 0
+        try:
+            for batch in self._batches():
+                if column not in batch:
+                    raise UserError(f"data.text_column {column!r} is not a column of {self.description} "
+                                    f"(columns: {', '.join(batch)})")
+                for text in batch[column]:
+                    if not isinstance(text, str):
+                        kind = "null" if text is None else type(text).__name__
+                        raise UserError(f"{self.description}: row {count} has {kind} in column {column!r}, not text")
+                    count += 1
+                    yield text
+        except (OSError, ValueError) as err:  # unreadable files: bad encoding, broken JSON/Parquet (Arrow errors)
+            raise UserError(f"cannot read {self.description}: {_one_line(err)}") from None
+        if count == 0:
+            raise UserError(f"{self.description} has no rows")
+
+    def _batches(self) -> Iterator[dict[str, list]]:
+        from datasets import load_dataset
+
+        if self.data.files is not None:
+            suffix = files_suffix([f.path for f in self.files])
+            paths = [f.path for f in self.files if f.bytes > 0]  # an empty file has no rows (the json builder fails)
+            if not paths:
+                return
+            for builder in ("json", "parquet"):  # they log a bad file before raising; the error is reported once
+                logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
+            options = {".txt": {"keep_linebreaks": True, "chunksize": READ_BYTES}, ".jsonl": {"chunksize": READ_BYTES},
+                       ".parquet": {"batch_size": ROW_BATCH, "columns": [self.data.text_column]}}[suffix]
+            try:
+                rows = load_dataset(FILE_BUILDERS[suffix], data_files={"rows": paths}, split="rows", streaming=True,
+                                    **options)
+            except StopIteration:  # the json builder found no record to infer the columns from
+                return
+            yield from rows.iter(batch_size=ROW_BATCH)
+        elif self.data.local_dir is not None:
+            rows = load_dataset("text", data_files={"rows": self.files[0].path}, split="rows", keep_linebreaks=True,
+                                chunksize=READ_BYTES, streaming=True)
+            for batch in rows.iter(batch_size=ROW_BATCH):
+                yield {"text": hub_rows(batch["text"])}
+        else:
+            try:
+                # the hub's files are downloaded once and memory-mapped (Arrow), so rows do not fill memory either
+                rows = load_dataset(self.data.dataset, self.data.subset, split=self.split)
+            except (FileNotFoundError, ValueError, ConnectionError) as err:
+                raise UserError(f"cannot load dataset {self.data.dataset}/{self.data.subset} split {self.split}: "
+                                f"{_one_line(err)}") from None
+            yield from rows.iter(batch_size=ROW_BATCH)
+
+
+def iter_rows(data: DataConfig, split: str) -> Iterator[str]:
+    """The split's rows, in order, read lazily (the settings are checked at once)."""
+    return iter(TextSource(data, split))
 
 
 def load_rows(data: DataConfig, split: str) -> list[str]:
-    """The split's rows as the hub dataset has them, all in memory (for small splits: evaluation, tests)."""
+    """The split's rows, all in memory (for small splits: evaluation, tests)."""
     return list(iter_rows(data, split))
 
+
+# --- rows → tokens ----------------------------------------------------------------------------------------
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def tokenize_stream(tokenizer, rows: list[str]) -> np.ndarray:
-    """Tokenize the joined rows as one text: no special tokens, no padding."""
+def eos_id(tokenizer) -> int:
+    """The token that ends each document."""
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token, which ends each "
+                        "document (data.rows=documents)")
+    return tokenizer.eos_token_id
+
+
+def _encode_documents(tokenizer, documents: list[str], eos: int) -> np.ndarray:
+    ids: list[int] = []
+    for doc in tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]:
+        if doc:
+            ids += doc
+            ids.append(eos)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def tokenize_stream(tokenizer, rows: list[str], rows_kind: RowKind = "lines") -> np.ndarray:
+    """The token stream of `rows`, all at once: lines joined into one text and tokenized in one call, or
+    each document tokenized on its own followed by EOS. No other special tokens, no padding."""
+    if rows_kind == "documents":
+        return _encode_documents(tokenizer, list(rows), eos_id(tokenizer))
     return np.asarray(_encode(tokenizer, "".join(rows)), dtype=np.int32)
 
 
-CHUNK_CHARS = 1 << 20  # characters tokenized per call: bounds memory, big enough for the fast tokenizer
+# Characters tokenized per call. A call's working memory is a few hundred bytes per token: on the tiny
+# build's 2 M-token corpus the data path peaked 365 MiB above its imports with 1 MiB chunks, 147 MiB with
+# 64 KiB (94 MiB of it the `datasets` import) and 140 MiB with 16 KiB, at the same speed.
+CHUNK_CHARS = 1 << 16
+MAX_CHUNK_FACTOR = 64  # lines with no chunk boundary for this many chunks' worth of text (4 Mi characters) are refused
 
 
-def iter_token_chunks(tokenizer, rows: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[np.ndarray]:
-    """The tokens of the joined rows, a chunk of rows at a time; equal to `tokenize_stream` of all rows."""
+def iter_token_chunks(tokenizer, rows: Iterable[str], rows_kind: RowKind = "lines",
+                      chunk_chars: int = CHUNK_CHARS) -> Iterator[np.ndarray]:
+    """The tokens of `rows` a chunk at a time; concatenated, exactly `tokenize_stream` of all rows."""
+    if rows_kind == "documents":
+        eos = eos_id(tokenizer)
+        documents: list[str] = []
+        size = 0
+        for document in rows:
+            documents.append(document)
+            size += len(document)
+            if size >= chunk_chars:
+                yield _encode_documents(tokenizer, documents, eos)
+                documents, size = [], 0
+        if documents:
+            yield _encode_documents(tokenizer, documents, eos)
+        return
     pending: list[str] = []
-    size = 0
-    previous_tail = ""  # the last row of the previous chunk, to check the boundary
+    size = tail = 0  # pending[tail:]: from the last row that holds a non-space character
     for row in rows:
         if not row:
             continue
-        if previous_tail and not pending:
-            _check_boundary(tokenizer, previous_tail, row)
+        if size >= chunk_chars and pending[-1].endswith("\n"):
+            before = "".join(pending[tail:])
+            if before.strip() and _pre_tokens(tokenizer, before + row) == (_pre_tokens(tokenizer, before)
+                                                                          + _pre_tokens(tokenizer, row)):
+                _check_boundary(tokenizer, before, row)
+                yield np.asarray(_encode(tokenizer, "".join(pending)), dtype=np.int32)
+                pending, size, tail = [], 0, 0
+        if size >= MAX_CHUNK_FACTOR * chunk_chars:
+            raise UserError(f"no line break in {size} characters where the tokenizer "
+                            f"{getattr(tokenizer, 'name_or_path', '')!r} splits, so the text cannot be tokenized in "
+                            "chunks; if the rows are documents, set data.rows=documents")
+        if row.strip():
+            tail = len(pending)
         pending.append(row)
         size += len(row)
-        if size >= chunk_chars and row.endswith("\n"):
-            yield np.asarray(_encode(tokenizer, "".join(pending)), dtype=np.int32)
-            previous_tail, pending, size = row, [], 0
     if pending:
         yield np.asarray(_encode(tokenizer, "".join(pending)), dtype=np.int32)
 
 
+def _pre_tokens(tokenizer, text: str) -> list[str]:
+    """The tokenizer's pre-tokens of `text` (no token ever spans two); without a pre-tokenizer, one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return [text]
+    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+
+
 def _check_boundary(tokenizer, before: str, after: str) -> None:
+    """Tokens, not only pre-tokens, split there (an added token could span it)."""
     if _encode(tokenizer, before + after) != _encode(tokenizer, before) + _encode(tokenizer, after):
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} merges tokens across a line break, "
                         "so the corpus cannot be tokenized in chunks; this tool supports byte-level BPE "
@@ -140,14 +376,19 @@ def data_fingerprint(blocks: np.ndarray, tokenizer_hash: str, seq_len: int) -> s
 class BlockStream:
     """The blocks of a split, read lazily: rows → token chunks → consecutive blocks of `data.seq_len`
     tokens (the tail shorter than a block is dropped), at most `data.max_blocks` of them (reading stops
-    there). Iterate once; then `num_blocks`, `stream_tokens` (tokens read) and `fingerprint` are set."""
+    there). The settings and files are checked on construction. Iterate once; then `num_blocks`,
+    `stream_tokens` (tokens read) and `fingerprint` are set; `source.files` are the files read."""
 
-    def __init__(self, data: DataConfig, tokenizer, tokenizer_hash: str, split: str | None = None) -> None:
+    def __init__(self, data: DataConfig, tokenizer, tokenizer_hash: str, split: str | None = None, *,
+                 chunk_chars: int = CHUNK_CHARS) -> None:
         if data.seq_len < 2:
             raise UserError(f"data.seq_len must be at least 2, got {data.seq_len}")
         if data.max_blocks is not None and data.max_blocks < 1:
             raise UserError(f"data.max_blocks must be positive or null, got {data.max_blocks}")
-        self.data, self.tokenizer, self.split = data, tokenizer, split or data.split
+        self.data, self.tokenizer, self.split, self.chunk_chars = data, tokenizer, split or data.split, chunk_chars
+        self.source = TextSource(data, self.split)
+        if self.source.rows == "documents":
+            eos_id(tokenizer)
         self._fingerprint = Fingerprint(tokenizer_hash, data.seq_len)
         self.num_blocks = self.stream_tokens = 0
         self.fingerprint: str | None = None
@@ -155,7 +396,7 @@ class BlockStream:
     def __iter__(self) -> Iterator[np.ndarray]:
         seq_len, cap = self.data.seq_len, self.data.max_blocks
         carry = np.zeros(0, dtype=np.int32)
-        for chunk in iter_token_chunks(self.tokenizer, iter_rows(self.data, self.split)):
+        for chunk in iter_token_chunks(self.tokenizer, self.source, self.source.rows, self.chunk_chars):
             self.stream_tokens += len(chunk)
             carry = np.concatenate([carry, chunk])
             full = len(carry) // seq_len
@@ -169,7 +410,7 @@ class BlockStream:
             if cap is not None and self.num_blocks >= cap:
                 break
         if self.num_blocks == 0:
-            raise UserError(f"the data has {self.stream_tokens} tokens, fewer than one block of "
+            raise UserError(f"{self.source.description} has {self.stream_tokens} tokens, fewer than one block of "
                             f"data.seq_len={seq_len}")
         self.fingerprint = self._fingerprint.hexdigest()
 
@@ -179,10 +420,11 @@ class Blocks:
     input_ids: np.ndarray  # [num_blocks, seq_len] int32
     fingerprint: str
     num_stream_tokens: int
+    source: TextSource
 
 
 def load_blocks(data: DataConfig, tokenizer, tokenizer_hash: str, split: str | None = None) -> Blocks:
     """All blocks of `split` (default `data.split`) in memory, capped by `data.max_blocks`."""
     stream = BlockStream(data, tokenizer, tokenizer_hash, split)
     blocks = np.stack(list(stream))
-    return Blocks(blocks, stream.fingerprint, stream.stream_tokens)
+    return Blocks(blocks, stream.fingerprint, stream.stream_tokens, stream.source)

@@ -20,7 +20,7 @@ from cache.writer import CacheLayout, CacheWriter, check_destination
 from common.alignment import AlignmentLog, truncate_vocab, vocab_logprobs
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, config_arg_parser, parse_args
-from common.data import Blocks, load_blocks
+from common.data import Blocks, load_blocks, source_settings
 from common.models import (
     load_causal_lm,
     load_model_config,
@@ -135,7 +135,8 @@ class TeacherDump:
             dataset=DataEntry(name=cfg.data.dataset, subset=cfg.data.subset, split=cfg.data.split,
                               local_dir=os.path.abspath(cfg.data.local_dir) if cfg.data.local_dir else None,
                               max_blocks=cfg.data.max_blocks, stream_tokens=self.blocks.num_stream_tokens,
-                              fingerprint=self.blocks.fingerprint),
+                              fingerprint=self.blocks.fingerprint, **source_settings(cfg.data),
+                              read_files=self.blocks.source.files),
             settings={"cache": {k: v for k, v in vars(cfg.cache).items() if k != "overwrite"},
                       "teacher_batch_size": cfg.teacher.batch_size, "device": str(self.device),
                       "torch": torch.__version__},

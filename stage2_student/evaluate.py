@@ -22,7 +22,7 @@ from cache.manifest import Manifest, load_manifest
 from common.alignment import vocab_logprobs
 from common.cli import UserError, run_main
 from common.config import DataConfig, PipelineConfig, config_arg_parser, parse_args
-from common.data import load_rows, tokenize_stream
+from common.data import load_rows, row_kind, tokenize_stream
 from common.models import DTYPES, load_causal_lm, load_tokenizer, resolve_device
 from stage2_student.checkpoint import check_finished_model
 
@@ -93,7 +93,7 @@ def evaluate_model(model_dir: str, rows: list[str], cfg: PipelineConfig, device:
     tokenizer = load_tokenizer(model_dir, "tokenizer")
     dtype = "auto" if cfg.eval.dtype == "auto" else DTYPES[cfg.eval.dtype]  # auto: as the model was saved
     model = load_causal_lm(model_dir, "model", device, dtype).eval()
-    stream = tokenize_stream(tokenizer, rows)
+    stream = tokenize_stream(tokenizer, rows, row_kind(cfg.data))
     length = cfg.data.seq_len
     windows = sliding_windows(len(stream), length, eval_stride(cfg))
     if cfg.eval.max_windows:
@@ -114,6 +114,7 @@ def data_config_of(manifest: Manifest, data: DataConfig) -> DataConfig:
     """The data settings a cache was made from: the same text source, tokenization and block length."""
     source = manifest.dataset
     return dataclasses.replace(data, dataset=source.name, subset=source.subset, local_dir=source.local_dir,
+                               files=source.files, text_column=source.text_column, rows=source.rows,
                                seq_len=manifest.seq_len)
 
 

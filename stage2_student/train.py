@@ -33,6 +33,7 @@ from cache.manifest import load_manifest, manifest_path
 from cache.reader import CacheReader, verify_cache
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, Precision, TrainConfig, config_arg_parser, parse_args
+from common.data import source_settings
 from common.fsutil import write_json_atomic
 from common.models import (
     load_causal_lm,
@@ -257,7 +258,8 @@ class DistillRecipe:
         consumer = Consumer(name=f"the student {cfg.student.model}", tokenizer_hash=tokenizer_hash(self.tokenizer),
                             vocab_size=student_config.vocab_size, seq_len=cfg.data.seq_len, dataset=cfg.data.dataset,
                             subset=cfg.data.subset, split=cfg.data.split, loss=cfg.train.loss,
-                            topk_tail=cfg.train.topk_tail, temperature=cfg.train.temperature)
+                            topk_tail=cfg.train.topk_tail, temperature=cfg.train.temperature,
+                            source=source_settings(cfg.data))
         try:
             input_ids = self.reader.read_all("input_ids")
         except OSError as err:  # h5py: a shard truncated or replaced (train.verify_cache=false lets it through)
