@@ -29,6 +29,7 @@ LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 TopkTail = Literal["bucket", "renormalize"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]  # autocast's compute mode
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # the dtype weights are loaded in
+DeviceMapName = Literal["auto"]  # accelerate's big-model dispatch of one model over every visible device
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -42,7 +43,12 @@ class TeacherConfig:
     batch_size: int = setting(4, "blocks per teacher forward in stage one")
     dtype: DTypeName = setting("auto", "teacher weights; `auto` = bfloat16 on a GPU that has it, float32 otherwise")
     device: str = setting("auto", "stage one's device: `auto` = cuda if available, else cpu; or a torch device "
-                                  "name (`cpu`, `cuda:1`)")
+                                  "name (`cpu`, `cuda:1`); with N processes each uses the GPU of its LOCAL_RANK")
+    device_map: Optional[DeviceMapName] = setting(None, "`auto`: spread a teacher too large for one GPU over every "
+                                                        "visible GPU (accelerate's big-model dispatch), one process "
+                                                        "only; null = the whole teacher on teacher.device")
+    sync_timeout: float = setting(1800.0, "N processes: seconds a process waits for the others (at the start, "
+                                          "after each round of N shards, at the end) before all stop in one line")
 
 
 @dataclass

@@ -96,7 +96,8 @@ def test_manifest_and_checksums(tiny, topk_cache):
         with h5py.File(path, "r") as handle:
             assert handle["topk_ids"].chunks == (1, 128, 16)
             assert handle["topk_logprobs"].dtype == np.float16
-    assert sorted(p.name for p in topk_cache.iterdir()) == ["manifest.json"] + [s["file"] for s in manifest["shards"]]
+    listed = ["kd-cache.lock", "manifest.json"] + [s["file"] for s in manifest["shards"]]
+    assert sorted(p.name for p in topk_cache.iterdir()) == listed  # the lock file travels with the cache
 
 
 def test_cli_prints_align_and_summary_and_refuses_to_overwrite(tiny, tmp_path):
@@ -135,11 +136,11 @@ def test_a_failed_dump_leaves_no_cache(tiny, tmp_path, monkeypatch):
     calls = []
     real_targets = TeacherDump.targets
 
-    def failing_targets(self, logprobs):
+    def failing_targets(self, logits, first_block):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated failure in the second batch")
-        return real_targets(self, logprobs)
+        return real_targets(self, logits, first_block)
 
     monkeypatch.setattr(TeacherDump, "targets", failing_targets)
     cache = tmp_path / "cache"
