@@ -58,6 +58,7 @@ from stage1_teacher.targets import block_uniforms, full_targets, sample_targets,
 OPERATIONAL_CACHE_KEYS = {"dir", "overwrite", "queue_size"}
 MODE_CACHE_KEYS = {"k": "topk", "draws": "sample", "sample_temperature": "sample", "seed": "sample"}
 TEST_HOOK = "KD_STAGE1_TEST_HOOK"
+CONFIG_ERROR_TIMEOUT_S = 60.0  # N processes that all refuse their config wait this long for each other
 
 
 def test_hook(event: str) -> None:
@@ -230,8 +231,8 @@ class TeacherDump:
                                      "match its sha256"
             else:
                 tqdm.write(f"[stage1] {record.file} does not match its sha256; it is computed again")
-        stats = self.read_data(compute=False)
-        problem = problem or self.check_kept(stats, resume)
+        stats, changed = self.read_data(compute=False)
+        problem = problem or changed or self.check_kept(stats, resume)
         statuses = procs.sync({"kept": sorted(self.kept), "problem": problem})
         problems = [s["problem"] for s in statuses if s["problem"]]
         if problems and not self.cfg.cache.overwrite:
@@ -282,17 +283,18 @@ class TeacherDump:
         self.progress = tqdm(unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True,
                              disable=not self.procs.main)
         try:
-            self.stats = self.read_data(compute=True)
+            self.stats, _ = self.read_data(compute=True)
             self.writer.close()
         finally:
             self.progress.close()
 
-    def read_data(self, compute: bool) -> StreamStats:
-        """One pass over the data: check the tokens of this process's kept shards, and with `compute` run the
-        teacher over its other shards (syncing with the other processes after each round of N shards)."""
+    def read_data(self, compute: bool) -> tuple[StreamStats, Optional[str]]:
+        """One pass over the data: check the tokens of this process's kept shards (the first that differ is
+        returned as a reason; while computing it is raised), and with `compute` run the teacher over its other
+        shards, syncing with the other processes after each round of N shards."""
         procs = self.procs
         stream = self.new_stream()
-        count = 0
+        count, changed = 0, None
         for spec, blocks in shards_of(stream, self.cfg.cache.shard_blocks):
             count += 1
             if spec.index % procs.world == procs.rank:
@@ -300,14 +302,16 @@ class TeacherDump:
                 if record is None:
                     if compute:
                         self.compute(spec, blocks)
-                elif record.tokens_sha256 is not None and (
+                elif changed is None and record.tokens_sha256 is not None and (
                         (record.first_block, record.num_blocks) != (spec.first_block, spec.num_blocks)
                         or record.tokens_sha256 != tokens_sha256(blocks).hexdigest()):
-                    raise UserError(f"the data changed since {self.staging.path} was started: {record.file} "
-                                    "holds other tokens than it gives now")
+                    changed = f"the data changed since {self.staging.path} was started: {record.file} holds other " \
+                              "tokens than it gives now"
+                    if compute:
+                        raise UserError(changed)
             if compute and (spec.index + 1) % procs.world == 0:
                 procs.sync()
-        return StreamStats(stream.num_blocks, stream.stream_tokens, stream.fingerprint, count)
+        return StreamStats(stream.num_blocks, stream.stream_tokens, stream.fingerprint, count), changed
 
     def compute(self, spec: ShardSpec, blocks: np.ndarray) -> None:
         """The teacher over one shard, in batches that stay inside it; the writer takes each batch."""
@@ -400,15 +404,14 @@ def main(argv: Sequence[str]) -> int:
 
 
 def main_of_many(argv: Sequence[str], procs: Processes) -> int:
-    """One of N processes: whatever fails in any of them stops all, and one line says why."""
-    prefix = f"rank {procs.rank} of {procs.world}: "
+    """One of N processes: whatever fails in any of them stops all, and the main process prints one line, then
+    waits for the others, so that no launcher kills it before it has said why."""
     try:
         try:
             _, cfg = parse_args(config_arg_parser(__doc__.splitlines()[0]), argv)
-        except UserError as err:  # the same for every process: said once
-            if procs.main:
-                print(f"error: {err}", file=sys.stderr)
-            return 2
+        except UserError as err:  # the same in every process
+            procs.start(CONFIG_ERROR_TIMEOUT_S)
+            raise Stopped(Failure(procs.rank, str(err), 2)) from None
         procs.start(cfg.teacher.sync_timeout)
         try:
             TeacherDump(cfg, procs).execute()
@@ -419,11 +422,17 @@ def main_of_many(argv: Sequence[str], procs: Processes) -> int:
             message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             procs.report(Failure(procs.rank, " ".join(message.split()), 2 if isinstance(err, UserError) else 1))
     except Stopped as stop:
-        if stop.failure.rank == procs.rank:
-            print(f"error: {prefix}{stop.failure.message}", file=sys.stderr)
+        if procs.main:
+            print(f"error: rank {stop.failure.rank} of {procs.world}: {stop.failure.message}", file=sys.stderr,
+                  flush=True)
+        try:
+            procs.sync()  # the line is out before any process exits
+        except (Stopped, LostContact):
+            pass
         return stop.failure.status
     except LostContact as err:  # a process died, or one hung past teacher.sync_timeout
-        print(f"error: {prefix}lost contact with the other processes: {err}", file=sys.stderr)
+        print(f"error: rank {procs.rank} of {procs.world}: lost contact with the other processes (one died, or did "
+              f"not arrive within teacher.sync_timeout): {err}", file=sys.stderr, flush=True)
         return 1
     finally:
         procs.stop()
