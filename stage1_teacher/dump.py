@@ -145,11 +145,13 @@ class StreamStats:
 class TeacherDump:
     """setup → run → finish, top-down; `execute` runs them and always releases what it holds."""
 
-    def __init__(self, cfg: PipelineConfig, procs: Processes) -> None:
+    def __init__(self, cfg: PipelineConfig, procs: Processes, model: Optional[torch.nn.Module] = None) -> None:
+        """`model`: the teacher of teacher.model already loaded, on the device (benchmarks compare the dump and
+        the bare forward with one model); None: loaded when there is something to compute."""
         self.cfg, self.procs = cfg, procs
         self.writer: Optional[ShardWriter] = None
         self.staging: Optional[StagingDir] = None
-        self.model = None
+        self.model = model
         self.stats: Optional[StreamStats] = None  # set by a pass over the data that needed no teacher
         self.kept: dict[int, ShardRecord] = {}  # complete shards of this process kept from an earlier run
         self.complete: Optional[Manifest] = None  # the staging directory already held this complete cache
@@ -192,9 +194,10 @@ class TeacherDump:
         resume = procs.sync({"resume": resume})[0]["resume"]
         if resume.records:
             self.resume(resume)
-        if self.stats is None or self.has_work():
+        if self.model is None and (self.stats is None or self.has_work()):
             self.model = load_causal_lm(cfg.teacher.model, "teacher", self.device, self.dtype,
                                         cfg.teacher.device_map).eval()
+        if self.model is not None:
             self.input_device = self.model.get_input_embeddings().weight.device
 
     def contents(self) -> dict[str, Any]:
@@ -359,8 +362,10 @@ class TeacherDump:
             test_hook("publish")
             self.staging.publish(cfg.cache.overwrite)
         manifest = procs.sync({"manifest": manifest})[0]["manifest"]
+        self.seconds = time.perf_counter() - self.start
+        self.writer_busy = max(s["busy"] for s in statuses)
         if procs.main:
-            self.summary(manifest, sum(s["computed"] for s in statuses), max(s["busy"] for s in statuses))
+            self.summary(manifest, sum(s["computed"] for s in statuses))
         return manifest
 
     def manifest(self, records: list[ShardRecord]) -> Manifest:
@@ -382,8 +387,8 @@ class TeacherDump:
             settings={"processes": self.procs.world, "device": str(self.device), "torch": torch.__version__},
             sample=sample, shards=[r.entry() for r in records])
 
-    def summary(self, manifest: Manifest, computed_blocks: int, writer_busy: float) -> None:
-        seconds = time.perf_counter() - self.start
+    def summary(self, manifest: Manifest, computed_blocks: int) -> None:
+        seconds, writer_busy = self.seconds, self.writer_busy
         size, tokens = manifest.bytes_on_disk, manifest.num_tokens
         computed = computed_blocks * manifest.seq_len
         resumed = manifest.num_blocks - computed_blocks

@@ -11,7 +11,7 @@ import torch
 from cache.reader import CacheReader
 from common.cli import UserError
 from stage1_teacher.dump import main as dump_main
-from stage1_teacher.targets import block_uniforms, sample_targets
+from stage1_teacher.targets import block_uniforms, inverse_transform, sample_targets
 from stage2_student.train import main as train_main
 from tests.conftest import tiny_overrides
 
@@ -67,6 +67,21 @@ def test_sampling_covers_the_whole_real_sized_vocabulary_exactly():
         assert abs(freq[tail].sum() - expected[tail].sum()) < 2e-3
     cold = sample_targets(logits.view(1, 1, vocab) - 500, vocab, 0.01, uniforms_for((1, 1), 50, 5))
     assert cold["sample_ids"][0, 0, 0] == logits.argmax() and cold["sample_counts"][0, 0, 0] == 50  # always the mode
+
+
+def test_inverse_transform_agrees_with_one_cumulative_sum_over_everything():
+    """The two-level search draws, for every uniform, the id that a search in the cumulative sum over the whole
+    row gives: at group boundaries, in the partial last group, with zero weights, and below one group."""
+    generator = torch.Generator().manual_seed(6)
+    for n in (5, 128, 300, 1000):
+        weights = torch.rand(3, n, generator=generator) ** 8
+        weights[:, ::7] = 0  # never drawn
+        uniforms = torch.rand(3, 2000, generator=generator, dtype=torch.float64)
+        cumulative = weights.double().cumsum(-1)
+        expected = torch.searchsorted(cumulative, uniforms * cumulative[:, -1:], right=True)
+        drawn = inverse_transform(weights, uniforms)
+        assert torch.equal(drawn, expected), n
+        assert (weights.gather(-1, drawn) > 0).all()
 
 
 def test_draws_are_keyed_by_block_not_by_batch_or_stream():
