@@ -9,7 +9,9 @@ forward (`docs/performance.md`, "Dump cost"). Row by row, the values do not depe
 """
 from __future__ import annotations
 
-from typing import Iterator
+import concurrent.futures
+import functools
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,25 +20,46 @@ import torch.nn.functional as F
 from cache.format import counts_dtype
 from common.alignment import vocab_logprobs
 
-CPU_BYTES_PER_THREAD = 1 << 20  # fp32 values per thread and chunk: half a core's L2 (one Qwen2 row is 0.6 MB);
-# measured at Qwen2's size, 1 row per thread costs 6.4 % of the forward for top-k, 2 rows 6.7 %, 8 rows 7.7 %
+CPU_CHUNK_BYTES = 1 << 20  # fp32 values per chunk on a CPU: half a core's L2 (one Qwen2 row is 0.6 MB); measured
+# at Qwen2's size, 1 row per chunk costs 6.4 % of the forward for top-k, 2 rows 6.7 %, 8 rows 7.7 %
 GPU_ROWS = 1024  # elsewhere: big chunks (memory stays bounded at ~1024 × vocabulary × 12 bytes)
 GROUP = 128  # consecutive vocabulary ids per group, for the top-k selection and the two-level draws
 
 
 def rows_per_chunk(device: torch.device, vocab_size: int) -> int:
-    if device.type != "cpu":
-        return GPU_ROWS
-    return torch.get_num_threads() * max(1, CPU_BYTES_PER_THREAD // (4 * vocab_size))
+    return max(1, CPU_CHUNK_BYTES // (4 * vocab_size)) if device.type == "cpu" else GPU_ROWS
 
 
-def _chunks(logits: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(rows, their logits) over the positions of `logits` [..., padded vocab], a chunk at a time."""
+@functools.lru_cache(maxsize=None)
+def _workers(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="targets")
+
+
+def _each_chunk(logits: torch.Tensor, work: Callable[[slice, torch.Tensor], None]) -> None:
+    """`work(rows, their logits)` over the positions of `logits` [..., padded vocab], a chunk at a time. On a
+    CPU with T threads the positions are cut into T ranges, each worked through by a thread of its own with
+    single-threaded ops: an OpenMP team per op costs more than the op on chunks this small (4x the time on a
+    busy machine), while these threads run independently."""
     rows = logits.reshape(-1, logits.size(-1))
     step = rows_per_chunk(logits.device, logits.size(-1))
-    for start in range(0, rows.size(0), step):
-        chunk = slice(start, min(start + step, rows.size(0)))
-        yield chunk, rows[chunk]
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # thread-local: passed on
+
+    def span(first: int, end: int) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for start in range(first, end, step):
+                chunk = slice(start, min(start + step, end))
+                work(chunk, rows[chunk])
+
+    threads = torch.get_num_threads()
+    if logits.device.type != "cpu" or threads == 1:
+        span(0, rows.size(0))
+        return
+    bounds = [rows.size(0) * i // threads for i in range(threads + 1)]
+    torch.set_num_threads(1)  # for the ops of the worker threads; the forward gets its threads back below
+    try:
+        list(_workers(threads).map(span, bounds[:-1], bounds[1:]))  # waits; a worker's error is raised here
+    finally:
+        torch.set_num_threads(threads)
 
 
 def select_topk(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +86,10 @@ def topk_targets(logits: torch.Tensor, vocab_size: int, k: int) -> dict[str, tor
     positions = logits.shape[:-1]
     ids = torch.empty(positions.numel(), k, dtype=torch.int32, device=logits.device)
     values = torch.empty(positions.numel(), k, dtype=torch.float16, device=logits.device)
-    for rows, chunk in _chunks(logits):
+    def work(rows: slice, chunk: torch.Tensor) -> None:
         values[rows], ids[rows] = select_topk(vocab_logprobs(chunk, vocab_size), k)
+
+    _each_chunk(logits, work)
     return {"topk_ids": ids.view(*positions, k), "topk_logprobs": values.view(*positions, k)}
 
 
@@ -72,8 +97,10 @@ def full_targets(logits: torch.Tensor, vocab_size: int) -> dict[str, torch.Tenso
     """Every log-prob over the truncated vocabulary, in fp16."""
     positions = logits.shape[:-1]
     out = torch.empty(positions.numel(), vocab_size, dtype=torch.float16, device=logits.device)
-    for rows, chunk in _chunks(logits):
+    def work(rows: slice, chunk: torch.Tensor) -> None:
         out[rows] = vocab_logprobs(chunk, vocab_size)
+
+    _each_chunk(logits, work)
     return {"logprobs": out.view(*positions, vocab_size)}
 
 
@@ -105,10 +132,12 @@ def sample_targets(logits: torch.Tensor, vocab_size: int, temperature: float,
     draws = uniforms.size(-1)
     flat_uniforms = uniforms.reshape(-1, draws).to(logits.device)
     drawn = torch.empty(flat_uniforms.size(0), draws, dtype=torch.int64, device=logits.device)
-    for rows, chunk in _chunks(logits):
+    def work(rows: slice, chunk: torch.Tensor) -> None:
         scaled = chunk[:, :vocab_size].float()
         probs = torch.softmax(scaled if temperature == 1.0 else scaled / temperature, dim=-1)
         drawn[rows] = inverse_transform(probs, flat_uniforms[rows])
+
+    _each_chunk(logits, work)
     ids, counts = unique_counts(drawn)
     shape = (*logits.shape[:-1], draws)
     return {"sample_ids": ids.to(torch.int32).reshape(shape),
