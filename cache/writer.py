@@ -105,8 +105,8 @@ def check_destination(final_dir: str, overwrite: bool) -> None:
         raise UserError("cache.dir is empty")
     if not os.path.lexists(final_dir):
         return
-    if not os.path.isdir(final_dir) or os.path.islink(final_dir):
-        raise UserError(f"cache.dir exists and is not a directory: {final_dir}")
+    if not os.path.isdir(final_dir) or os.path.islink(final_dir):  # a link would be replaced, not what it points to
+        raise UserError(f"cache.dir exists and is not a directory (a file or a symbolic link): {final_dir}")
     entries = set(os.listdir(final_dir)) - {LOCK_FILE}
     if not entries:
         return
