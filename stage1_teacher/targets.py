@@ -51,7 +51,8 @@ def _each_chunk(logits: torch.Tensor, work: Callable[[slice, torch.Tensor], None
                 work(chunk, rows[chunk])
 
     threads = torch.get_num_threads()
-    if logits.device.type != "cpu" or threads == 1:
+    # (the thread count can be lowered and restored per call with OpenMP; PyTorch's native backend fixes it)
+    if logits.device.type != "cpu" or threads == 1 or not torch.backends.openmp.is_available():
         span(0, rows.size(0))
         return
     bounds = [rows.size(0) * i // threads for i in range(threads + 1)]

@@ -11,7 +11,7 @@ import torch
 from cache.reader import CacheReader
 from common.cli import UserError
 from stage1_teacher.dump import main as dump_main
-from stage1_teacher.targets import block_uniforms, inverse_transform, sample_targets
+from stage1_teacher.targets import block_uniforms, full_targets, inverse_transform, sample_targets, topk_targets
 from stage2_student.train import main as train_main
 from tests.conftest import tiny_overrides
 
@@ -82,6 +82,30 @@ def test_inverse_transform_agrees_with_one_cumulative_sum_over_everything():
         drawn = inverse_transform(weights, uniforms)
         assert torch.equal(drawn, expected), n
         assert (weights.gather(-1, drawn) > 0).all()
+
+
+def test_targets_do_not_depend_on_threads_or_chunking(monkeypatch):
+    """Every mode gives the same arrays computed by 1 or 2 threads (a range of positions per thread) and in
+    chunks of any size: what a 2-process dump and a 1-process dump compare on."""
+    import stage1_teacher.targets as targets
+
+    logits = torch.randn(3, 16, 20_100, generator=torch.Generator().manual_seed(9)) * 3  # 20,000 real ids
+    uniforms = block_uniforms(1, 0, 3, 16, 50)
+
+    def all_modes() -> dict[str, torch.Tensor]:
+        return {**topk_targets(logits, 20_000, 64), **full_targets(logits, 20_000),
+                **sample_targets(logits, 20_000, 1.3, uniforms)}
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        reference = all_modes()
+        torch.set_num_threads(1)
+        for rows in (1, 5, 48):
+            monkeypatch.setattr(targets, "rows_per_chunk", lambda device, vocab, rows=rows: rows)
+            assert all(torch.equal(reference[name], value) for name, value in all_modes().items()), rows
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_draws_are_keyed_by_block_not_by_batch_or_stream():
