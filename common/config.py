@@ -32,6 +32,7 @@ DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # the dtype weigh
 ResumeMode = Literal["auto", "never"]  # what stage two does with the checkpoints of an earlier run
 RowKind = Literal["lines", "documents"]  # how a split's rows become one token stream (common.data)
 DataRows = Literal["auto", RowKind]
+DeviceMapName = Literal["auto"]  # accelerate's big-model dispatch of one model over every visible device
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -45,7 +46,12 @@ class TeacherConfig:
     batch_size: int = setting(4, "blocks per teacher forward in stage one")
     dtype: DTypeName = setting("auto", "teacher weights; `auto` = bfloat16 on a GPU that has it, float32 otherwise")
     device: str = setting("auto", "stage one's device: `auto` = cuda if available, else cpu; or a torch device "
-                                  "name (`cpu`, `cuda:1`)")
+                                  "name (`cpu`, `cuda:1`); with N processes each uses the GPU of its LOCAL_RANK")
+    device_map: Optional[DeviceMapName] = setting(None, "`auto`: spread a teacher too large for one GPU over every "
+                                                        "visible GPU (accelerate's big-model dispatch), one process "
+                                                        "only; null = the whole teacher on teacher.device")
+    sync_timeout: float = setting(1800.0, "N processes: seconds a process waits for the others (at the start, "
+                                          "after each round of N shards, at the end) before all stop in one line")
 
 
 @dataclass

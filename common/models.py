@@ -64,20 +64,22 @@ def load_tokenizer(name: str, what: str = "tokenizer"):
     check_model_source(name, what, need_config=False)
     try:
         return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged tokenizer file raises the tokenizers library's bare Exception
         raise _hub_error(err, name, what) from None
 
 
-def load_causal_lm(name: str, what: str, device: torch.device, dtype: torch.dtype | Literal["auto"]):
-    """`dtype="auto"`: the dtype the model was saved in (`from_pretrained`'s own auto)."""
+def load_causal_lm(name: str, what: str, device: torch.device, dtype: torch.dtype | Literal["auto"],
+                   device_map: str | None = None):
+    """`dtype="auto"`: the dtype the model was saved in (`from_pretrained`'s own auto). `device_map="auto"`:
+    accelerate places the layers over every visible device instead (and `device` is not used)."""
     from transformers import AutoModelForCausalLM
 
     check_model_source(name, what)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
     except (OSError, ValueError) as err:
         raise _hub_error(err, name, what) from None
-    return model.to(device)
+    return model if device_map is not None else model.to(device)
 
 
 def load_model_config(name: str, what: str):

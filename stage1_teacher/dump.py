@@ -1,26 +1,47 @@
 """`python -m stage1_teacher.dump [--config pipeline.yaml] [key=value …]`
 
-Runs the teacher once over the packed blocks and writes its next-token distributions (log-probs over
-the truncated vocabulary) to a sharded HDF5 cache: top-k, full or sampled. The teacher never waits on
-the disk: reductions happen on the device and a background thread writes behind a bounded queue.
+Runs the teacher once over the blocks of the data and writes its next-token distributions (log-probs over the
+truncated vocabulary) to a sharded HDF5 cache: top-k, full or sampled. N processes, one teacher each:
+`torchrun --nproc_per_node N -m stage1_teacher.dump …` or `accelerate launch --num_processes N -m …`.
+
+The data is streamed: each shard's blocks (tokens only) are gathered as the data is read, then the teacher
+runs over them in batches of `teacher.batch_size` that never straddle a shard; targets are reduced on the
+device and a background thread writes. Process r of N computes shards r, r+N, …; every process reads the
+data, so the number of blocks, and the fingerprint, are known to all at the end. Contents depend on the
+settings and the data, not on N: draws come from a generator keyed by the block. A rerun after a crash keeps
+the complete shards of `<cache.dir>.partial` when the settings that determine the contents are the ones it
+was started with, and re-reads the data first to check that the kept shards hold its tokens.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import sys
 import time
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from cache.encoding import stored_datasets
 from cache.format import FORMAT_NAME, FORMAT_VERSION
 from cache.manifest import DataEntry, Manifest, SampleEntry, TeacherEntry, TokenizerEntry
-from cache.writer import CacheLayout, CacheWriter, check_destination
-from common.alignment import AlignmentLog, truncate_vocab, vocab_logprobs
+from cache.writer import (
+    Resume,
+    ShardRecord,
+    ShardSpec,
+    ShardWriter,
+    StagingDir,
+    check_destination,
+    tokens_sha256,
+)
+from common.alignment import AlignmentLog, truncate_vocab
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, config_arg_parser, parse_args
-from common.data import Blocks, load_blocks, source_settings
+from common.data import BlockStream, source_settings
 from common.models import (
     load_causal_lm,
     load_model_config,
@@ -30,32 +51,129 @@ from common.models import (
     resolve_dtype,
     tokenizer_hash,
 )
-from stage1_teacher.targets import full_targets, sample_targets, topk_targets
+from stage1_teacher.processes import Failure, LostContact, Processes, Stopped
+from stage1_teacher.targets import block_uniforms, full_targets, sample_targets, topk_targets
+
+# cache.* keys that say how the dump runs, not what the cache holds; and keys that only one mode uses
+OPERATIONAL_CACHE_KEYS = {"dir", "overwrite", "queue_size"}
+MODE_CACHE_KEYS = {"k": "topk", "draws": "sample", "sample_temperature": "sample", "seed": "sample"}
+TEST_HOOK = "KD_STAGE1_TEST_HOOK"
+CONFIG_ERROR_TIMEOUT_S = 60.0  # N processes that all refuse their config wait this long for each other
 
 
-def check_cache_settings(cfg: PipelineConfig) -> None:
-    cache = cfg.cache
+def test_hook(event: str) -> None:
+    """Fault injection for the tests: KD_STAGE1_TEST_HOOK=ACTION@EVENT makes this process exit at once as if
+    killed (`exit`), raise (`fail`) or hang (`hang`) at EVENT: `shard-N` (shard N is complete; in the writer
+    thread), `rank-R` (process R begins its first shard), `publish` (the manifest is written, the swap is next)."""
+    action, _, where = os.environ.get(TEST_HOOK, "").partition("@")
+    if where != event:
+        return
+    if action == "exit":
+        os._exit(137)
+    if action == "fail":
+        raise RuntimeError(f"test hook: failing at {event}")
+    if action == "hang":
+        time.sleep(3600)
+
+
+def check_settings(cfg: PipelineConfig) -> None:
+    """Refuse, before anything is read or loaded, settings that cannot make a cache."""
+    cache, teacher = cfg.cache, cfg.teacher
+    temperature = cache.sample_temperature
+    if not cache.dir.strip():
+        raise UserError("cache.dir is empty")
     if cache.mode == "topk" and cache.k < 1:
         raise UserError(f"cache.k must be positive, got {cache.k}")
-    if cache.mode == "sample" and cache.draws < 1:
-        raise UserError(f"cache.draws must be positive, got {cache.draws}")
-    if cache.mode == "sample" and cache.sample_temperature <= 0:
-        raise UserError(f"cache.sample_temperature must be positive, got {cache.sample_temperature}")
-    if cache.shard_blocks < 1 or cache.queue_size < 1 or cfg.teacher.batch_size < 1:
-        raise UserError("cache.shard_blocks, cache.queue_size and teacher.batch_size must be positive")
+    if cache.mode == "sample":
+        if not 1 <= cache.draws <= 0xFFFFFFFF:
+            raise UserError(f"cache.draws must be positive (and below 2^32), got {cache.draws}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise UserError(f"cache.sample_temperature must be a positive finite number, got {temperature}")
+        if cache.seed < 0:
+            raise UserError(f"cache.seed must be non-negative, got {cache.seed}")
+    for name, value in (("cache.shard_blocks", cache.shard_blocks), ("cache.queue_size", cache.queue_size),
+                        ("teacher.batch_size", teacher.batch_size)):
+        if value < 1:
+            raise UserError(f"{name} must be positive, got {value}")
+    if not (math.isfinite(teacher.sync_timeout) and teacher.sync_timeout > 0):
+        raise UserError(f"teacher.sync_timeout must be a positive finite number of seconds, got {teacher.sync_timeout}")
+
+
+def teacher_device(cfg: PipelineConfig, procs: Processes) -> torch.device:
+    """One process: teacher.device. N processes: each its own GPU (LOCAL_RANK), or all on the CPU."""
+    device = resolve_device(cfg.teacher.device)
+    if procs.world == 1:
+        return device
+    if cfg.teacher.device_map is not None:
+        raise UserError("teacher.device_map=auto spreads one teacher over every visible GPU and cannot be combined "
+                        f"with {procs.world} processes (each runs its own teacher): run one process")
+    if device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise UserError(f"with {procs.world} processes each uses the GPU of its LOCAL_RANK: set teacher.device to "
+                        f"auto or cuda, not {cfg.teacher.device}")
+    if procs.local_rank >= torch.cuda.device_count():
+        raise UserError(f"process {procs.rank} has LOCAL_RANK {procs.local_rank} but only "
+                        f"{torch.cuda.device_count()} GPUs are visible")
+    torch.cuda.set_device(procs.local_rank)
+    return torch.device("cuda", procs.local_rank)
+
+
+def shards_of(stream: Iterable[np.ndarray], shard_blocks: int) -> Iterator[tuple[ShardSpec, np.ndarray]]:
+    """Consecutive shards of the stream's blocks, each with its tokens [n, seq_len]; the last may be short.
+    Only tokens are held: one shard's worth."""
+    pending: list[np.ndarray] = []
+    index = first = 0
+    for block in stream:
+        pending.append(block)
+        if len(pending) == shard_blocks:
+            yield ShardSpec(index, first, len(pending)), np.stack(pending)
+            index, first, pending = index + 1, first + len(pending), []
+    if pending:
+        yield ShardSpec(index, first, len(pending)), np.stack(pending)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What reading the whole data tells: known only at its end."""
+    num_blocks: int
+    stream_tokens: int
+    fingerprint: str
+    num_shards: int
+    read_files: list  # the files read, in order (common.data.DataFile; none for the hub)
 
 
 class TeacherDump:
-    """setup → run → finish, top-down."""
+    """setup → run → finish, top-down; `execute` runs them and always releases what it holds."""
 
-    def __init__(self, cfg: PipelineConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: PipelineConfig, procs: Processes, model: Optional[torch.nn.Module] = None) -> None:
+        """`model`: the teacher of teacher.model already loaded, on the device (benchmarks compare the dump and
+        the bare forward with one model); None: loaded when there is something to compute."""
+        self.cfg, self.procs = cfg, procs
+        self.writer: Optional[ShardWriter] = None
+        self.staging: Optional[StagingDir] = None
+        self.model = model
+        self.stats: Optional[StreamStats] = None  # set by a pass over the data that needed no teacher
+        self.kept: dict[int, ShardRecord] = {}  # complete shards of this process kept from an earlier run
+        self.complete: Optional[Manifest] = None  # the staging directory already held this complete cache
+        self.computed_blocks = 0
 
+    def execute(self) -> Manifest:
+        try:
+            self.setup()
+            self.run()
+            return self.finish()
+        finally:
+            if self.writer is not None:
+                self.writer.abort()
+            if self.staging is not None:
+                self.staging.close()
+
+    # -- setup ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
-        check_cache_settings(cfg)
-        check_destination(cfg.cache.dir, cfg.cache.overwrite)  # refuse before any expensive work
-        self.device = resolve_device(cfg.teacher.device)
+        cfg, procs = self.cfg, self.procs
+        check_settings(cfg)
+        self.device = teacher_device(cfg, procs)
         self.dtype = resolve_dtype(cfg.teacher.dtype, self.device)
         self.tokenizer = load_tokenizer(cfg.teacher.model, "teacher tokenizer")
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
@@ -66,90 +184,266 @@ class TeacherDump:
                             f"{self.vocab_size} tokens")
         if cfg.cache.mode == "topk" and cfg.cache.k > self.vocab_size:
             raise UserError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {self.vocab_size}")
-        self.blocks: Blocks = load_blocks(cfg.data, self.tokenizer, self.tokenizer_hash)
-        self.model = load_causal_lm(cfg.teacher.model, "teacher", self.device, self.dtype).eval()
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.cache.seed)
-        self.alignment = AlignmentLog()
-        num_blocks, seq_len = self.blocks.input_ids.shape
-        specs = stored_datasets(cfg.cache.mode, seq_len, self.vocab_size, cfg.cache.k, cfg.cache.draws)
-        self.writer = CacheWriter(cfg.cache.dir, CacheLayout(cfg.cache.mode, num_blocks, seq_len, specs,
-                                                             cfg.cache.shard_blocks),
-                                  overwrite=cfg.cache.overwrite, queue_size=cfg.cache.queue_size)
+        self.new_stream()  # checks data.seq_len and data.max_blocks
+        self.datasets = stored_datasets(cfg.cache.mode, cfg.data.seq_len, self.vocab_size, cfg.cache.k,
+                                        cfg.cache.draws)
+        self.staging = StagingDir(cfg.cache.dir)
+        resume = Resume()
+        if procs.main:  # one process prepares the staging directory, the others wait
+            check_destination(cfg.cache.dir, cfg.cache.overwrite)
+            resume = self.staging.open(self.contents(), cfg.cache.overwrite)
+        resume = procs.sync({"resume": resume})[0]["resume"]
+        if resume.records:
+            self.resume(resume)
+        if self.model is None and (self.stats is None or self.has_work()):
+            self.model = load_causal_lm(cfg.teacher.model, "teacher", self.device, self.dtype,
+                                        cfg.teacher.device_map).eval()
+        if self.model is not None:
+            self.input_device = self.model.get_input_embeddings().weight.device
 
-    def targets(self, logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
-        mode = self.cfg.cache.mode
-        if mode == "topk":
-            return topk_targets(logprobs, self.cfg.cache.k)
-        if mode == "full":
-            return full_targets(logprobs)
-        return sample_targets(logprobs, self.cfg.cache.draws, self.cfg.cache.sample_temperature, self.generator)
+    def contents(self) -> dict[str, Any]:
+        """The settings that determine what the cache holds, by the names users set them by: a staging
+        directory is resumed only when they are equal (the data's tokens are checked shard by shard too)."""
+        cfg = self.cfg
 
+        def local(path: Optional[str]) -> Optional[str]:
+            return os.path.abspath(path) if path and os.path.exists(path) else path
+
+        data = {f"data.{key}": local(value) if key == "local_dir" else value for key, value in vars(cfg.data).items()}
+        cache = {f"cache.{key}": value for key, value in vars(cfg.cache).items()
+                 if key not in OPERATIONAL_CACHE_KEYS and MODE_CACHE_KEYS.get(key, cfg.cache.mode) == cfg.cache.mode}
+        return {"format_version": FORMAT_VERSION,
+                "datasets": {name: dataclasses.asdict(entry) for name, entry in self.datasets.items()},
+                "teacher.model": local(cfg.teacher.model), "teacher.config_hash": model_config_hash(self.model_config),
+                "teacher.dtype": str(self.dtype), "teacher.batch_size": cfg.teacher.batch_size,
+                "tokenizer.hash": self.tokenizer_hash, **data, **cache}
+
+    def resume(self, resume: Resume) -> None:
+        """Keep what an earlier run completed: each process re-checks the sha256 of the shards it owns, then
+        every process re-reads the data (tokens only) to check that the kept shards hold its tokens and to
+        count the shards. A complete cache is kept whole or not at all; a changed data set is refused, or
+        with cache.overwrite=true the staging directory starts afresh."""
+        procs, staging = self.procs, self.staging
+        problem = None
+        for index, record in sorted(resume.records.items()):
+            if index % procs.world != procs.rank:
+                continue
+            if staging.keep(record):
+                self.kept[index] = record
+            elif resume.manifest is not None:
+                problem = problem or f"the complete cache in {staging.path} is damaged: {record.file} does not " \
+                                     "match its sha256"
+            else:
+                tqdm.write(f"[stage1] {record.file} does not match its sha256; it is computed again")
+        stats, changed = self.read_data(compute=False)
+        problem = problem or changed or self.check_kept(stats, resume)
+        statuses = procs.sync({"kept": sorted(self.kept), "problem": problem})
+        problems = [s["problem"] for s in statuses if s["problem"]]
+        if problems and not self.cfg.cache.overwrite:
+            raise UserError(f"{problems[0]}; rerun with cache.overwrite=true to start afresh")
+        if problems:
+            if procs.main:
+                tqdm.write(f"[stage1] starting afresh: {problems[0]}")
+                staging.restart()
+            procs.sync()
+            self.kept = {}
+            return
+        kept = sum(len(s["kept"]) for s in statuses)
+        if procs.main:
+            tqdm.write(f"[stage1] resuming: {kept} of {stats.num_shards} shards complete in {staging.path}")
+        self.stats = stats
+        self.complete = resume.manifest
+
+    def check_kept(self, stats: StreamStats, resume: Resume) -> Optional[str]:
+        """Why the kept shards do not fit the data as read now (None: they do)."""
+        where = f"the data changed since {self.staging.path} was started"
+        if resume.manifest is not None:
+            if (stats.fingerprint, stats.num_blocks) != (resume.manifest.dataset.fingerprint,
+                                                         resume.manifest.num_blocks):
+                return f"{where}: its tokens differ from the fingerprint of the complete cache there"
+            return None
+        beyond = [r.file for i, r in self.kept.items() if i >= stats.num_shards]
+        return f"{where}: it now makes {stats.num_shards} shards, and {beyond[0]} was complete" if beyond else None
+
+    def has_work(self) -> bool:
+        """Whether this process has shards to compute (known once the data was read)."""
+        return any(i % self.procs.world == self.procs.rank and i not in self.kept for i in range(self.stats.num_shards))
+
+    def new_stream(self) -> BlockStream:
+        return BlockStream(self.cfg.data, self.tokenizer, self.tokenizer_hash)
+
+    # -- run -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self) -> None:
-        blocks = self.blocks.input_ids
-        batch = self.cfg.teacher.batch_size
-        self.start = time.perf_counter()
-        progress = tqdm(total=blocks.size, unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True)
-        try:
-            for first in range(0, len(blocks), batch):
-                ids = blocks[first:first + batch]
-                logits = self.model(input_ids=torch.from_numpy(ids).to(self.device, torch.long),
-                                    use_cache=False).logits
-                truncate_vocab(logits, self.vocab_size, "Teacher", self.alignment)  # announces the alignment
-                logprobs = vocab_logprobs(logits, self.vocab_size)  # fp32 on the device
-                arrays = {name: t.cpu().numpy() for name, t in self.targets(logprobs).items()}
-                self.writer.put({"input_ids": ids, **arrays})
-                progress.update(ids.size)
-        except BaseException:
-            self.writer.abort()
-            raise
-        finally:
-            progress.close()
-
-    def finish(self) -> Manifest:
         cfg = self.cfg
-        manifest = self.writer.finish(self.manifest())
-        seconds = time.perf_counter() - self.start
-        size = manifest.bytes_on_disk
-        print(f"[stage1] {manifest.num_blocks} blocks, {manifest.num_tokens} tokens, {len(manifest.shards)} shards, "
-              f"{size / 2**20:.1f} MiB on disk, {size / manifest.num_tokens:.1f} B/token, {seconds:.1f} s "
-              f"({manifest.num_tokens / seconds:.0f} tok/s; writer busy {self.writer.write_seconds:.1f} s) "
-              f"→ {cfg.cache.dir}")
+        self.start = time.perf_counter()
+        if self.stats is not None and not any(self.procs.sync({"work": self.has_work()})[i]["work"]
+                                              for i in range(self.procs.world)):
+            return  # every shard was complete: the data was already read
+        self.stats = None
+        self.alignment = AlignmentLog()
+        self.writer = ShardWriter(self.staging.path, self.datasets, cfg.cache.queue_size,
+                                  on_complete=lambda record: test_hook(f"shard-{record.index}"))
+        self.progress = tqdm(unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True,
+                             disable=not self.procs.main)
+        try:
+            self.stats, _ = self.read_data(compute=True)
+            self.writer.close()
+        finally:
+            self.progress.close()
+
+    def read_data(self, compute: bool) -> tuple[StreamStats, Optional[str]]:
+        """One pass over the data: check the tokens of this process's kept shards (the first that differ is
+        returned as a reason; while computing it is raised), and with `compute` run the teacher over its other
+        shards, syncing with the other processes after each round of N shards."""
+        procs = self.procs
+        stream = self.new_stream()
+        count, changed = 0, None
+        for spec, blocks in shards_of(stream, self.cfg.cache.shard_blocks):
+            count += 1
+            if spec.index % procs.world == procs.rank:
+                record = self.kept.get(spec.index)
+                if record is None:
+                    if compute:
+                        self.compute(spec, blocks)
+                elif changed is None and record.tokens_sha256 is not None and (
+                        (record.first_block, record.num_blocks) != (spec.first_block, spec.num_blocks)
+                        or record.tokens_sha256 != tokens_sha256(blocks).hexdigest()):
+                    changed = f"the data changed since {self.staging.path} was started: {record.file} holds other " \
+                              "tokens than it gives now"
+                    if compute:
+                        raise UserError(changed)
+            if compute and (spec.index + 1) % procs.world == 0:
+                procs.sync()
+        return StreamStats(stream.num_blocks, stream.stream_tokens, stream.fingerprint, count,
+                           stream.source.files), changed
+
+    def compute(self, spec: ShardSpec, blocks: np.ndarray) -> None:
+        """The teacher over one shard, in batches that stay inside it; the writer takes each batch."""
+        if self.computed_blocks == 0:
+            test_hook(f"rank-{self.procs.rank}")
+        batch = self.cfg.teacher.batch_size
+        for start in range(0, len(blocks), batch):
+            ids = blocks[start:start + batch]
+            try:
+                logits = self.model(input_ids=torch.from_numpy(ids).to(self.input_device, torch.long),
+                                    use_cache=False).logits
+                if self.procs.main:
+                    truncate_vocab(logits, self.vocab_size, "Teacher", self.alignment)  # announces the alignment
+                arrays = {name: t.cpu().numpy() for name, t in self.targets(logits, spec.first_block + start).items()}
+            except (torch.OutOfMemoryError, MemoryError):
+                raise UserError(f"the teacher ran out of memory on {self.device} with teacher.batch_size={batch} "
+                                "blocks of data.seq_len={self.cfg.data.seq_len} tokens: lower teacher.batch_size "
+                                "(or use teacher.device_map=auto)") from None
+            self.writer.put(spec, {"input_ids": ids, **arrays})
+            self.computed_blocks += len(ids)
+            self.progress.update(ids.size)
+
+    def targets(self, logits: torch.Tensor, first_block: int) -> dict[str, torch.Tensor]:
+        cache = self.cfg.cache
+        if cache.mode == "topk":
+            return topk_targets(logits, self.vocab_size, cache.k)
+        if cache.mode == "full":
+            return full_targets(logits, self.vocab_size)
+        uniforms = block_uniforms(cache.seed, first_block, logits.size(0), logits.size(1), cache.draws)
+        return sample_targets(logits, self.vocab_size, cache.sample_temperature, uniforms)
+
+    # -- finish --------------------------------------------------------------------------------------------
+    def finish(self) -> Manifest:
+        """Agree on what was read and written, then one process writes the manifest and publishes."""
+        cfg, procs = self.cfg, self.procs
+        busy = self.writer.write_seconds if self.writer is not None else 0.0
+        statuses = procs.sync({"stats": self.stats, "computed": self.computed_blocks, "busy": busy})
+        if any(s["stats"] != self.stats for s in statuses):
+            raise UserError(f"the {procs.world} processes read different data (was it changed during the run?)")
+        manifest = self.complete
+        if procs.main:
+            if manifest is None:
+                records = self.staging.records(self.stats.num_shards)
+                manifest = self.staging.finish(self.manifest(records))
+            test_hook("publish")
+            self.staging.publish(cfg.cache.overwrite)
+        manifest = procs.sync({"manifest": manifest})[0]["manifest"]
+        self.seconds = time.perf_counter() - self.start
+        self.writer_busy = max(s["busy"] for s in statuses)
+        if procs.main:
+            self.summary(manifest, sum(s["computed"] for s in statuses))
         return manifest
 
-    def manifest(self) -> Manifest:
-        """Everything but the shards, which the writer adds."""
-        cfg = self.cfg
-        num_blocks, seq_len = self.blocks.input_ids.shape
+    def manifest(self, records: list[ShardRecord]) -> Manifest:
+        cfg, stats = self.cfg, self.stats
         sample = SampleEntry(draws=cfg.cache.draws, temperature=cfg.cache.sample_temperature, slots=cfg.cache.draws,
                              seed=cfg.cache.seed) if cfg.cache.mode == "sample" else None
         return Manifest(
-            format=FORMAT_NAME, format_version=FORMAT_VERSION, mode=cfg.cache.mode, num_blocks=num_blocks,
-            seq_len=seq_len, vocab_size=self.vocab_size, value_dtype="float16",
+            format=FORMAT_NAME, format_version=FORMAT_VERSION, mode=cfg.cache.mode, num_blocks=stats.num_blocks,
+            seq_len=cfg.data.seq_len, vocab_size=self.vocab_size, value_dtype="float16",
             values="log_softmax of the teacher's logits over the first vocab_size entries, in fp32",
-            k=cfg.cache.k if cfg.cache.mode == "topk" else None,
-            datasets=self.writer.layout.datasets,
+            k=cfg.cache.k if cfg.cache.mode == "topk" else None, datasets=self.datasets,
             teacher=TeacherEntry(model=cfg.teacher.model, config_hash=model_config_hash(self.model_config),
                                  padded_vocab_size=self.model_config.vocab_size, dtype=str(self.dtype)),
             tokenizer=TokenizerEntry(name=cfg.teacher.model, hash=self.tokenizer_hash, size=self.vocab_size),
             dataset=DataEntry(name=cfg.data.dataset, subset=cfg.data.subset, split=cfg.data.split,
                               local_dir=os.path.abspath(cfg.data.local_dir) if cfg.data.local_dir else None,
-                              max_blocks=cfg.data.max_blocks, stream_tokens=self.blocks.num_stream_tokens,
-                              fingerprint=self.blocks.fingerprint, **source_settings(cfg.data),
-                              read_files=self.blocks.source.files),
-            settings={"cache": {k: v for k, v in vars(cfg.cache).items() if k != "overwrite"},
-                      "teacher_batch_size": cfg.teacher.batch_size, "device": str(self.device),
-                      "torch": torch.__version__},
-            sample=sample)
+                              max_blocks=cfg.data.max_blocks, stream_tokens=stats.stream_tokens,
+                              fingerprint=stats.fingerprint, **source_settings(cfg.data),
+                              read_files=stats.read_files),
+            settings={"processes": self.procs.world, "device": str(self.device), "torch": torch.__version__},
+            sample=sample, shards=[r.entry() for r in records])
+
+    def summary(self, manifest: Manifest, computed_blocks: int) -> None:
+        seconds, writer_busy = self.seconds, self.writer_busy
+        size, tokens = manifest.bytes_on_disk, manifest.num_tokens
+        computed = computed_blocks * manifest.seq_len
+        resumed = manifest.num_blocks - computed_blocks
+        shards = f"{len(manifest.shards)} shards" + (f" ({resumed} blocks resumed)" if resumed else "")
+        procs = f" on {self.procs.world} processes" if self.procs.world > 1 else ""
+        print(f"[stage1] {manifest.num_blocks} blocks, {tokens} tokens, {shards}, {size / 2**20:.1f} MiB on disk, "
+              f"{size / tokens:.1f} B/token, {seconds:.1f} s ({computed / seconds:.0f} tok/s{procs}; writer busy "
+              f"{writer_busy:.1f} s) → {self.cfg.cache.dir}", flush=True)
 
 
 def main(argv: Sequence[str]) -> int:
-    _, cfg = parse_args(config_arg_parser(__doc__.splitlines()[0]), argv)
-    dump = TeacherDump(cfg)
-    dump.setup()
-    dump.run()
-    dump.finish()
-    return 0
+    procs = Processes()
+    if procs.world == 1:
+        _, cfg = parse_args(config_arg_parser(__doc__.splitlines()[0]), argv)
+        TeacherDump(cfg, procs).execute()
+        return 0
+    return main_of_many(argv, procs)
+
+
+def main_of_many(argv: Sequence[str], procs: Processes) -> int:
+    """One of N processes: whatever fails in any of them stops all, and the main process prints one line, then
+    waits for the others, so that no launcher kills it before it has said why."""
+    try:
+        try:
+            _, cfg = parse_args(config_arg_parser(__doc__.splitlines()[0]), argv)
+        except UserError as err:  # the same in every process
+            procs.start(CONFIG_ERROR_TIMEOUT_S)
+            raise Stopped(Failure(procs.rank, str(err), 2)) from None
+        procs.start(cfg.teacher.sync_timeout)
+        try:
+            TeacherDump(cfg, procs).execute()
+            return 0
+        except (Stopped, LostContact):
+            raise
+        except BaseException as err:  # noqa: BLE001 - every failure becomes the one line below
+            message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            procs.report(Failure(procs.rank, " ".join(message.split()), 2 if isinstance(err, UserError) else 1))
+    except Stopped as stop:
+        if procs.main:
+            print(f"error: rank {stop.failure.rank} of {procs.world}: {stop.failure.message}", file=sys.stderr,
+                  flush=True)
+        try:
+            procs.sync()  # the line is out before any process exits
+        except (Stopped, LostContact):
+            pass
+        return stop.failure.status
+    except LostContact as err:  # a process died, or one hung past teacher.sync_timeout
+        print(f"error: rank {procs.rank} of {procs.world}: lost contact with the other processes (one died, or did "
+              f"not arrive within teacher.sync_timeout): {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        procs.stop()
 
 
 if __name__ == "__main__":

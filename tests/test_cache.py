@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cache.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from cache.lock import LOCK_FILE
 from cache.manifest import DataEntry, DatasetEntry, Manifest, TeacherEntry, TokenizerEntry, load_manifest
 from cache.reader import CacheReader, verify_cache
 from cache.writer import CacheLayout, CacheWriter, check_destination
@@ -105,7 +106,7 @@ def test_layout_shard_ranges():
 def test_shard_files_and_manifest(written):
     cache_dir, _, returned = written
     files = sorted(os.listdir(cache_dir))
-    assert files == [MANIFEST, "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    assert files == [LOCK_FILE, MANIFEST, "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
     assert not os.path.exists(f"{cache_dir}.partial")  # staging moved into place
 
     with open(cache_dir / MANIFEST) as fh:
@@ -320,7 +321,7 @@ def test_overwrite_replaces_an_existing_cache(written):
     new_arrays = make_arrays(seed=7, n=5)
     manifest = write_cache(cache_dir, new_arrays, sizes=(5,), overwrite=True)
     assert manifest.num_blocks == 5
-    assert sorted(os.listdir(cache_dir)) == [MANIFEST, "shard-00000.h5", "shard-00001.h5"]
+    assert sorted(os.listdir(cache_dir)) == [LOCK_FILE, MANIFEST, "shard-00000.h5", "shard-00001.h5"]
     reader = CacheReader(str(cache_dir))
     np.testing.assert_array_equal(reader.read_all("input_ids"), new_arrays["input_ids"])
     reader.close()

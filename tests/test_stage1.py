@@ -64,6 +64,24 @@ def test_topk_equals_independent_recompute(tiny, topk_cache):
     assert (values[..., :-1] >= values[..., 1:]).all()  # largest first
 
 
+def test_topk_selection_in_the_best_groups_is_torch_topk():
+    """At Qwen2's vocabulary size the top-k is searched in the groups with the largest maxima: the values are
+    torch.topk's exactly, and so are the ids wherever values are not tied (ties are made on purpose here, in the
+    top-k and across group boundaries)."""
+    from stage1_teacher.targets import GROUP, select_topk
+
+    logprobs = torch.log_softmax(torch.randn(6, 151_646, generator=torch.Generator().manual_seed(2)) * 3, dim=-1)
+    logprobs[0, :200] = logprobs[0].max() + 1  # 200 equal maxima, over two groups: only the values are fixed
+    logprobs[1, GROUP - 1], logprobs[1, GROUP] = 5.0, 4.0  # the best two at a group boundary
+    logprobs[2, -3:] = 6.0  # in the partial last group
+    values, ids = select_topk(logprobs, 64)
+    expected_values, expected_ids = torch.topk(logprobs, 64, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(logprobs.gather(-1, ids), values)  # each id holds its value
+    assert torch.equal(ids[1:], expected_ids[1:])
+    assert set(ids[0].tolist()) <= set(range(200)) and len(set(ids[0].tolist())) == 64
+
+
 def test_full_mode_round_trips_within_float16(tiny, full_cache):
     reader = CacheReader(str(full_cache))
     expected = teacher_logprobs(tiny, independent_blocks(tiny, 128, TEST_BLOCKS))
@@ -96,7 +114,8 @@ def test_manifest_and_checksums(tiny, topk_cache):
         with h5py.File(path, "r") as handle:
             assert handle["topk_ids"].chunks == (1, 128, 16)
             assert handle["topk_logprobs"].dtype == np.float16
-    assert sorted(p.name for p in topk_cache.iterdir()) == ["manifest.json"] + [s["file"] for s in manifest["shards"]]
+    listed = ["kd-cache.lock", "manifest.json"] + [s["file"] for s in manifest["shards"]]
+    assert sorted(p.name for p in topk_cache.iterdir()) == listed  # the lock file travels with the cache
 
 
 def test_cli_prints_align_and_summary_and_refuses_to_overwrite(tiny, tmp_path):
@@ -135,11 +154,11 @@ def test_a_failed_dump_leaves_no_cache(tiny, tmp_path, monkeypatch):
     calls = []
     real_targets = TeacherDump.targets
 
-    def failing_targets(self, logprobs):
+    def failing_targets(self, logits, first_block):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated failure in the second batch")
-        return real_targets(self, logprobs)
+        return real_targets(self, logits, first_block)
 
     monkeypatch.setattr(TeacherDump, "targets", failing_targets)
     cache = tmp_path / "cache"
