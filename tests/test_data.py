@@ -8,11 +8,11 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cache.manifest import load_manifest
 from common.cli import UserError
 from common.config import DataConfig
 from common.data import data_fingerprint, load_blocks, load_rows, pack_blocks, tokenize_stream
@@ -711,8 +711,13 @@ def test_dump_data_errors_are_one_line_status_2_and_no_cache(tiny, tmp_path):
     for case, (proc, cache) in procs.items():
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 2, (case, stderr[-2000:])
-        assert stderr.splitlines() == [DUMP_ERRORS[case][1].format(root=tmp_path)], case
-        assert not cache.exists() and not Path(f"{cache}.partial").exists(), case
+        # a late row is met while the teacher runs (the data streams): progress bars may precede the one line
+        lines = stderr.splitlines()
+        assert lines[-1] == DUMP_ERRORS[case][1].format(root=tmp_path), case
+        assert "Traceback" not in stderr and sum(line.startswith("error:") for line in lines) == 1, case
+        assert not cache.exists(), case
+        with pytest.raises(UserError):  # a staging directory left for a rerun is never taken for a cache
+            load_manifest(f"{cache}.partial")
 
 
 # --- bench.stream_memory, far below its sizes -----------------------------------------------------------
