@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from cache.encoding import encode, h5_create_kwargs
-from cache.format import MANIFEST, file_sha256, shard_name
+from cache.format import MANIFEST, MODE_DATASETS, file_sha256, shard_name
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
 from common.fsutil import publish_directory, write_text_atomic
@@ -91,8 +91,9 @@ class CacheWriter:
         """Queue the next consecutive blocks (every dataset of the layout, same leading size)."""
         self._raise_if_failed()
         sizes = {len(a) for a in arrays.values()}
-        if set(arrays) != set(self.layout.datasets) or len(sizes) != 1:
-            raise ValueError(f"expected datasets {sorted(self.layout.datasets)} of equal length")
+        decoded = MODE_DATASETS[self.layout.mode]  # what is put; layout.datasets are what is stored
+        if set(arrays) != set(decoded) or len(sizes) != 1:
+            raise ValueError(f"expected datasets {sorted(decoded)} of equal length")
         count = sizes.pop()
         if self._next_block + count > self.layout.num_blocks:
             raise ValueError("more blocks than the layout holds")

@@ -71,7 +71,8 @@ class TeacherDump:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.cache.seed)
         self.alignment = AlignmentLog()
         num_blocks, seq_len = self.blocks.input_ids.shape
-        specs = stored_datasets(cfg.cache.mode, seq_len, self.vocab_size, cfg.cache.k, cfg.cache.draws)
+        specs = stored_datasets(cfg.cache.mode, seq_len, self.vocab_size, cfg.cache.k, cfg.cache.draws,
+                                cfg.cache.quantize)
         self.writer = CacheWriter(cfg.cache.dir, CacheLayout(cfg.cache.mode, num_blocks, seq_len, specs,
                                                              cfg.cache.shard_blocks),
                                   overwrite=cfg.cache.overwrite, queue_size=cfg.cache.queue_size)

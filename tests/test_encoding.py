@@ -1,0 +1,318 @@
+"""Format 2's encodings: every one round-trips (lossless ones bit-exact, the quantized one within its bound
+with the mass kept) on random and adversarial data; the README's numpy decoder agrees with the reader; a
+format-1 cache written here with plain h5py + json reads identically and still trains; the reader hands
+out no damaged block (one line naming the shard and block), and stage one prints the bytes per token."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache.encoding import DecodeError, decode, decode_sample, encode, stored_datasets
+from cache.format import SQRT_GRID, STORED_SCHEMES
+from cache.manifest import SampleEntry
+from cache.reader import CacheReader, block_problem, verify_cache
+from cache.writer import CacheLayout, CacheWriter
+from common.cli import UserError
+from tests.test_cache import call_with_timeout, canonical_topk, manifest_for
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN2_VOCAB = 151_646  # ids ≥ 131,072 need 18 bits: the ones a 17-bit format corrupts
+FP16_MIN = np.float16(-65504.0)
+
+
+# --- data: random and adversarial --------------------------------------------------------------------------
+
+def topk_case(rng, n: int, length: int, k: int, vocab: int, kind: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """[n, L, k] distinct ids and fp16 log-probs, in the canonical order."""
+    ids = np.argsort(rng.random((n, length, vocab)), axis=-1)[..., :k] if vocab <= 4096 else \
+        np.stack([rng.choice(vocab, k, replace=False) for _ in range(n * length)]).reshape(n, length, k)
+    ids = ids.astype(np.int32)
+    if kind == "random":  # log-softmax of Zipf-like logits
+        logits = rng.standard_normal((n, length, k)) * 2 - np.log1p(np.arange(k)) * rng.uniform(0.2, 3, (n, length, 1))
+        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True) * rng.uniform(1, 3, (n, length, 1)))
+    elif kind == "adversarial":
+        logprobs = -rng.exponential(4, (n, length, k))
+        logprobs[:, 0] = np.where(np.arange(k) == 0, 0.0, FP16_MIN)  # one-hot, the rest underflowed in fp16
+        logprobs[:, 1] = -np.log(k)  # uniform: every id ties
+        logprobs[:, 2, :2] = [-0.0, 0.0]  # -0.0 and 0.0 are the same value: they tie
+        logprobs[:, 3] = -(1e4 + rng.random(k))  # very negative, distinct in fp32, ties in fp16
+        ids[:, 4] = np.r_[0, rng.choice(np.arange(1, vocab - 1), k - 2, replace=False), vocab - 1]  # first, last
+        ids[:, 5] = vocab - 1 - np.arange(k)  # the top of the vocabulary
+    else:
+        raise ValueError(kind)
+    return canonical_topk(ids, np.maximum(logprobs, FP16_MIN).astype(np.float16))
+
+
+def sample_case(rng, n: int, length: int, draws: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, L, m=draws] unique drawn ids, most drawn first (ties by id), −1/0 padded: computed without the
+    project's code, from draws out of small id pools (many ties), one id only, or every draw distinct."""
+    ids = np.full((n, length, draws), -1, np.int32)
+    counts = np.zeros((n, length, draws), np.uint8 if draws < 256 else np.uint16)
+    for b in range(n):
+        for t in range(length):
+            kind = (b * length + t) % 4
+            if kind == 0:
+                drawn = np.full(draws, rng.integers(vocab))  # one-hot
+            elif kind == 1:
+                drawn = rng.choice(vocab, draws, replace=False)  # all distinct
+            else:
+                pool = np.concatenate([rng.choice(vocab, 8, replace=False), [0, vocab - 1]])
+                drawn = rng.choice(pool, draws)
+            unique, count = np.unique(drawn, return_counts=True)
+            order = np.lexsort((unique, -count))
+            ids[b, t, :len(unique)], counts[b, t, :len(unique)] = unique[order], count[order]
+    return ids, counts
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def assert_identical(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert set(got) == set(expected)
+    for name, values in expected.items():
+        assert got[name].dtype == values.dtype and got[name].shape == values.shape, name
+        np.testing.assert_array_equal(bits(got[name]), bits(values), err_msg=name)
+
+
+# --- round trips --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, vocab, k", [("random", QWEN2_VOCAB, 64), ("adversarial", QWEN2_VOCAB, 64),
+                                           ("random", 50, 50), ("adversarial", 50, 50), ("random", 3, 1)])
+def test_topk_lossless_is_bit_exact(kind, vocab, k):
+    rng = np.random.default_rng(k)
+    ids, logprobs = topk_case(rng, 3, 8, k, vocab, kind)
+    arrays = {"input_ids": rng.integers(0, vocab, (3, 8), dtype=np.int32), "topk_ids": ids, "topk_logprobs": logprobs}
+    datasets = stored_datasets("topk", 8, vocab, k, 1)
+    stored = encode(datasets, arrays)
+    assert stored["topk_id_gaps"].dtype == np.uint32 and (stored["topk_id_gaps"][..., 1:] > 0).all()  # ascending
+    assert_identical(decode(datasets, stored), arrays)  # n blocks at once
+    assert_identical(decode(datasets, {name: a[1] for name, a in stored.items()}),
+                     {name: a[1] for name, a in arrays.items()})  # one block
+    # any order of the k ids in, the canonical order out
+    shuffle = rng.permuted(np.broadcast_to(np.arange(k), ids.shape), axis=-1)
+    scrambled = dict(arrays, topk_ids=np.take_along_axis(ids, shuffle, -1),
+                     topk_logprobs=np.take_along_axis(logprobs, shuffle, -1))
+    assert_identical(decode(datasets, encode(datasets, scrambled)), arrays)
+
+
+def test_topk_ids_near_the_top_of_the_vocabulary_survive():
+    """The 17-bit bug: every id ≥ 131,072 must come back as itself."""
+    rng = np.random.default_rng(1)
+    ids = (QWEN2_VOCAB - 1 - np.arange(64 * 16)).reshape(1, 16, 64).astype(np.int32)  # 150,622 … 151,645
+    logprobs = -np.sort(rng.exponential(3, (1, 16, 64)), -1).astype(np.float16)
+    ids, logprobs = canonical_topk(ids, logprobs)
+    datasets = stored_datasets("topk", 16, QWEN2_VOCAB, 64, 1)
+    decoded = decode(datasets, encode(datasets, {"input_ids": ids[..., 0], "topk_ids": ids, "topk_logprobs": logprobs}))
+    np.testing.assert_array_equal(decoded["topk_ids"], ids)
+    assert decoded["topk_ids"].max() == QWEN2_VOCAB - 1 and decoded["topk_ids"].min() >= 131_072
+
+
+def test_topk_with_k_equal_to_the_vocabulary():
+    rng = np.random.default_rng(2)
+    vocab = 300
+    logits = rng.standard_normal((2, 4, vocab)) * 3
+    logprobs = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float16)
+    ids, logprobs = canonical_topk(np.broadcast_to(np.arange(vocab, dtype=np.int32), logprobs.shape).copy(), logprobs)
+    for quantize in (False, True):
+        datasets = stored_datasets("topk", 4, vocab, vocab, 1, quantize)
+        stored = encode(datasets, {"input_ids": ids[..., 0], "topk_ids": ids, "topk_logprobs": logprobs})
+        np.testing.assert_array_equal(stored["topk_id_gaps"][..., 1:], 1)  # every id: gaps of one
+        decoded = decode(datasets, stored)
+        if not quantize:
+            np.testing.assert_array_equal(bits(decoded["topk_logprobs"]), bits(logprobs))
+        np.testing.assert_array_equal(np.sort(decoded["topk_ids"], -1), np.sort(ids, -1))
+
+
+def quantized(ids: np.ndarray, logprobs: np.ndarray) -> dict[str, np.ndarray]:
+    datasets = stored_datasets("topk", ids.shape[1], QWEN2_VOCAB, ids.shape[2], 1, quantize=True)
+    assert datasets["topk_sqrtp_by_id"].grid == SQRT_GRID
+    return decode(datasets, encode(datasets, {"input_ids": ids[..., 0], "topk_ids": ids, "topk_logprobs": logprobs}))
+
+
+@pytest.mark.parametrize("kind", ["random", "adversarial"])
+def test_topk_quantized_within_its_bound_mass_kept(kind):
+    rng = np.random.default_rng(3)
+    ids, logprobs = topk_case(rng, 4, 32, 64, QWEN2_VOCAB, kind)
+    decoded = quantized(ids, logprobs)
+    got_ids, got = decoded["topk_ids"], decoded["topk_logprobs"]
+    assert got.dtype == np.float16 and got_ids.dtype == np.int32
+    assert np.isfinite(got.astype(np.float32)).all() and (got <= 0).all()
+    # the canonical order of the decoded values, and the same ids per position
+    np.testing.assert_array_equal(canonical_topk(got_ids, got)[0], got_ids)
+    np.testing.assert_array_equal(np.sort(got_ids, -1), np.sort(ids, -1))
+    # each id's probability, matched by id
+    p = np.exp(logprobs.astype(np.float64))
+    order = np.argsort(got_ids, -1)
+    p_hat = np.take_along_axis(np.exp(got.astype(np.float64)), order, -1)
+    p = np.take_along_axis(p, np.argsort(ids, -1), -1)
+    # √p on a grid of 1/1024: |Δp| ≤ (2√p·½ + ¼/1024)/1024; the mass correction scales every p̂ by at most
+    # 1 + Σ those / Σp; the fp16 rounding of log p̂ adds |log p̂|·2^-11 relative
+    grid = (np.sqrt(p) + 0.25 / SQRT_GRID) / SQRT_GRID
+    mass = p.sum(-1, keepdims=True)  # 0 where every log-prob underflowed: then every p̂ must be 0 too
+    scale = np.divide(grid.sum(-1, keepdims=True), mass, out=np.zeros_like(mass), where=mass > 0)
+    grid = np.where(mass > 0, grid, 0)
+    fp16 = p_hat * np.abs(np.log(np.maximum(p_hat, 1e-300))) * 2.0 ** -11
+    bound = grid * (1 + scale) + p * scale + fp16 + 1e-9
+    assert (np.abs(p_hat - p) <= bound).all(), np.abs(p_hat - p).max()
+    assert np.abs(p_hat - p).max() <= 1 / SQRT_GRID + 5e-4
+    # the mass of the k ids (1 − the tail bucket) is the teacher's, to the fp16 rounding of each log p̂
+    mass_error = np.abs(p_hat.sum(-1) - p.sum(-1))
+    assert (mass_error <= fp16.sum(-1) + 1e-6).all(), mass_error.max()
+    if kind == "random":  # KL of the renormalised top-k ≈ Σ 2 E[(Δ√p)²] / Σp ≤ k / (6 grid²) / Σp
+        s, s_hat = p.sum(-1, keepdims=True), p_hat.sum(-1, keepdims=True)
+        kl = (p / s * (np.log(p / s) - np.log(p_hat / s_hat))).sum(-1)
+        expected = 64 / (6 * SQRT_GRID**2) / s[..., 0]
+        assert kl.mean() <= 1.2 * expected.mean(), (kl.mean(), expected.mean())
+
+
+def test_quantized_one_hot_and_underflow():
+    ids = np.array([[[7, 3, 151_645, 0]]], np.int32)
+    logprobs = np.array([[[0.0, FP16_MIN, FP16_MIN, -30.0]]], np.float16)
+    decoded = quantized(*canonical_topk(ids, logprobs))
+    assert decoded["topk_ids"][0, 0, 0] == 7 and -1e-6 < decoded["topk_logprobs"][0, 0, 0] <= 0
+    rest = decoded["topk_logprobs"][0, 0, 1:].astype(np.float64)  # below half a grid step: (¼/1024)² each
+    assert np.isfinite(rest).all() and (np.exp(rest) < 1e-7).all() and len(set(rest)) == 1
+    np.testing.assert_array_equal(decoded["topk_ids"][0, 0, 1:], [0, 3, 151_645])  # equal values: ascending ids
+
+
+@pytest.mark.parametrize("draws", [50, 300])
+def test_sample_round_trip_is_bit_exact(draws):
+    rng = np.random.default_rng(draws)
+    ids, counts = sample_case(rng, 3, 12, draws, QWEN2_VOCAB)
+    arrays = {"input_ids": rng.integers(0, QWEN2_VOCAB, (3, 12), dtype=np.int32), "sample_ids": ids,
+              "sample_counts": counts}
+    datasets = stored_datasets("sample", 12, QWEN2_VOCAB, 64, draws)
+    stored = encode(datasets, arrays)
+    used = int((counts[0] > 0).sum())
+    assert (stored["sample_counts_by_id"][0, :used] > 0).all() and (stored["sample_counts_by_id"][0, used:] == 0).all()
+    assert_identical(decode(datasets, stored), arrays)
+    assert_identical(decode(datasets, {name: a[2] for name, a in stored.items()}), {n: a[2] for n, a in arrays.items()})
+
+
+def test_encode_refuses_what_it_cannot_store():
+    datasets = stored_datasets("topk", 2, 10, 3, 1)
+    good = {"input_ids": np.zeros((1, 2), np.int32), "topk_ids": np.tile(np.arange(3, dtype=np.int32), (1, 2, 1)),
+            "topk_logprobs": np.full((1, 2, 3), -1.1, np.float16)}
+    with pytest.raises(ValueError, match="below 0"):
+        encode(datasets, dict(good, topk_ids=good["topk_ids"] - 1))
+    with pytest.raises(ValueError, match="differ in shape"):
+        encode(datasets, dict(good, topk_logprobs=np.zeros((1, 2, 4), np.float16)))
+    sample = stored_datasets("sample", 1, 10, 3, 4)
+    with pytest.raises(ValueError, match="add up to the 4 draws"):
+        encode(sample, {"input_ids": np.zeros((1, 1), np.int32), "sample_ids": np.array([[[1, 2, -1, -1]]], np.int32),
+                        "sample_counts": np.array([[[2, 1, 0, 0]]], np.uint8)})
+    with pytest.raises(UserError, match="cache.quantize applies to topk"):
+        stored_datasets("sample", 1, 10, 3, 4, quantize=True)
+
+
+def test_decode_refuses_packed_counts_no_encoder_writes():
+    counts = np.array([2, 2, 1, 3, 0, 0, 0, 0], np.uint8)  # 2 positions × 4 draws: 2+2 | 1+3
+    gaps = np.array([5, 1, 9, 2, 0, 0, 0, 0], np.uint32)
+    ids, got = decode_sample(gaps, counts, 2)
+    np.testing.assert_array_equal(ids, [[5, 6, -1, -1], [11, 9, -1, -1]])
+    np.testing.assert_array_equal(got, [[2, 2, 0, 0], [3, 1, 0, 0]])
+    for bad in ([2, 3, 1, 2, 0, 0, 0, 0],  # a position straddles the boundary
+                [2, 0, 2, 4, 0, 0, 0, 0],  # a zero among the used entries
+                [2, 2, 1, 0, 0, 0, 0, 0],  # too few draws
+                [0] * 8):
+        with pytest.raises(DecodeError):
+            decode_sample(gaps, np.array(bad, np.uint8), 2)
+
+
+def test_block_problem_names_what_is_wrong():
+    ok = {"input_ids": np.array([0, 9], np.int32), "topk_ids": np.array([[9, 0]], np.int32),
+          "topk_logprobs": np.array([[-0.0, -3.0]], np.float16)}
+    assert block_problem(ok, 10, None) is None
+    assert block_problem(dict(ok, topk_ids=np.array([[10, 0]], np.int32)), 10, None) == \
+        "topk_ids outside [0, 10) (max 10)"
+    assert block_problem(dict(ok, input_ids=np.array([-16776892, 1], np.int32)), 10, None) == \
+        "input_ids outside [0, 10) (min -16776892)"
+    for bad in (np.inf, -np.inf, np.nan, 0.001, 6e-8):
+        values = np.array([[-1.0, bad]], np.float16)
+        assert "topk_logprobs not finite and ≤ 0" in block_problem(dict(ok, topk_logprobs=values), 10, None), bad
+    sample = {"sample_ids": np.array([[3, 4, -1]], np.int32), "sample_counts": np.array([[2, 1, 0]], np.uint8)}
+    assert block_problem(sample, 10, 3) is None
+    assert "not -1" in block_problem(dict(sample, sample_ids=np.array([[3, 4, 5]], np.int32)), 10, 3)
+    assert "outside" in block_problem(dict(sample, sample_ids=np.array([[3, -1, -1]], np.int32)), 10, 3)
+    assert "add up to 4" in block_problem(dict(sample, sample_counts=np.array([[2, 2, 0]], np.uint8)), 10, 3)
+
+
+# --- caches through the writer and the reader ----------------------------------------------------------------
+
+L = 16
+FULL_VOCAB = 500  # a full cache stores every log-prob: keep its vocabulary small
+
+
+def cache_arrays(mode: str, n: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vocab = FULL_VOCAB if mode == "full" else QWEN2_VOCAB
+    arrays = {"input_ids": rng.integers(0, vocab, (n, L), dtype=np.int32)}
+    if mode == "topk":
+        arrays["topk_ids"], arrays["topk_logprobs"] = topk_case(rng, n, L, 64, vocab, "adversarial")
+    elif mode == "sample":
+        arrays["sample_ids"], arrays["sample_counts"] = sample_case(rng, n, L, 50, vocab)
+    else:
+        logits = rng.standard_normal((n, L, vocab)) * 4
+        arrays["logprobs"] = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float16)
+    return arrays
+
+
+def write_cache_of_mode(cache_dir: Path, mode: str, arrays: dict[str, np.ndarray], quantize: bool = False) -> None:
+    """A format-2 cache of `arrays` through the project's writer (2 blocks per shard)."""
+    vocab = FULL_VOCAB if mode == "full" else QWEN2_VOCAB
+    layout = CacheLayout(mode, len(arrays["input_ids"]), L, stored_datasets(mode, L, vocab, 64, 50, quantize), 2)
+    manifest = dataclasses.replace(manifest_for(layout), mode=mode, seq_len=L, vocab_size=vocab,
+                                   k=64 if mode == "topk" else None,
+                                   sample=SampleEntry(50, 1.0, 50, 0) if mode == "sample" else None)
+
+    def run():
+        writer = CacheWriter(str(cache_dir), layout, queue_size=2)
+        writer.put(arrays)
+        return writer.finish(manifest)
+    call_with_timeout(run)
+
+
+def readme_decoder():
+    """The README's numpy decoder, executed as written."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- BEGIN decode example -->\n```python\n(.*?)```\n<!-- END decode example -->", readme, re.S)
+    assert code, "README lacks the decode example"
+    namespace: dict = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    return namespace["read_block"]
+
+
+CACHES = {"topk": ("topk", False), "topk quantized": ("topk", True), "sample": ("sample", False),
+          "full": ("full", False)}
+
+
+@pytest.mark.parametrize("case", list(CACHES))
+def test_cache_round_trip_and_the_readme_decoder(tmp_path, case):
+    mode, quantize = CACHES[case]
+    arrays = cache_arrays(mode)
+    cache_dir = tmp_path / "cache"
+    write_cache_of_mode(cache_dir, mode, arrays, quantize)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and list(manifest["datasets"]) == list(STORED_SCHEMES[mode][int(quantize)])
+    reader, read_block = CacheReader(str(cache_dir)), readme_decoder()
+    try:
+        for b in range(len(arrays["input_ids"])):
+            block = reader.block(b)
+            assert_identical(read_block(str(cache_dir), b), block)  # a third party decodes what we decode
+            if not quantize:
+                assert_identical(block, {name: a[b] for name, a in arrays.items()})
+                continue
+            assert_identical({"input_ids": block["input_ids"]}, {"input_ids": arrays["input_ids"][b]})
+            np.testing.assert_array_equal(np.sort(block["topk_ids"], -1), np.sort(arrays["topk_ids"][b], -1))
+            mass, mass_hat = (np.exp(a.astype(np.float64)).sum(-1) for a in (arrays["topk_logprobs"][b],
+                                                                             block["topk_logprobs"]))
+            assert np.abs(mass_hat - mass).max() < 2e-3
+    finally:
+        reader.close()
+    assert verify_cache(str(cache_dir)) == []
