@@ -56,35 +56,37 @@ def stored_datasets(mode: CacheMode, seq_len: int, vocab_size: int, k: int, draw
             shape_per_block=stored_shape(d, seq_len, k, vocab_size, draws),
             dtype=counts_dtype(draws) if d.dtype == "counts" else d.dtype,
             compression=compression, compression_opts=ZSTD_LEVEL if compression == "zstd" else None,
-            encoding=d.encoding, grid=SQRT_GRID if d.encoding == "sqrt-grid" else None)
+            checksum=True, encoding=d.encoding, grid=SQRT_GRID if d.encoding == "sqrt-grid" else None)
     return entries
 
 
 def h5_create_kwargs(entry: DatasetEntry) -> dict[str, Any]:
-    """Filter arguments for `h5py.File.create_dataset` of a stored dataset."""
+    """Filter arguments for `h5py.File.create_dataset` of a stored dataset: byte shuffle and the compression,
+    then the checksum (h5py orders them so), which thus covers the bytes on disk."""
+    kwargs: dict[str, Any] = {"shuffle": entry.compression is not None, "fletcher32": entry.checksum}
     if entry.compression == "zstd":
-        return {"shuffle": True, **hdf5plugin.Zstd(clevel=entry.compression_opts)}
-    return {"compression": entry.compression, "compression_opts": entry.compression_opts,
-            "shuffle": entry.compression is not None}
+        return {**kwargs, **hdf5plugin.Zstd(clevel=entry.compression_opts)}
+    return {**kwargs, "compression": entry.compression, "compression_opts": entry.compression_opts}
 
 
-_SHUFFLE, _DEFLATE, _ZSTD = 2, 1, 32015  # HDF5 filter ids
+_SHUFFLE, _DEFLATE, _FLETCHER32, _ZSTD = 2, 1, 3, 32015  # HDF5 filter ids
 
 
 def filter_pipeline(entry: DatasetEntry) -> list[tuple[int, int | None]]:
     """The (HDF5 filter id, level) pipeline `h5_create_kwargs(entry)` creates, as `stored_filters` reads it."""
-    if entry.compression is None:
-        return []
-    return [(_SHUFFLE, None), (_DEFLATE if entry.compression == "gzip" else _ZSTD, entry.compression_opts)]
+    pipeline: list[tuple[int, int | None]] = []
+    if entry.compression is not None:
+        pipeline += [(_SHUFFLE, None), (_DEFLATE if entry.compression == "gzip" else _ZSTD, entry.compression_opts)]
+    return pipeline + [(_FLETCHER32, None)] * entry.checksum
 
 
 def stored_filters(dataset) -> list[tuple[int, int | None]]:
-    """The filter pipeline of an open h5py dataset: (filter id, level; None for the shuffle)."""
+    """The filter pipeline of an open h5py dataset: (filter id, level; None for the shuffle and the checksum)."""
     plist = dataset.id.get_create_plist()
     pipeline = []
     for i in range(plist.get_nfilters()):
         code, _flags, values, _name = plist.get_filter(i)
-        pipeline.append((code, None if code == _SHUFFLE or not values else int(values[0])))
+        pipeline.append((code, None if code in (_SHUFFLE, _FLETCHER32) or not values else int(values[0])))
     return pipeline
 
 

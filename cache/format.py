@@ -67,8 +67,8 @@ def dataset_table_markdown() -> str:
 # How a stored dataset holds (part of) a decoded one; the one set of encoding names (cache/encoding.py
 # implements them, the manifest records one per stored dataset, format 1 has only "raw").
 Encoding = Literal["raw", "id-gaps", "by-id", "sqrt-grid", "log-scale", "packed-id-gaps", "packed-counts"]
-# HDF5 filter pipelines: "gzip" = byte shuffle + deflate (format 1's), "zstd" = byte shuffle + zstd
-# (hdf5plugin's Zstd filter, HDF5 filter id 32015)
+# HDF5 compression filters, each after a byte shuffle: "gzip" = deflate (format 1's), "zstd" = hdf5plugin's
+# Zstd filter (HDF5 filter id 32015)
 Compression = Literal["gzip", "zstd"]
 SQRT_GRID = 1024  # cache.quantize: steps per unit of √p (max |Δp| ≤ 1/1024, see cache/encoding.py)
 

@@ -41,6 +41,7 @@ class DatasetEntry:
     dtype: str
     compression: Optional[Compression] = None  # the HDF5 filter pipeline (cache.format.Compression), None = none
     compression_opts: Optional[int] = None  # its level
+    checksum: bool = False  # HDF5's Fletcher-32 checksum of every chunk, verified by HDF5 on each read
     encoding: Encoding = "raw"  # how it holds the decoded data (cache/encoding.py)
     grid: Optional[int] = None  # sqrt-grid only: steps per unit of √p
 

@@ -5,17 +5,20 @@ out no damaged block (one line naming the shard and block), and stage one prints
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from cache.encoding import DecodeError, decode, decode_sample, encode, stored_datasets
 from cache.format import SQRT_GRID, STORED_SCHEMES
 from cache.manifest import SampleEntry
-from cache.reader import CacheReader, block_problem, verify_cache
+from cache.reader import CacheDataError, CacheReader, block_problem, verify_cache
 from cache.writer import CacheLayout, CacheWriter
 from common.cli import UserError
 from tests.test_cache import call_with_timeout, canonical_topk, manifest_for
@@ -316,3 +319,263 @@ def test_cache_round_trip_and_the_readme_decoder(tmp_path, case):
     finally:
         reader.close()
     assert verify_cache(str(cache_dir)) == []
+
+
+# --- the reader hands out no damaged block ------------------------------------------------------------------
+
+def reseal(cache_dir: Path) -> None:
+    """Re-checksum every shard into the manifest: damage the checksums cannot see (made before they were
+    taken), so that what is tested is the reader's own checks."""
+    path = cache_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for shard in manifest["shards"]:
+        shard["sha256"] = hashlib.sha256((cache_dir / shard["file"]).read_bytes()).hexdigest()
+        shard["bytes"] = (cache_dir / shard["file"]).stat().st_size
+    path.write_text(json.dumps(manifest))
+
+
+def read_error(cache_dir: Path, block: int) -> str:
+    reader = CacheReader(str(cache_dir))
+    try:
+        with pytest.raises(CacheDataError) as info:
+            reader.block(block)
+    finally:
+        reader.close()
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.fixture
+def topk_cache(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    arrays = cache_arrays("topk")
+    write_cache_of_mode(tmp_path / "cache", "topk", arrays)
+    return tmp_path / "cache", arrays
+
+
+def test_a_shard_truncated_to_half_is_one_line(topk_cache):
+    cache_dir, arrays = topk_cache
+    shard = cache_dir / "shard-00001.h5"  # blocks 2 and 3
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    message = read_error(cache_dir, 3)
+    assert message.startswith(f"{cache_dir}: shard-00001.h5") and "HDF5" in message, message
+    reader = CacheReader(str(cache_dir))  # the other shards still read
+    assert_identical(reader.block(4), {name: a[4] for name, a in arrays.items()})
+    reader.close()
+    problems = verify_cache(str(cache_dir))
+    assert problems == ["shard-00001.h5: sha256 mismatch"]
+    reseal(cache_dir)
+    assert [p.split(":")[0] for p in verify_cache(str(cache_dir))] == ["shard-00001.h5"]
+
+
+@pytest.mark.parametrize("dataset", ["topk_id_gaps", "topk_logprobs_by_id"])
+def test_flipped_bytes_in_a_compressed_chunk_are_one_line(topk_cache, dataset):
+    """Every chunk carries a Fletcher-32 checksum, so a flip anywhere in it is an HDF5 read error (without one, a
+    flip in a gap's low byte decodes to other ids in range: nothing else could see it): one line naming the shard
+    and block, never a traceback or a block."""
+    cache_dir, _ = topk_cache
+    shard = cache_dir / "shard-00000.h5"
+    with h5py.File(shard, "r") as h5:
+        chunk = h5[dataset].id.get_chunk_info_by_coord((1, 0, 0))  # block 1
+    original = shard.read_bytes()
+    for fraction in (0.1, 0.3, 0.5, 0.7, 0.9):
+        data = bytearray(original)
+        for offset in range(4):  # a few bytes, so that the numbers surely change
+            data[chunk.byte_offset + int(chunk.size * fraction) + offset] ^= 0xA5
+        shard.write_bytes(bytes(data))
+        message = read_error(cache_dir, 1)
+        assert message.startswith(f"{cache_dir}: shard-00000.h5 block 1: HDF5 read failed ("), message
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda h5: h5["topk_id_gaps"].__setitem__((1, 3, 5), 0xFF000000), "topk_ids outside [0, 151646) (min "),
+    (lambda h5: h5["topk_id_gaps"].__setitem__((1, 3, 63), 151_646), "topk_ids outside [0, 151646) (max "),
+    (lambda h5: h5["topk_logprobs_by_id"].__setitem__((1, 2, 7), np.inf), "topk_logprobs not finite and ≤ 0"),
+    (lambda h5: h5["topk_logprobs_by_id"].__setitem__((1, 2, 7), np.nan), "topk_logprobs not finite and ≤ 0"),
+    (lambda h5: h5["topk_logprobs_by_id"].__setitem__((1, 2, 7), 0.5), "topk_logprobs not finite and ≤ 0"),
+    (lambda h5: h5["input_ids"].__setitem__((1, 0), -16776892), "input_ids outside [0, 151646) (min -16776892)"),
+])
+def test_decoded_values_no_teacher_writes_are_one_line(topk_cache, change, named):
+    cache_dir, _ = topk_cache
+    with h5py.File(cache_dir / "shard-00000.h5", "r+") as h5:
+        change(h5)
+    reseal(cache_dir)
+    assert read_error(cache_dir, 1) == f"{cache_dir}: shard-00000.h5 block 1: {named}" or \
+        read_error(cache_dir, 1).startswith(f"{cache_dir}: shard-00000.h5 block 1: {named}")
+    assert verify_cache(str(cache_dir))[0].startswith(f"shard-00000.h5 block 1: {named}")
+
+
+def test_damaged_sample_blocks_are_one_line(tmp_path):
+    cache_dir = tmp_path / "cache"
+    write_cache_of_mode(cache_dir, "sample", cache_arrays("sample"))
+    with h5py.File(cache_dir / "shard-00001.h5", "r+") as h5:
+        counts = h5["sample_counts_by_id"][0]
+        counts[3] += 1  # one draw too many: the positions no longer end at multiples of 50
+        h5["sample_counts_by_id"][0] = counts
+        h5["sample_id_gaps"][1, 0] = QWEN2_VOCAB + 5
+    reseal(cache_dir)
+    assert "sample_counts_by_id: the counts do not add up to 50 draws" in read_error(cache_dir, 2)
+    assert read_error(cache_dir, 3).endswith("block 3: sample_ids outside [0, 151646) (max 151651)")
+
+
+def test_a_stored_dataset_unlike_the_manifest_is_one_line(topk_cache):
+    cache_dir, arrays = topk_cache
+    with h5py.File(cache_dir / "shard-00002.h5", "r+") as h5:  # block 4: rewritten without its filters
+        values = h5["topk_id_gaps"][:]
+        del h5["topk_id_gaps"]
+        h5.create_dataset("topk_id_gaps", data=values, chunks=(1, L, 64))
+    reseal(cache_dir)
+    message = read_error(cache_dir, 4)
+    assert message.startswith(f"{cache_dir}: shard-00002.h5: topk_id_gaps has filters []"), message
+    assert verify_cache(str(cache_dir)) == [message.removeprefix(f"{cache_dir}: ")]
+
+
+def test_verify_command_reports_a_damaged_block(topk_cache):
+    from tests.conftest import run_cli
+
+    cache_dir, _ = topk_cache
+    with h5py.File(cache_dir / "shard-00001.h5", "r+") as h5:
+        h5["topk_id_gaps"][0, 0, 0] = 0xFFFFFFF0
+    reseal(cache_dir)
+    result = run_cli("cache.verify", cache_dir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout.splitlines() == ["FAIL shard-00001.h5 block 2: topk_ids outside [0, 151646) (min -16)"]
+
+
+# --- format 1: written here with plain h5py + json, as the previous release did ---------------------------------
+
+def write_v1_cache(cache_dir: Path, arrays: dict[str, np.ndarray], fields: dict, shard_blocks: int) -> None:
+    """Format 1's layout, independently of the project's writer: the decoded datasets themselves (int32 ids,
+    float16 log-probs; the sample datasets gzip 9 + shuffle), one block per chunk, the manifest last."""
+    cache_dir.mkdir()
+    n, shards = len(arrays["input_ids"]), []
+    for index, first in enumerate(range(0, n, shard_blocks)):
+        count, path = min(shard_blocks, n - first), cache_dir / f"shard-{index:05d}.h5"
+        with h5py.File(path, "w") as h5:
+            for name, values in arrays.items():
+                gzip = {"compression": "gzip", "compression_opts": 9, "shuffle": True} if "sample" in name else {}
+                h5.create_dataset(name, data=values[first:first + count], chunks=(1, *values.shape[1:]), **gzip)
+            h5.attrs["first_block"] = first
+        shards.append({"file": path.name, "first_block": first, "num_blocks": count,
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size})
+    datasets = {name: {"shape_per_block": list(values.shape[1:]), "dtype": str(values.dtype),
+                       "compression": "gzip" if "sample" in name else None,
+                       "compression_opts": 9 if "sample" in name else None} for name, values in arrays.items()}
+    manifest = {**fields, "format": "kd-logit-cache", "format_version": 1, "num_blocks": n, "datasets": datasets,
+                "shards": shards}
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def v1_fields(mode: str, vocab: int, seq_len: int, k: int | None = None, draws: int | None = None) -> dict:
+    return {"mode": mode, "seq_len": seq_len, "vocab_size": vocab, "value_dtype": "float16", "values": "test", "k": k,
+            "teacher": {"model": "t", "config_hash": "0" * 64, "padded_vocab_size": vocab, "dtype": "float32"},
+            "tokenizer": {"name": "t", "hash": "1" * 64, "size": vocab},
+            "dataset": {"name": "d", "subset": None, "split": "train", "local_dir": None, "max_blocks": None,
+                        "stream_tokens": 0, "fingerprint": "2" * 64},
+            "settings": {}, "sample": None if draws is None else
+            {"draws": draws, "temperature": 1.0, "slots": draws, "seed": 0}}
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_format_1_reads_as_written(tmp_path, mode):
+    rng = np.random.default_rng(5)
+    arrays = {"input_ids": rng.integers(0, QWEN2_VOCAB, (5, L), dtype=np.int32)}
+    if mode == "topk":  # as the old release stored them: torch.topk's order, ties as they came
+        arrays["topk_ids"] = rng.integers(0, QWEN2_VOCAB, (5, L, 8), dtype=np.int32)
+        arrays["topk_logprobs"] = -np.sort(rng.exponential(2, (5, L, 8)), -1).astype(np.float16)
+    else:
+        arrays["sample_ids"], arrays["sample_counts"] = sample_case(rng, 5, L, 50, QWEN2_VOCAB)
+    cache_dir = tmp_path / "v1"
+    write_v1_cache(cache_dir, arrays, v1_fields(mode, QWEN2_VOCAB, L, 8 if mode == "topk" else None,
+                                                50 if mode == "sample" else None), shard_blocks=2)
+    reader = CacheReader(str(cache_dir))
+    assert reader.manifest.format_version == 1 and all(e.encoding == "raw" for e in reader.manifest.datasets.values())
+    for b in range(5):
+        assert_identical(reader.block(b), {name: a[b] for name, a in arrays.items()})
+    np.testing.assert_array_equal(reader.read_all("input_ids"), arrays["input_ids"])
+    reader.close()
+    assert verify_cache(str(cache_dir)) == []
+    assert_identical(readme_decoder()(str(cache_dir), 3), {name: a[3] for name, a in arrays.items()})
+
+
+def test_format_1_flipped_id_byte_is_one_line(tmp_path):
+    """The issue's case: a flip in a raw int32 top-k id makes it -16776892; format 1 has no checksum per chunk."""
+    arrays = {"input_ids": np.zeros((2, L), np.int32), "topk_ids": np.full((2, L, 8), 324, np.int32),
+              "topk_logprobs": np.full((2, L, 8), -2.0, np.float16)}
+    cache_dir = tmp_path / "v1"
+    write_v1_cache(cache_dir, arrays, v1_fields("topk", QWEN2_VOCAB, L, 8), shard_blocks=2)
+    shard = cache_dir / "shard-00000.h5"
+    with h5py.File(shard, "r") as h5:
+        offset = h5["topk_ids"].id.get_chunk_info_by_coord((1, 0, 0)).byte_offset
+    data = bytearray(shard.read_bytes())
+    data[offset + 4 * 37 + 3] ^= 0xFF  # the top byte of an id of block 1
+    shard.write_bytes(bytes(data))
+    assert read_error(cache_dir, 1) == \
+        f"{cache_dir}: shard-00000.h5 block 1: topk_ids outside [0, 151646) (min -16776892)"
+
+
+# --- through the real entry points on the tiny build -------------------------------------------------------------
+
+def test_format_1_cache_still_trains(tiny, tmp_path):
+    """A format-1 cache of the teacher's top-k, recomputed with plain torch, trains as the format-2 cache stage one
+    writes for the same blocks: the same losses step by step."""
+    import torch
+
+    from stage1_teacher.dump import main as dump_main
+    from stage2_student.train import main as train_main
+    from tests.conftest import tiny_overrides
+    from tests.test_stage1 import teacher_logprobs
+
+    v2 = tmp_path / "v2"
+    dump_main(tiny_overrides(tiny, v2, **{"cache.mode": "topk"}))
+    fields = json.loads((v2 / "manifest.json").read_text())
+    tokens = CacheReader(str(v2)).read_all("input_ids")
+    values, ids = torch.topk(teacher_logprobs(tiny, tokens.astype(np.int64)), fields["k"], dim=-1)
+    arrays = {"input_ids": tokens, "topk_ids": ids.to(torch.int32).numpy(),
+              "topk_logprobs": values.to(torch.float16).numpy()}
+    v1 = tmp_path / "v1"
+    write_v1_cache(v1, arrays, {key: fields[key] for key in v1_fields("topk", 1, 1)}, shard_blocks=5)
+    reader = CacheReader(str(v1))
+    for b in range(len(tokens)):
+        assert_identical(reader.block(b), {name: a[b] for name, a in arrays.items()})
+    reader.close()
+    losses = {}
+    for name, cache in (("v1", v1), ("v2", v2)):
+        out = tmp_path / f"out-{name}"
+        train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{
+            "train.output_dir": out, "train.log_dir": tmp_path / f"logs-{name}", "train.max_steps": 2})])
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["v1"]) == 2 and all(math.isfinite(x) for x in losses["v1"])
+    assert losses["v1"] == pytest.approx(losses["v2"], rel=1e-4)
+
+
+def test_stage_one_prints_the_bytes_per_token_of_a_top64_cache(tiny, tmp_path):
+    from tests.conftest import run_cli, tiny_overrides
+
+    cache = tmp_path / "cache"
+    result = run_cli("stage1_teacher.dump", *tiny_overrides(tiny, cache, **{"cache.k": 64}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("[stage1]"))
+    printed = float(re.search(r", ([0-9.]+) B/token", line).group(1))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    on_disk = sum((cache / s["file"]).stat().st_size for s in manifest["shards"])
+    assert printed == round(on_disk / (manifest["num_blocks"] * manifest["seq_len"]), 1)
+    raw = 4 + 64 * (4 + 2)  # what format 1 stored per token: an int32 token, k int32 ids and k fp16 log-probs
+    assert printed < raw / 2, line
+
+
+def test_stage_two_stops_at_a_damaged_block_in_one_line(tiny, tmp_path):
+    from stage1_teacher.dump import main as dump_main
+    from tests.conftest import run_cli, tiny_overrides
+
+    cache = tmp_path / "cache"
+    dump_main(tiny_overrides(tiny, cache, **{"cache.mode": "topk"}))
+    with h5py.File(cache / "shard-00001.h5", "r+") as h5:  # blocks 5..9
+        h5["topk_id_gaps"][2, 100, 0] = 0xFF000144
+    reseal(cache)
+    out = tmp_path / "out"
+    result = run_cli("stage2_student.train", "--cache", cache, *tiny_overrides(tiny, cache, **{
+        "train.output_dir": out, "train.log_dir": tmp_path / "logs", "train.epochs": 1}))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = re.findall(r"error: .*", result.stderr)  # (tqdm may leave its bar unterminated before it)
+    assert errors == [f"error: {cache}: shard-00001.h5 block 7: topk_ids outside [0, 1000) (min -16776892)"], errors
