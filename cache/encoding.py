@@ -9,12 +9,12 @@ the stored form: `CacheReader.block(i)` returns the decoded names for every form
 Format 2, per mode (the README's "The cache format" decodes a block in a dozen lines of numpy):
 - top-k: each position's ids sorted ascending and stored as gaps (`id-gaps`; the entropy coder then spends
   about the bits the gaps need, not 32), their log-probs in that same order, fp16 as computed (`by-id`,
-  lossless) or, with `cache.quantize`, q = round(√p · grid) (`sqrt-grid`) plus one float32 per position,
-  c = log(Σp / Σp̂) (`log-scale`), which keeps the teacher's probability mass of the k ids. A grid on √p puts
-  the error where it costs nothing: |Δp| ≤ √p/grid + 1/(4 grid²) ≤ 1/grid for every p, and each id adds about
-  1/(6 grid²) to the KL of the renormalised top-k whatever its probability, whereas a grid on log p spends
-  the same bits on ids of probability 1e-6 as on the most likely one. Decoding puts the ids back in the
-  canonical order: descending log-prob, ties by ascending id.
+  lossless) or, with `cache.quantize`, q = round(√(p / p_max) · grid) (`sqrt-grid`) plus one float32 per
+  position, c = log(Σp / Σp̂) (`log-scale`), which keeps the teacher's probability mass of the k ids. A grid
+  on √p puts the error where it costs nothing: |Δp| ≤ (√(p·p_max) + p_max/(4 grid))/grid ≤ 1/grid for every
+  p, and each id adds about p_max/Σp/(6 grid²) to the KL of the renormalised top-k whatever its probability,
+  whereas a grid on log p spends as many bits on ids of probability 1e-6 as on the most likely one.
+  Decoding puts the ids back in the canonical order: descending log-prob, ties by ascending id.
 - sample: every position's unique drawn ids, ascending, packed one position after another without padding
   (`packed-id-gaps`, gaps within a position) with their counts alongside (`packed-counts`); a position ends
   where its counts reach the draws, so nothing else delimits them. Decoding gives the canonical order: most
@@ -105,7 +105,9 @@ def encode(datasets: dict[str, DatasetEntry], arrays: dict[str, np.ndarray]) -> 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, grid: int | None) -> dict[str, np.ndarray]:
     """[..., k] ids and fp16 log-probs (any order) → ids ascending as gaps, log-probs in that order: fp16 as
-    given, or (grid) on the √p grid with each position's log-scale."""
+    given, or (grid) q = round(√(p / p_max) · grid) with each position's log-scale c = log(Σp / Σp̂), p̂ =
+    (max(q, ¼) / grid)²: relative to the position's most likely id, so a flat position (small p_max) is as
+    finely quantised, relative to its mass, as a confident one."""
     if ids.shape != logprobs.shape:
         raise ValueError(f"topk_ids {ids.shape} and topk_logprobs {logprobs.shape} differ in shape")
     if ids.size and ids.min() < 0:
@@ -117,10 +119,10 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, grid: int | None) -> dict
     if grid is None:
         return {"topk_id_gaps": gaps, "topk_logprobs_by_id": by_id}
     logprobs64 = by_id.astype(np.float64)
-    q = np.rint(np.exp(logprobs64 / 2) * grid).astype(np.uint16)  # √p ≤ 1: q ≤ grid
+    top = logprobs64.max(-1, keepdims=True)
+    q = np.rint(np.exp((logprobs64 - top) / 2) * grid).astype(np.uint16)  # √(p / p_max) ≤ 1: q ≤ grid
     approx = np.square(np.maximum(q, 0.25) / grid)
-    top = logprobs64.max(-1, keepdims=True)  # log Σp in log space: all-underflowed positions stay finite
-    log_mass = top[..., 0] + np.log(np.exp(logprobs64 - top).sum(-1))
+    log_mass = top[..., 0] + np.log(np.exp(logprobs64 - top).sum(-1))  # in log space: underflowed rows stay finite
     log_scale = log_mass - np.log(approx.sum(-1))
     return {"topk_id_gaps": gaps, "topk_sqrtp_by_id": q, "topk_log_scale": log_scale.astype(np.float32)}
 

@@ -70,7 +70,7 @@ Encoding = Literal["raw", "id-gaps", "by-id", "sqrt-grid", "log-scale", "packed-
 # HDF5 compression filters, each after a byte shuffle: "gzip" = deflate (format 1's), "zstd" = hdf5plugin's
 # Zstd filter (HDF5 filter id 32015)
 Compression = Literal["gzip", "zstd"]
-SQRT_GRID = 1024  # cache.quantize: steps per unit of √p (max |Δp| ≤ 1/1024, see cache/encoding.py)
+SQRT_GRID = 1024  # cache.quantize: steps per unit of √(p / p_max) (max |Δp| ≤ 1/1024, see cache/encoding.py)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ STORED_DATASETS = (
     StoredDef("topk_logprobs_by_id", "by-id", "topk_logprobs", ("L", "k"), "float16",
               "their log-probabilities, in the same ascending-id order"),
     StoredDef("topk_sqrtp_by_id", "sqrt-grid", "topk_logprobs", ("L", "k"), "uint16",
-              "`cache.quantize`: their q = round(√p · grid), in the same order"),
+              "`cache.quantize`: their q = round(√(p / p_max) · grid), p_max the position's largest, same order"),
     StoredDef("topk_log_scale", "log-scale", "topk_logprobs", ("L",), "float32",
               "`cache.quantize`: per position, c = log(Σp / Σp̂) of the k ids, so their mass stays the teacher's"),
     StoredDef("logprobs", "raw", "logprobs", ("L", "V"), "float16",

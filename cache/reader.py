@@ -68,6 +68,7 @@ class CacheReader:
         self.shards = self.manifest.shards
         self._first_blocks = [s.first_block for s in self.shards]
         self._handles: dict[int, h5py.File] = {}
+        self._datasets: dict[int, dict[str, h5py.Dataset]] = {}  # looking one up by name costs more than a read
         self._pid = os.getpid()
         self._draws = self.manifest.sample.draws if self.manifest.sample is not None else None
         for shard in self.shards:
@@ -99,7 +100,7 @@ class CacheReader:
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for spawned DataLoader workers: open files stay behind and reopen lazily."""
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_handles": {}, "_datasets": {}}
 
     def _damaged(self, shard: ShardEntry, what: str, block: int | None = None) -> CacheDataError:
         where = shard.file if block is None else f"{shard.file} block {block}"
@@ -107,7 +108,7 @@ class CacheReader:
 
     def _handle(self, index: int) -> h5py.File:
         if self._pid != os.getpid():  # forked: h5py handles must not cross processes
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         if index not in self._handles:
             shard = self.shards[index]
             try:
@@ -119,6 +120,7 @@ class CacheReader:
                 handle.close()
                 raise self._damaged(shard, problem)
             self._handles[index] = handle
+            self._datasets[index] = {name: handle[name] for name in self.manifest.datasets}
         return self._handles[index]
 
     def _locate(self, block: int) -> tuple[int, int]:
@@ -130,12 +132,14 @@ class CacheReader:
     def block(self, block: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """The decoded datasets `names` (default: all of the mode) of one block, one chunk read each, checked."""
         index, row = self._locate(block)
-        shard, handle = self.shards[index], self._handle(index)
+        shard = self.shards[index]
+        self._handle(index)
+        datasets = self._datasets[index]
         stored = self.manifest.datasets
         if names == ("input_ids",):  # the tokens alone (the live-teacher route): skip the teacher's data
             stored = {"input_ids": stored["input_ids"]}
         try:
-            decoded = decode(stored, {name: handle[name][row] for name in stored})
+            decoded = decode(stored, {name: datasets[name][row] for name in stored})
         except DecodeError as err:
             raise self._damaged(shard, str(err), block) from None
         except (OSError, RuntimeError, KeyError, ValueError) as err:  # h5py's errors of a damaged chunk
@@ -164,7 +168,7 @@ class CacheReader:
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
-        self._handles = {}
+        self._handles, self._datasets = {}, {}
 
 
 def layout_problem(handle: h5py.File, manifest: Manifest, shard: ShardEntry) -> str | None:
