@@ -56,6 +56,10 @@ def test_topk_equals_independent_recompute(tiny, topk_cache):
     blocks = independent_blocks(tiny, 128, TEST_BLOCKS)
     np.testing.assert_array_equal(reader.read_all("input_ids"), blocks)
     expected_values, expected_ids = torch.topk(teacher_logprobs(tiny, blocks), 16, dim=-1)
+    # the cache's order is canonical: descending float16 log-prob, ties (equal in float16) by ascending id
+    order = np.lexsort((expected_ids.numpy(), -expected_values.half().float().numpy()), axis=-1)
+    expected_ids = torch.from_numpy(np.take_along_axis(expected_ids.numpy(), order, -1))
+    expected_values = torch.from_numpy(np.take_along_axis(expected_values.numpy(), order, -1))
     ids = torch.from_numpy(reader.read_all("topk_ids")).long()
     values = torch.from_numpy(reader.read_all("topk_logprobs")).float()
     assert ids.shape == (TEST_BLOCKS, 128, 16) and values.dtype == torch.float32
