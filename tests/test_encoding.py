@@ -619,3 +619,31 @@ def test_bench_cache_size_smoke(tiny, tmp_path, monkeypatch):
 
     teacher, info = build_teacher(str(out), str(tiny / "teacher"), str(data), Scale.from_json(json.dumps(scale)))
     assert Path(teacher).parent == out and info == summary["teacher"]  # reused: its key is the same, not trained again
+
+
+def test_bench_quality_quantized_run_beside_the_lossless_one_and_the_noise(tmp_path, monkeypatch):
+    """bench.quality's quantized top-64 student, its lossless twin and the twin with another seed, far below --quick;
+    the results say how far apart the first two are against the noise of the last two."""
+    from bench.quality import NOISE_RUN, QUANTIZED_RUN
+    from tests.conftest import run_cli
+    from tests.test_bench import SMOKE_SCALE, table_rows
+    from tiny_world.corpus import build_corpus
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    corpus, data = build_corpus(), tmp_path / "wiki"
+    data.mkdir()
+    for name, split, lines in (("wiki.valid.raw", "valid", 400), ("wiki.test.raw", "test", 100)):
+        (data / name).write_text("".join(corpus[split].splitlines(keepends=True)[:lines]), encoding="utf-8")
+    runs = ["top-64, tail bucket", NOISE_RUN, QUANTIZED_RUN]
+    out = tmp_path / "out"
+    result = run_cli("bench.quality", "--out", out, "--data-dir", data,
+                     "--scale-json", json.dumps({**SMOKE_SCALE, "runs": runs}))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["topk64", "topk64q"]
+    results = (out / "results.md").read_text(encoding="utf-8")
+    rows = {row[0]: row for row in table_rows(results)}
+    assert rows[QUANTIZED_RUN][1] == "topk, k=64, quantized" and rows[runs[0]][1] == "topk, k=64"
+    scores = json.loads((out / "summary.json").read_text())["scores"]
+    gap = abs(scores[QUANTIZED_RUN]["perplexity"] - scores[runs[0]]["perplexity"])
+    noise = abs(scores[NOISE_RUN]["perplexity"] - scores[runs[0]]["perplexity"])
+    assert f"a difference of {gap:.2f}" in results and f"the noise: {noise:.2f} between two lossless runs" in results
