@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cache.encoding import ZSTD_LEVEL
 from common.cli import UserError, run_main
 from tiny_world.models import ModelShape
 
@@ -248,6 +249,31 @@ def write_format_1(source: str, target: str) -> None:
         json.dump(manifest, fh, indent=2)
 
 
+def reblock(source: str, target: str, factor: int, quantize: bool) -> None:
+    """The top-k cache `source` re-written through the project's writer in blocks `factor` times longer (the
+    default seq_len 256 from blocks of 128): the decoding speed per token at that block length, on the same
+    positions. Its fingerprint is the source's, so it is for timing only."""
+    import dataclasses
+
+    from cache.encoding import stored_datasets
+    from cache.manifest import load_manifest
+    from cache.reader import CacheReader
+    from cache.writer import CacheLayout, CacheWriter
+
+    reader = CacheReader(source)
+    arrays = {name: reader.read_all(name) for name in reader.dataset_names}
+    reader.close()
+    manifest = load_manifest(source)
+    num_blocks, seq_len = manifest.num_blocks // factor, manifest.seq_len * factor
+    arrays = {name: a[: num_blocks * factor].reshape(num_blocks, seq_len, *a.shape[2:]) for name, a in arrays.items()}
+    layout = CacheLayout("topk", num_blocks, seq_len,
+                         stored_datasets("topk", seq_len, manifest.vocab_size, manifest.k, 1, quantize), 512)
+    writer = CacheWriter(target, layout, overwrite=True)
+    writer.put(arrays)
+    writer.finish(dataclasses.replace(manifest, num_blocks=num_blocks, seq_len=seq_len, datasets=layout.datasets,
+                                      shards=[]))
+
+
 def bytes_per_token(cache_dir: str) -> float:
     from cache.manifest import load_manifest
 
@@ -255,30 +281,33 @@ def bytes_per_token(cache_dir: str) -> float:
     return manifest.bytes_on_disk / manifest.num_tokens
 
 
-def read_every_block(cache_dir: str, blocks: int | None = None) -> tuple[float, int]:
-    """(seconds, tokens) to read every block (or the first `blocks`) through a fresh CacheReader, in order."""
+def read_every_block(cache_dir: str) -> tuple[float, float, int]:
+    """(CPU seconds of this thread, wall seconds, tokens) to read every block through a fresh CacheReader."""
     from cache.reader import CacheReader
 
     reader = CacheReader(cache_dir)
-    count = len(reader) if blocks is None else min(blocks, len(reader))
-    start = time.perf_counter()
-    for b in range(count):
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for b in range(len(reader)):
         reader.block(b)
-    seconds = time.perf_counter() - start
+    cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
     reader.close()
-    return seconds, count * reader.seq_len
+    return cpu, wall, len(reader) * reader.seq_len
 
 
 def decode_speeds(caches: list[Cache], repeats: int) -> None:
-    """Decode tokens/s per cache: all caches alternating, `repeats` times, the median (one core: numpy, h5py and
-    the zstd filter are single-threaded)."""
-    times: dict[str, list[float]] = {c.label: [] for c in caches}
+    """Decode tokens/s per cache on one core: all caches alternating, `repeats` times, the median. Counted in the
+    reading thread's CPU time (numpy, h5py and the zstd filter run in it, single-threaded), which a machine
+    shared with other jobs does not inflate as it does the wall time (kept beside it)."""
+    cpu: dict[str, list[float]] = {c.label: [] for c in caches}
+    wall: dict[str, list[float]] = {c.label: [] for c in caches}
     for _ in range(repeats):
         for cache in caches:
-            seconds, tokens = read_every_block(cache.dir)
-            times[cache.label].append(tokens / seconds)
+            cpu_s, wall_s, tokens = read_every_block(cache.dir)
+            cpu[cache.label].append(tokens / cpu_s)
+            wall[cache.label].append(tokens / wall_s)
     for cache in caches:
-        cache.stats["decode_tok_s"] = float(np.median(times[cache.label]))
+        cache.stats["decode_tok_s"] = float(np.median(cpu[cache.label]))
+        cache.stats["decode_wall_tok_s"] = float(np.median(wall[cache.label]))
 
 
 def topk_by_id(cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -326,6 +355,10 @@ def stored_bytes(arrays: dict[str, np.ndarray], filters: dict[str, Any]) -> int:
         return os.path.getsize(path)
 
 
+def chosen(yes: bool) -> str:
+    return " (chosen)" if yes else ""
+
+
 def zstd(level: int) -> dict[str, Any]:
     import hdf5plugin
 
@@ -348,10 +381,11 @@ def bitshuffle_zstd(level: int) -> dict[str, Any]:
 GZIP4 = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
-def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> list[dict[str, Any]]:
+def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> list[dict[str, Any]]:
     """Top-k layouts and filters on the lossless cache's decoded arrays (ids most likely first), bytes per token
     and, for the lossy ones, the error against them."""
     from cache.encoding import encode_topk, sqrt_grid_logprobs
+    from cache.format import SQRT_GRID
 
     positions = tokens.size
     by_id = encode_topk(ids, logprobs, None)
@@ -368,7 +402,7 @@ def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray)
     add("ids most likely first (uint32) + fp16 bit gaps down the ranks, shuffle + zstd-3",
         {"ids": ids.astype(np.uint32), "lp": rank_gaps}, zstd(3))
     for level in (1, 3, 9, 19):
-        add(f"ids sorted as gaps + fp16 in id order, shuffle + zstd-{level}" + (" (chosen)" if level == 3 else ""),
+        add(f"ids sorted as gaps + fp16 in id order, shuffle + zstd-{level}" + chosen(level == ZSTD_LEVEL),
             by_id, zstd(level))
     add("ids sorted as gaps + fp16 in id order, bitshuffle + zstd-3", by_id, bitshuffle_zstd(3))
     for level in (1, 5):
@@ -378,17 +412,26 @@ def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray)
     for grid in (512, 1024, 2048):
         q = encode_topk(ids, logprobs, grid)
         p_hat = np.exp(sqrt_grid_logprobs(q["topk_sqrtp_by_id"], q["topk_log_scale"], grid).astype(np.float64))
-        add(f"quantized: ids as gaps + √(p/p_max) on a 1/{grid} grid + log-scale, shuffle + zstd-3"
-            + (" (chosen)" if grid == 1024 else ""), q, zstd(3), quantization_error(p, p_hat))
+        add(f"quantized: ids as gaps + √(p/p_max) on a 1/{grid} grid + log-scale, shuffle + zstd-{ZSTD_LEVEL}"
+            + chosen(grid == SQRT_GRID), q, zstd(ZSTD_LEVEL), quantization_error(p, p_hat))
     for steps in (64, 128):  # the issue's: log p on a grid of 1/64 nat, in id order, with a mass correction
         lp = np.take_along_axis(logprobs.astype(np.float64), np.argsort(ids, -1), -1)
         q = np.rint(np.minimum(lp.max(-1, keepdims=True) - lp, 1023) * steps).astype(np.uint16)
         approx = np.exp(-q.astype(np.float64) / steps)
         scale = np.log(np.exp(lp).sum(-1)) - np.log(approx.sum(-1))
         p_hat = approx * np.exp(scale)[..., None]
-        add(f"quantized: ids as gaps + log(p/p_max) on a 1/{steps}-nat grid in id order + log-scale, shuffle + zstd-3",
-            {"gaps": by_id["topk_id_gaps"], "q": q, "c": scale.astype(np.float32)}, zstd(3),
-            quantization_error(p, p_hat))
+        add(f"quantized: ids as gaps + log(p/p_max) on a 1/{steps}-nat grid in id order + log-scale, "
+            f"shuffle + zstd-{ZSTD_LEVEL}", {"gaps": by_id["topk_id_gaps"], "q": q, "c": scale.astype(np.float32)},
+            zstd(ZSTD_LEVEL), quantization_error(p, p_hat))
+    # an upper bound for the ids: every position's k ids drawn anew, uniformly, from the whole vocabulary (a
+    # teacher whose top-k sets share nothing beyond chance; a small teacher's repeat far more than a 7B's)
+    rng, k = np.random.default_rng(SEED), ids.shape[-1]
+    random_ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(ids.size // k)]).reshape(ids.shape)
+    random_ids = random_ids.astype(np.int32)
+    add(f"upper bound, random ids: the chosen lossless encoding, every position's ids drawn at random from the "
+        f"{vocab:,}", encode_topk(random_ids, logprobs, None), zstd(ZSTD_LEVEL))
+    add("upper bound, random ids: the chosen quantized encoding", encode_topk(random_ids, logprobs, SQRT_GRID),
+        zstd(ZSTD_LEVEL))
     return rows
 
 
@@ -402,9 +445,8 @@ def sample_alternatives(tokens: np.ndarray, ids: np.ndarray, counts: np.ndarray)
             ("format 1: int32 ids + counts, most drawn first, −1/0 padded, shuffle + gzip-9",
              {"ids": ids, "counts": counts}, {"compression": "gzip", "compression_opts": 9, "shuffle": True}),
             ("format 1 layout, shuffle + zstd-3", {"ids": ids, "counts": counts}, zstd(3)),
-            ("packed: ids ascending as gaps within each position + counts, shuffle + zstd-3 (chosen)", packed,
-             zstd(3)),
-            ("packed, shuffle + zstd-19", packed, zstd(19)),
+            *((f"packed: ids ascending as gaps within each position + counts, shuffle + zstd-{level}"
+               + chosen(level == ZSTD_LEVEL), packed, zstd(level)) for level in (3, 9, 19)),
             ("packed, bitshuffle + zstd-3", packed, bitshuffle_zstd(3)),
             ("packed, Blosc2 shuffle + zstd-5", packed, blosc2_zstd(5))):
         size = stored_bytes({"input_ids": tokens, **arrays}, filters)
@@ -454,12 +496,13 @@ def fmt(value: float | None, spec: str) -> str:
 
 def main_table(caches: list[Cache]) -> str:
     rows = ["| mode | encoding | B / token | max \\|Δp\\| | mean KL (renormalised top-k) | encode tok/s (writer busy) "
-            "| decode tok/s, one core |", "|---|---|---:|---:|---:|---:|---:|"]
+            "| decode tok/s, one core (CPU time) | decode tok/s (wall) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for c in caches:
         s = c.stats
-        rows.append(f"| {c.mode} | {c.encoding} | {s['bytes_per_token']:,.1f} | {fmt(s.get('max_dp'), '.2e')} | "
-                    f"{fmt(s.get('mean_kl'), '.2e')} | {fmt(s.get('encode_tok_s'), ',.0f')} | "
-                    f"{s['decode_tok_s']:,.0f} |")
+        rows.append(f"| {c.mode} | {c.encoding} | {fmt(s.get('bytes_per_token'), ',.1f')} | "
+                    f"{fmt(s.get('max_dp'), '.2e')} | {fmt(s.get('mean_kl'), '.2e')} | "
+                    f"{fmt(s.get('encode_tok_s'), ',.0f')} | {s['decode_tok_s']:,.0f} | "
+                    f"{s['decode_wall_tok_s']:,.0f} |")
     return "\n".join(rows)
 
 
@@ -485,6 +528,7 @@ def plot(caches: list[Cache], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    caches = [c for c in caches if "blocks of" not in c.encoding]  # the same bytes as their source
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{c.mode}\n{c.encoding}" for c in caches]
     values = [c.stats["bytes_per_token"] for c in caches]
@@ -581,6 +625,12 @@ def main(argv: Sequence[str]) -> int:
         caches.append(cache)
     for cache in caches:
         cache.stats["bytes_per_token"] = bytes_per_token(cache.dir)
+    if scale.blocks >= 2:  # the default block length, 256, for the decoding speed (not bytes: same positions)
+        for key, label in (("topk", "lossless"), ("quantized", "cache.quantize=true")):
+            target = os.path.join(out, "caches", f"{key}-blocks-of-{2 * scale.seq_len}")
+            reblock(dumped[key]["dir"], target, 2, key == "quantized")
+            caches.append(Cache(f"{key} x2", "top-64", target, f"format 2, {label}, blocks of {2 * scale.seq_len}",
+                                {"bytes_per_token": bytes_per_token(target)}))
     log("decoding every block of every cache, alternating")
     decode_speeds(caches, scale.repeats)
     ids, p = topk_by_id(dumped["topk"]["dir"])
@@ -591,8 +641,12 @@ def main(argv: Sequence[str]) -> int:
     next(c for c in caches if c.label == "quantized").stats.update(error)
     unique = unique_per_position(dumped["sample"]["dir"])
     mass = float(p.sum(-1).mean())
+    distinct = int(np.unique(ids).size)  # how much the teacher's top-k sets vary: a 7B's vary far more
+    overlap = float(np.mean([np.intersect1d(a, b).size for a, b in zip(ids.reshape(-1, scale.k)[:-1],
+                                                                        ids.reshape(-1, scale.k)[1:])]))
 
     log("alternatives")
+    from cache.manifest import load_manifest
     from cache.reader import CacheReader
 
     reader = CacheReader(dumped["topk"]["dir"])
@@ -604,7 +658,8 @@ def main(argv: Sequence[str]) -> int:
     reader = CacheReader(dumped["full"]["dir"])
     full_tokens, full_lp = reader.read_all("input_ids"), reader.read_all("logprobs")
     reader.close()
-    alternatives = {"top-64": topk_alternatives(tokens, topk_ids, topk_lp),
+    vocab = load_manifest(dumped["topk"]["dir"]).vocab_size
+    alternatives = {"top-64": topk_alternatives(tokens, topk_ids, topk_lp, vocab),
                     "sample, 50 draws": sample_alternatives(tokens, sample_ids, sample_counts),
                     "full": full_alternatives(full_tokens, full_lp, scale.repeats)}
 
@@ -625,11 +680,17 @@ def main(argv: Sequence[str]) -> int:
                f"blocks of {scale.seq_len} tokens it is dumped on, the first of wiki.valid.raw "
                f"({t['train_seconds']:.0f} s; perplexity on them {t['train_ppl']}), then its logits scaled by "
                f"{t['sharpen']:.2f} so that {scale.draws} draws give {scale.unique_ids:g} unique ids per position, as "
-               f"a 7B teacher's on this text (perplexity then {t['sharpened_ppl']}). Cached positions: {tokens.size:,} "
+               f"a 7B teacher's on this text (perplexity then {t['sharpened_ppl']}). Its top-64 sets vary little: "
+               f"{distinct:,} distinct ids in all, {overlap:.1f} of 64 shared by consecutive positions, which the id "
+               f"gaps' entropy coder turns into few bytes; the 'upper bound, random ids' rows give the cost of sets "
+               f"that share nothing. Cached positions: {tokens.size:,} "
                f"(full: {full_tokens.size:,}); "
                f"the top-64 hold {mass:.3f} of the teacher's mass on average; 50 draws give {unique:.1f} unique ids "
                f"per position. Decode: every block through `CacheReader.block` (HDF5 read, decode, value checks), "
-               f"all caches alternating, {scale.repeats} repeats, median. Encode: tokens over the writer thread's "
+               f"all caches alternating, {scale.repeats} repeats, median, in the reading thread's CPU time (one "
+               f"core; the wall-time figure beside it includes waiting for a shared CPU); the 'blocks of "
+               f"{2 * scale.seq_len}' rows are the same positions re-written in blocks of the default length. "
+               f"Encode: tokens over the writer thread's "
                f"busy time (encode, HDF5 filters, write) in stage one. Max |Δp| and KL: the quantized cache against "
                f"the lossless one, matched by id, over every cached probability. Machine: {machine()}. "
                f"Wall time {(time.time() - start) / 60:.1f} min.")
@@ -638,6 +699,7 @@ def main(argv: Sequence[str]) -> int:
     write_doc(doc, block)
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump({"command": command, "scale": asdict(scale), "teacher": teacher_info, "unique_ids": unique,
+                   "distinct_topk_ids": distinct, "consecutive_overlap": overlap,
                    "topk_mass": mass, "caches": [asdict(c) for c in caches], "alternatives": alternatives,
                    "dumps": dumped}, fh, indent=2)
     print("\n\n".join(tables))

@@ -605,7 +605,8 @@ def test_bench_cache_size_smoke(tiny, tmp_path, monkeypatch):
     for cache in caches.values():  # bytes per token: the shard files over the manifest's tokens
         manifest = json.loads((Path(cache["dir"]) / "manifest.json").read_text())
         on_disk = sum((Path(cache["dir"]) / s["file"]).stat().st_size for s in manifest["shards"])
-        assert cache["stats"]["bytes_per_token"] == pytest.approx(on_disk / (manifest["num_blocks"] * 32))
+        tokens = manifest["num_blocks"] * manifest["seq_len"]
+        assert cache["stats"]["bytes_per_token"] == pytest.approx(on_disk / tokens)
         assert cache["stats"]["decode_tok_s"] > 0
     lossless, quantized = caches["top-64", "format 2, lossless"], caches["top-64", "format 2, cache.quantize=true"]
     assert lossless["stats"]["bytes_per_token"] < caches["top-64", "format 1 (reference)"]["stats"]["bytes_per_token"]
