@@ -191,6 +191,9 @@ class Manifest:
             raise SchemaError(f"field datasets: a format-{self.format_version} {self.mode} cache holds {options}, "
                               f"the manifest lists {list(self.datasets)}")
         slots = self.sample.slots if self.sample is not None else None
+        if self.sample is not None and slots != self.sample.draws:  # the packed counts end positions at the draws
+            raise SchemaError(f"field sample.slots: format {self.format_version} stores as many slots as draws "
+                              f"({self.sample.draws}), got {slots}")
         for name, entry in self.datasets.items():
             where, d = f"field datasets.{name}", STORED[name]
             dtype = counts_dtype(self.sample.draws) if d.dtype == "counts" and self.sample else d.dtype
