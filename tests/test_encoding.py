@@ -652,12 +652,11 @@ def test_bench_quality_quantized_run_beside_the_lossless_one_and_the_noise(tmp_p
 
 def test_a_format_2_sample_manifest_needs_as_many_slots_as_draws(tmp_path):
     from cache.manifest import load_manifest
-    from common.cli import UserError as Refused
 
     cache_dir = tmp_path / "cache"
     write_cache_of_mode(cache_dir, "sample", cache_arrays("sample", n=2))
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     manifest["sample"]["slots"] = 40
     (cache_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(Refused, match=r"field sample.slots: format 2 stores as many slots as draws \(50\), got 40"):
+    with pytest.raises(UserError, match=r"field sample.slots: format 2 stores as many slots as draws \(50\), got 40"):
         load_manifest(str(cache_dir))
