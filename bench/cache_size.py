@@ -529,8 +529,9 @@ def plot(caches: list[Cache], path: str) -> None:
     import matplotlib.pyplot as plt
 
     caches = [c for c in caches if "blocks of" not in c.encoding]  # the same bytes as their source
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{c.mode}\n{c.encoding}" for c in caches]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    short = {"format 1 (reference)": "format 1", "format 2, cache.quantize=true": "format 2\nquantized"}
+    labels = [f"{c.mode}\n{short.get(c.encoding, c.encoding.replace(', ', chr(10)))}" for c in caches]
     values = [c.stats["bytes_per_token"] for c in caches]
     colors = ["#999999" if c.encoding.startswith("format 1") else "#1f77b4" for c in caches]
     bars = ax.bar(range(len(caches)), values, color=colors)
