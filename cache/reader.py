@@ -45,13 +45,12 @@ def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | 
                 return f"{name} not finite and ≤ 0 ({bad.size} values, e.g. {bad[0]})"
     if "sample_ids" in decoded:
         ids, counts = decoded["sample_ids"], decoded["sample_counts"]
-        used = counts > 0
-        drawn = np.where(used, ids, 0)
-        low, high = drawn.min(), drawn.max()
-        if low < 0 or high >= vocab_size:
-            side = f"min {low}" if low < 0 else f"max {high}"
+        used, padding = counts > 0, ids == -1
+        low, high = ids.min(), ids.max()
+        if low < -1 or high >= vocab_size or np.any(padding & used):
+            side = f"max {high}" if high >= vocab_size else f"min {min(low, -1)}"
             return f"sample_ids outside [0, {vocab_size}) ({side})"
-        if np.any(ids[~used] != -1):
+        if np.any(padding == used):  # drawn slots are in range: so some slot with a count of 0 is not -1
             return "sample_ids not -1 where sample_counts is 0"
         totals = counts.sum(axis=-1, dtype=np.int64)
         if draws is not None and np.any(totals != draws):
