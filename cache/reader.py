@@ -184,11 +184,11 @@ def layout_problem(handle: h5py.File, manifest: Manifest, shard: ShardEntry) -> 
     return None
 
 
-def verify_cache(cache_dir: str) -> list[str]:
+def verify_cache(cache_dir: str, every_block: bool = False) -> list[str]:
     """Problems found (empty: the cache is whole): checksums; then, in each shard whose checksum matches, the
-    stored datasets' shapes, dtypes and filters against the manifest and every block decoded and checked as
-    the reader does (the first damaged block of a shard is reported). Shard coverage and the manifest's own
-    consistency are checked when it loads."""
+    stored datasets' shapes, dtypes and filters against the manifest; with `every_block` (`python -m
+    cache.verify`), also every block decoded and checked as the reader does (the first damaged block of a shard
+    is reported). Shard coverage and the manifest's own consistency are checked when it loads."""
     manifest = load_manifest(cache_dir)
     problems: list[str] = []
     intact = []
@@ -204,9 +204,12 @@ def verify_cache(cache_dir: str) -> list[str]:
         return problems  # the reader needs every shard present
     reader = CacheReader(cache_dir)
     try:
-        for shard in intact:
+        for index, shard in enumerate(manifest.shards):
+            if shard not in intact:
+                continue
             try:
-                for block in range(shard.first_block, shard.first_block + shard.num_blocks):
+                reader._handle(index)  # opens the shard and compares its datasets with the manifest
+                for block in range(shard.first_block, shard.first_block + shard.num_blocks) if every_block else ():
                     reader.block(block)
             except CacheDataError as err:
                 problems.append(str(err).removeprefix(f"{cache_dir}: "))

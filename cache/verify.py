@@ -15,7 +15,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cache_dir")
     args = parser.parse_args(argv)
-    problems = verify_cache(args.cache_dir)
+    problems = verify_cache(args.cache_dir, every_block=True)
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:
