@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.format import FORMAT_NAME, SUPPORTED_VERSIONS, dataset_table_markdown
+from cache.format import FORMAT_NAME, SUPPORTED_VERSIONS, dataset_table_markdown, stored_table_markdown
 from cache.manifest import Manifest, load_manifest
 from common.cli import UserError
 from tests.test_cache import make_arrays, write_cache
@@ -90,11 +90,13 @@ def test_supported_versions_are_the_written_one_and_older():
     assert FORMAT_VERSION in SUPPORTED_VERSIONS and max(SUPPORTED_VERSIONS) == FORMAT_VERSION
 
 
-def test_readme_dataset_table_is_the_format_definition():
+@pytest.mark.parametrize("table, generate", [("dataset table", dataset_table_markdown),
+                                             ("stored table", stored_table_markdown)])
+def test_readme_tables_are_the_format_definition(table, generate):
     readme = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- BEGIN dataset table -->\n(.*?)\n<!-- END dataset table -->", readme, re.S)
-    assert match, "README lacks the dataset table markers"
-    assert match.group(1).strip() == dataset_table_markdown()
+    match = re.search(rf"<!-- BEGIN {table} -->\n(.*?)\n<!-- END {table} -->", readme, re.S)
+    assert match, f"README lacks the {table} markers"
+    assert match.group(1).strip() == generate()
 
 
 @pytest.mark.parametrize("case", ["removed top-level field", "wrong nested type", "unknown format version"])
