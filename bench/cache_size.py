@@ -432,6 +432,8 @@ def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray,
         f"{vocab:,}", encode_topk(random_ids, logprobs, None), zstd(ZSTD_LEVEL))
     add("upper bound, random ids: the chosen quantized encoding", encode_topk(random_ids, logprobs, SQRT_GRID),
         zstd(ZSTD_LEVEL))
+    add("upper bound, random ids: the lossless layout, Blosc2 shuffle + zstd-5 (each byte plane coded apart)",
+        encode_topk(random_ids, logprobs, None), blosc2_zstd(5))
     return rows
 
 
