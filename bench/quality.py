@@ -96,6 +96,12 @@ class Scale:
             raise UserError(f"--scale-json: {err}") from None
 
 
+# the quantized cache's student against the lossless one's; the noise is the same lossless run with another
+# train.seed (another data order)
+QUANTIZED_RUN = "top-64, tail bucket, cache.quantize=true"
+NOISE_RUN = "top-64, tail bucket, train.seed + 1"
+
+
 @dataclass
 class Run:
     """One student run: its label, the cache it reads and what differs from the shared overrides."""
@@ -193,6 +199,7 @@ def build_models(out: str, local_dir: str, scale: Scale) -> dict[str, Any]:
 
 CACHES = {"full": {"cache.mode": "full"}, "topk12": {"cache.mode": "topk", "cache.k": 12},
           "topk64": {"cache.mode": "topk", "cache.k": 64},
+          "topk64q": {"cache.mode": "topk", "cache.k": 64, "cache.quantize": "true"},
           "sample50": {"cache.mode": "sample", "cache.draws": 50, "cache.sample_temperature": 1.0}}
 
 
@@ -216,7 +223,7 @@ def cache_stats(cache_dir: str) -> dict[str, Any]:
 
     manifest = load_manifest(cache_dir)
     stats = {"mode": manifest.mode, "bytes_per_token": manifest.bytes_on_disk / manifest.num_tokens,
-             "positions": manifest.num_tokens}
+             "positions": manifest.num_tokens, "quantized": "topk_sqrtp_by_id" in manifest.datasets}
     if manifest.mode == "full":
         stats["ids_per_position"] = manifest.vocab_size
     elif manifest.mode == "topk":
@@ -259,6 +266,8 @@ def student_runs(out: str, labels: list[str] | None = None) -> list[Run]:
             Run("top-12, tail bucket", cache("topk12"), {"train.topk_tail": "bucket"}),
             Run("top-12, renormalized", cache("topk12"), {"train.topk_tail": "renormalize"}),
             Run("top-64, tail bucket", cache("topk64"), {"train.topk_tail": "bucket"}),
+            Run(NOISE_RUN, cache("topk64"), {"train.topk_tail": "bucket", "train.seed": SEED + 1}),
+            Run(QUANTIZED_RUN, cache("topk64q"), {"train.topk_tail": "bucket"}),
             Run("top-64, renormalized", cache("topk64"), {"train.topk_tail": "renormalize"}),
             Run("sample, 50 draws", cache("sample50"), {})]
     unknown = sorted(set(labels or ()) - {run.label for run in runs})
@@ -337,12 +346,26 @@ def table(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], scores:
             mode, ids, size = "none (hard labels)", "–", "–"
         else:
             k = f", k={c['ids_per_position']}" if c["mode"] == "topk" else ""
+            k += ", quantized" if c.get("quantized") else ""
             mode = "live teacher" if r["live"] else c["mode"] + k
             ids = f"{c['ids_per_position']:.1f}" if c["mode"] == "sample" else str(c["ids_per_position"])
             size = "– (teacher run every step)" if r["live"] else f"{c['bytes_per_token']:,.1f}"
         rows.append(f"| {r['label']} | {mode} | {ids} | {size} | {s['perplexity']:.2f} | {s['ece']:.4f} | "
                     f"{s['accuracy']:.4f} | {r['seconds_per_step']:.3f} | {r['median_step_seconds']:.3f} |")
     return "\n".join(rows)
+
+
+def quantized_vs_noise(scores: dict[str, dict[str, Any]]) -> str:
+    """The quantized top-64 cache's student against the lossless one's, beside the noise: the difference between
+    two runs from the lossless cache that differ only in train.seed."""
+    lossless, noise, quantized = (scores.get(label) for label in ("top-64, tail bucket", NOISE_RUN, QUANTIZED_RUN))
+    if not (lossless and noise and quantized):
+        return ""
+    gap, spread = (abs(other["perplexity"] - lossless["perplexity"]) for other in (quantized, noise))
+    verdict = "within" if gap <= spread else "outside"
+    return (f"\nQuantized top-64 cache (`cache.quantize=true`): test perplexity {quantized['perplexity']:.2f} against "
+            f"{lossless['perplexity']:.2f} from the lossless cache, a difference of {gap:.2f}, {verdict} the noise: "
+            f"{spread:.2f} between two lossless runs that differ only in `train.seed` (the data order).\n")
 
 
 def write_results(path: str, command: str, info: dict[str, Any]) -> None:
@@ -363,7 +386,7 @@ def write_results(path: str, command: str, info: dict[str, Any]) -> None:
              f"(lr {info['scale']['lr']}, T = 1.0, seed {SEED}) per run; evaluation on "
              f"{info['eval_text']}, windows of {info['scale']['seq_len']} tokens, "
              f"stride {info['scale']['eval_stride']}; "
-             f"total wall time {info['wall_seconds'] / 60:.1f} min.\n")
+             f"total wall time {info['wall_seconds'] / 60:.1f} min.\n" + quantized_vs_noise(info["scores"]))
     begin, end = "<!-- BEGIN quality table -->", "<!-- END quality table -->"
     text = ""
     if os.path.isfile(path):

@@ -1,12 +1,17 @@
-"""The on-disk cache format: names, the per-block datasets and their meaning. Readable with `json` and
-`h5py` alone. This module is the one definition of the dataset table (the README's copy is checked
-against it by tests/test_cache.py); the manifest's fields are defined in `cache/manifest.py`.
+"""The on-disk cache format: names, the per-block datasets and their meaning. Readable with `json`, `h5py`
+and `hdf5plugin` (for the zstd filter). This module is the one definition of the dataset tables (the
+README's copies are checked against them by tests/test_manifest.py); the manifest's fields are defined in
+`cache/manifest.py`, the encodings in `cache/encoding.py`.
 
 <dir>/manifest.json        written last; a directory without it is an incomplete cache
 <dir>/shard-00000.h5 …     contiguous ranges of blocks, each renamed from `*.tmp` once complete
 
 Values are log_softmax over the first V logits (the tokenizer's real tokens), computed in fp32;
 position t holds the distribution of token t+1. Chunks hold one block each.
+
+`DATASETS` are the decoded arrays every reader hands out, for every format version. Format 1 stores
+them as they are; format 2 stores the `STORED_DATASETS` of one of its mode's `STORED_SCHEMES` and a
+reader decodes them (`cache.encoding.decode`).
 """
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 FORMAT_NAME = "kd-logit-cache"
-FORMAT_VERSION = 1  # written by this release
-SUPPORTED_VERSIONS = (1,)  # readable by this release
+FORMAT_VERSION = 2  # written by this release
+SUPPORTED_VERSIONS = (1, 2)  # readable by this release
 MANIFEST = "manifest.json"
 CacheMode = Literal["topk", "full", "sample"]  # what a cache holds per position; the one set of mode names
 MODES: tuple[str, ...] = get_args(CacheMode)
@@ -34,10 +39,12 @@ class DatasetDef:
 
 DATASETS = (
     DatasetDef("input_ids", MODES, "[n, L]", "int32", "the tokens"),
-    DatasetDef("topk_ids", ("topk",), "[n, L, k]", "int32", "the k most likely next tokens, most likely first"),
+    DatasetDef("topk_ids", ("topk",), "[n, L, k]", "int32",
+               "the k most likely next tokens, most likely first (descending log-prob, ties by ascending id)"),
     DatasetDef("topk_logprobs", ("topk",), "[n, L, k]", "float16", "their log-probabilities"),
     DatasetDef("logprobs", ("full",), "[n, L, V]", "float16", "every log-probability over the truncated vocabulary"),
-    DatasetDef("sample_ids", ("sample",), "[n, L, m]", "int32", "unique drawn ids, most drawn first, padded with −1"),
+    DatasetDef("sample_ids", ("sample",), "[n, L, m]", "int32",
+               "unique drawn ids, most drawn first (ties by ascending id), padded with −1"),
     DatasetDef("sample_counts", ("sample",), "[n, L, m]", "uint8/16/32",
                "how often each was drawn (the smallest unsigned type that holds the draws), padded with 0"),
 )
@@ -52,6 +59,75 @@ def dataset_table_markdown() -> str:
     for d in DATASETS:
         modes = "all" if d.modes == MODES else ", ".join(d.modes)
         rows.append(f"| `{d.name}` | {d.shape} | {d.dtype} | {modes} | {d.meaning} |")
+    return "\n".join(rows)
+
+
+# --- format 2: what is stored -------------------------------------------------------------------------------
+
+# How a stored dataset holds (part of) a decoded one; the one set of encoding names (cache/encoding.py
+# implements them, the manifest records one per stored dataset, format 1 has only "raw").
+Encoding = Literal["raw", "id-gaps", "by-id", "sqrt-grid", "log-scale", "packed-id-gaps", "packed-counts"]
+# HDF5 compression filters, each after a byte shuffle: "gzip" = deflate (format 1's), "zstd" = hdf5plugin's
+# Zstd filter (HDF5 filter id 32015)
+Compression = Literal["gzip", "zstd"]
+SQRT_GRID = 1024  # cache.quantize: steps per unit of √(p / p_max) (max |Δp| ≤ 1/1024, see cache/encoding.py)
+
+
+@dataclass(frozen=True)
+class StoredDef:
+    """One dataset a format-2 shard stores: its encoding, the decoded dataset it gives, its shape per block
+    (symbols: L seq_len, k top-k ids, V vocabulary, m sample slots) and dtype."""
+    name: str
+    encoding: Encoding
+    decodes: str
+    shape: tuple[str, ...]
+    dtype: str  # "counts": counts_dtype(draws)
+    meaning: str
+
+
+STORED_DATASETS = (
+    StoredDef("input_ids", "raw", "input_ids", ("L",), "int32", "the tokens"),
+    StoredDef("topk_id_gaps", "id-gaps", "topk_ids", ("L", "k"), "uint32",
+              "each position's k ids in ascending order as gaps: the first id, then each id minus the one before"),
+    StoredDef("topk_logprobs_by_id", "by-id", "topk_logprobs", ("L", "k"), "float16",
+              "their log-probabilities, in the same ascending-id order"),
+    StoredDef("topk_sqrtp_by_id", "sqrt-grid", "topk_logprobs", ("L", "k"), "uint16",
+              "`cache.quantize`: their q = round(√(p / p_max) · grid), p_max the position's largest, same order"),
+    StoredDef("topk_log_scale", "log-scale", "topk_logprobs", ("L",), "float32",
+              "`cache.quantize`: per position, c = log(Σp / Σp̂) of the k ids, so their mass stays the teacher's"),
+    StoredDef("logprobs", "raw", "logprobs", ("L", "V"), "float16",
+              "every log-probability over the truncated vocabulary"),
+    StoredDef("sample_id_gaps", "packed-id-gaps", "sample_ids", ("L*m",), "uint32",
+              "every position's unique drawn ids, ascending, one position after another, as gaps within the "
+              "position (its first id as is); zeros after the last"),
+    StoredDef("sample_counts_by_id", "packed-counts", "sample_counts", ("L*m",), "counts",
+              "how often each was drawn, aligned with `sample_id_gaps`; each position's counts add up to the draws, "
+              "which is where one position ends; zeros after the last"),
+)
+STORED: dict[str, StoredDef] = {d.name: d for d in STORED_DATASETS}
+
+# mode → the sets of stored datasets a format-2 shard of that mode may hold (lossless first)
+STORED_SCHEMES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "topk": (("input_ids", "topk_id_gaps", "topk_logprobs_by_id"),
+             ("input_ids", "topk_id_gaps", "topk_sqrtp_by_id", "topk_log_scale")),
+    "full": (("input_ids", "logprobs"),),
+    "sample": (("input_ids", "sample_id_gaps", "sample_counts_by_id"),),
+}
+
+
+def stored_shape(d: StoredDef, seq_len: int, k: int | None, vocab_size: int, slots: int | None) -> list[int]:
+    """The shape per block of stored dataset `d` for these sizes."""
+    dims = {"L": seq_len, "k": k, "V": vocab_size, "L*m": seq_len * (slots or 0)}
+    return [dims[s] for s in d.shape]
+
+
+def stored_table_markdown() -> str:
+    """The format-2 stored datasets as the README shows them."""
+    rows = ["| stored dataset | shape | dtype | encoding | gives | meaning |", "| --- | --- | --- | --- | --- | --- |"]
+    for d in STORED_DATASETS:
+        shape = "[n, " + ", ".join(s.replace("*", "·") for s in d.shape) + "]"
+        dtype = "uint8/16/32 as `sample_counts`" if d.dtype == "counts" else d.dtype
+        rows.append(f"| `{d.name}` | {shape} | {dtype} | `{d.encoding}` | `{d.decodes}` | {d.meaning} |")
     return "\n".join(rows)
 
 

@@ -14,7 +14,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from cache.format import FORMAT_NAME, MANIFEST, MODE_DATASETS, SUPPORTED_VERSIONS, CacheMode
+from cache.format import (
+    FORMAT_NAME,
+    MANIFEST,
+    MODE_DATASETS,
+    STORED,
+    STORED_SCHEMES,
+    SUPPORTED_VERSIONS,
+    CacheMode,
+    Compression,
+    Encoding,
+    counts_dtype,
+    stored_shape,
+)
 from common.cli import UserError
 from common.config import RowKind
 from common.data import DataFile
@@ -25,11 +37,15 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """How one per-block dataset is stored in every shard."""
+    """How one per-block dataset is stored in every shard (format 1: the decoded datasets as they are).
+    The defaults are format 1's: no filter, stored as read."""
     shape_per_block: list[int]
     dtype: str
-    compression: Optional[str] = None  # an HDF5 filter name (gzip) or None
-    compression_opts: Optional[int] = None
+    compression: Optional[Compression] = None  # the HDF5 filter pipeline (cache.format.Compression), None = none
+    compression_opts: Optional[int] = None  # its level
+    checksum: bool = False  # HDF5's Fletcher-32 checksum of every chunk, verified by HDF5 on each read
+    encoding: Encoding = "raw"  # how it holds the decoded data (cache/encoding.py)
+    grid: Optional[int] = None  # sqrt-grid only: steps per unit of √p
 
 
 @dataclass(frozen=True)
@@ -136,17 +152,14 @@ class Manifest:
         for name in ("num_blocks", "seq_len", "vocab_size"):
             if getattr(self, name) < 1:
                 raise SchemaError(f"field {name}: must be positive, got {getattr(self, name)}")
-        expected = set(MODE_DATASETS[self.mode])
-        if set(self.datasets) != expected:
-            raise SchemaError(f"field datasets: a {self.mode} cache holds {sorted(expected)}, "
-                              f"the manifest lists {sorted(self.datasets)}")
-        if self.datasets["input_ids"].shape_per_block != [self.seq_len]:
-            raise SchemaError(f"field datasets.input_ids.shape_per_block: expected [{self.seq_len}], "
-                              f"got {self.datasets['input_ids'].shape_per_block}")
         if self.mode == "topk" and (self.k is None or not 1 <= self.k <= self.vocab_size):
             raise SchemaError(f"field k: a topk cache needs 1 <= k <= vocab_size, got {self.k!r}")
         if self.mode == "sample" and self.sample is None:
             raise SchemaError("field sample: missing for a sample cache")
+        if self.format_version == 1:
+            self._check_v1_datasets()
+        else:
+            self._check_stored_datasets()
         if not self.shards:
             raise SchemaError("field shards: empty")
         first = 0
@@ -163,6 +176,43 @@ class Manifest:
             first += shard.num_blocks
         if first != self.num_blocks:
             raise SchemaError(f"field num_blocks: {self.num_blocks}, but the shards cover {first} blocks")
+
+    def _check_v1_datasets(self) -> None:
+        expected = set(MODE_DATASETS[self.mode])
+        if set(self.datasets) != expected:
+            raise SchemaError(f"field datasets: a {self.mode} cache holds {sorted(expected)}, "
+                              f"the manifest lists {sorted(self.datasets)}")
+        if self.datasets["input_ids"].shape_per_block != [self.seq_len]:
+            raise SchemaError(f"field datasets.input_ids.shape_per_block: expected [{self.seq_len}], "
+                              f"got {self.datasets['input_ids'].shape_per_block}")
+        for name, entry in self.datasets.items():
+            if entry.encoding != "raw":
+                raise SchemaError(f"field datasets.{name}.encoding: format 1 stores raw datasets, "
+                                  f"got {entry.encoding!r}")
+
+    def _check_stored_datasets(self) -> None:
+        """Format 2: one of the mode's stored schemes, each dataset with its table's encoding, shape and dtype."""
+        schemes = STORED_SCHEMES[self.mode]
+        if set(self.datasets) not in [set(scheme) for scheme in schemes]:
+            options = " or ".join(str(list(s)) for s in schemes)
+            raise SchemaError(f"field datasets: a format-{self.format_version} {self.mode} cache holds {options}, "
+                              f"the manifest lists {list(self.datasets)}")
+        slots = self.sample.slots if self.sample is not None else None
+        if self.sample is not None and slots != self.sample.draws:  # the packed counts end positions at the draws
+            raise SchemaError(f"field sample.slots: format {self.format_version} stores as many slots as draws "
+                              f"({self.sample.draws}), got {slots}")
+        for name, entry in self.datasets.items():
+            where, d = f"field datasets.{name}", STORED[name]
+            dtype = counts_dtype(self.sample.draws) if d.dtype == "counts" and self.sample else d.dtype
+            shape = stored_shape(d, self.seq_len, self.k, self.vocab_size, slots)
+            if entry.encoding != d.encoding:
+                raise SchemaError(f"{where}.encoding: expected {d.encoding!r}, got {entry.encoding!r}")
+            if entry.dtype != dtype:
+                raise SchemaError(f"{where}.dtype: expected {dtype}, got {entry.dtype}")
+            if entry.shape_per_block != shape:
+                raise SchemaError(f"{where}.shape_per_block: expected {shape}, got {entry.shape_per_block}")
+            if (entry.grid is not None and entry.grid < 1) or (entry.grid is None) == (d.encoding == "sqrt-grid"):
+                raise SchemaError(f"{where}.grid: a positive grid for the sqrt-grid encoding only, got {entry.grid!r}")
 
 
 def manifest_path(cache_dir: str) -> str:

@@ -1,4 +1,6 @@
-"""Reading a cache through its manifest. A directory without a manifest is refused."""
+"""Reading a cache through its manifest. A directory without a manifest is refused, and no damaged block is
+ever handed out: every block is checked after decoding, and any HDF5 read error, undecodable block or
+value that no teacher writes is one `CacheDataError` naming the cache, the shard file and the block."""
 from __future__ import annotations
 
 import bisect
@@ -8,10 +10,52 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache.encoding import decode
+from cache.encoding import DecodeError, decode, filter_pipeline, stored_filters
 from cache.format import MODE_DATASETS, file_sha256
-from cache.manifest import Manifest, load_manifest
+from cache.manifest import Manifest, ShardEntry, load_manifest
 from common.cli import UserError
+
+
+class CacheDataError(UserError):
+    """A damaged cache: a shard HDF5 cannot read, or a block whose values no teacher writes (one line)."""
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | None) -> str | None:
+    """What is wrong with one decoded block (None: nothing): ids outside [0, vocab_size), log-probs that are
+    positive or not finite, sample slots that are not −1 exactly where their count is 0, counts that do not
+    add up to the draws. Vectorised: a few passes over the block."""
+    for name in ("input_ids", "topk_ids"):
+        if name in decoded:
+            values = decoded[name]
+            low, high = values.min(), values.max()
+            if low < 0 or high >= vocab_size:
+                side = f"min {low}" if low < 0 else f"max {high}"
+                return f"{name} outside [0, {vocab_size}) ({side})"
+    for name in ("topk_logprobs", "logprobs"):
+        if name in decoded:
+            # fp16 bits as int16: ≤ 0 and finite is +0.0 (0) or the negative finite values [-32768, -1025]
+            bits = decoded[name].view(np.int16)
+            if np.count_nonzero(bits > -1025) != np.count_nonzero(bits == 0):
+                values = decoded[name].astype(np.float32)
+                bad = values[~(np.isfinite(values) & (values <= 0))]
+                return f"{name} not finite and ≤ 0 ({bad.size} values, e.g. {bad[0]})"
+    if "sample_ids" in decoded:
+        ids, counts = decoded["sample_ids"], decoded["sample_counts"]
+        used, padding = counts > 0, ids == -1
+        low, high = ids.min(), ids.max()
+        if low < -1 or high >= vocab_size or np.any(padding & used):
+            side = f"max {high}" if high >= vocab_size else f"min {min(low, -1)}"
+            return f"sample_ids outside [0, {vocab_size}) ({side})"
+        if np.any(padding == used):  # drawn slots are in range: so some slot with a count of 0 is not -1
+            return "sample_ids not -1 where sample_counts is 0"
+        totals = counts.sum(axis=-1, dtype=np.int64)
+        if draws is not None and np.any(totals != draws):
+            return f"sample_counts add up to {totals[totals != draws][0]}, not the {draws} draws"
+    return None
 
 
 class CacheReader:
@@ -23,7 +67,9 @@ class CacheReader:
         self.shards = self.manifest.shards
         self._first_blocks = [s.first_block for s in self.shards]
         self._handles: dict[int, h5py.File] = {}
+        self._datasets: dict[int, dict[str, h5py.Dataset]] = {}  # looking one up by name costs more than a read
         self._pid = os.getpid()
+        self._draws = self.manifest.sample.draws if self.manifest.sample is not None else None
         for shard in self.shards:
             if not os.path.isfile(os.path.join(cache_dir, shard.file)):
                 raise UserError(f"cache {cache_dir} is missing shard {shard.file}")
@@ -53,13 +99,27 @@ class CacheReader:
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for spawned DataLoader workers: open files stay behind and reopen lazily."""
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_handles": {}, "_datasets": {}}
+
+    def _damaged(self, shard: ShardEntry, what: str, block: int | None = None) -> CacheDataError:
+        where = shard.file if block is None else f"{shard.file} block {block}"
+        return CacheDataError(f"{self.dir}: {where}: {what}")
 
     def _handle(self, index: int) -> h5py.File:
         if self._pid != os.getpid():  # forked: h5py handles must not cross processes
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         if index not in self._handles:
-            self._handles[index] = h5py.File(os.path.join(self.dir, self.shards[index].file), "r")
+            shard = self.shards[index]
+            try:
+                handle = h5py.File(os.path.join(self.dir, shard.file), "r")
+            except OSError as err:
+                raise self._damaged(shard, f"HDF5 cannot open it ({_one_line(err)})") from None
+            problem = layout_problem(handle, self.manifest, shard)
+            if problem:
+                handle.close()
+                raise self._damaged(shard, problem)
+            self._handles[index] = handle
+            self._datasets[index] = {name: handle[name] for name in self.manifest.datasets}
         return self._handles[index]
 
     def _locate(self, block: int) -> tuple[int, int]:
@@ -69,46 +129,90 @@ class CacheReader:
         return index, block - self._first_blocks[index]
 
     def block(self, block: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """The decoded datasets `names` (default: all of the mode) of one block, one chunk read each."""
+        """The decoded datasets `names` (default: all of the mode) of one block, one chunk read each, checked."""
         index, row = self._locate(block)
-        handle = self._handle(index)
+        shard = self.shards[index]
+        self._handle(index)
+        datasets = self._datasets[index]
         stored = self.manifest.datasets
         if names == ("input_ids",):  # the tokens alone (the live-teacher route): skip the teacher's data
             stored = {"input_ids": stored["input_ids"]}
-        decoded = decode(stored, {name: handle[name][row] for name in stored})
+        try:
+            decoded = decode(stored, {name: datasets[name][row] for name in stored})
+        except DecodeError as err:
+            raise self._damaged(shard, str(err), block) from None
+        except (OSError, RuntimeError, KeyError, ValueError) as err:  # h5py's errors of a damaged chunk
+            raise self._damaged(shard, f"HDF5 read failed ({_one_line(err)})", block) from None
+        problem = block_problem(decoded, self.vocab_size, self._draws)
+        if problem:
+            raise self._damaged(shard, problem, block)
         return {name: decoded[name] for name in names or self.dataset_names}
 
     def read_all(self, name: str) -> np.ndarray:
         """One decoded dataset over all blocks, in order (meant for small ones, such as input_ids, and tests)."""
         if name == "input_ids":  # stored as it is read, one read per shard
-            return np.concatenate([self._handle(i)[name][:] for i in range(len(self.shards))])
+            parts = []
+            for index, shard in enumerate(self.shards):
+                handle = self._handle(index)
+                try:
+                    tokens = handle[name][:]
+                except (OSError, RuntimeError, KeyError, ValueError) as err:
+                    raise self._damaged(shard, f"HDF5 read failed ({_one_line(err)})") from None
+                if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+                    raise self._damaged(shard, f"input_ids outside [0, {self.vocab_size})")
+                parts.append(tokens)
+            return np.concatenate(parts)
         return np.stack([self.block(i)[name] for i in range(self.num_blocks)])
 
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
-        self._handles = {}
+        self._handles, self._datasets = {}, {}
 
 
-def verify_cache(cache_dir: str) -> list[str]:
-    """Problems found (empty: the cache is whole): checksums, dataset shapes and dtypes. Shard coverage
-    and the manifest's own consistency are checked when it loads."""
+def layout_problem(handle: h5py.File, manifest: Manifest, shard: ShardEntry) -> str | None:
+    """How an open shard's stored datasets differ from the manifest (shape, dtype, filters); None if they don't."""
+    for name, spec in manifest.datasets.items():
+        shape = (shard.num_blocks, *spec.shape_per_block)
+        if name not in handle:
+            return f"dataset {name} missing"
+        dataset = handle[name]
+        if dataset.shape != shape or dataset.dtype != np.dtype(spec.dtype):
+            return f"{name} is {dataset.shape} {dataset.dtype}, expected {shape} {spec.dtype}"
+        if (found := stored_filters(dataset)) != filter_pipeline(spec):
+            return f"{name} has filters {found}, expected {filter_pipeline(spec)} ({spec.compression})"
+    return None
+
+
+def verify_cache(cache_dir: str, every_block: bool = False) -> list[str]:
+    """Problems found (empty: the cache is whole): checksums; then, in each shard whose checksum matches, the
+    stored datasets' shapes, dtypes and filters against the manifest; with `every_block` (`python -m
+    cache.verify`), also every block decoded and checked as the reader does (the first damaged block of a shard
+    is reported). Shard coverage and the manifest's own consistency are checked when it loads."""
     manifest = load_manifest(cache_dir)
     problems: list[str] = []
+    intact = []
     for shard in manifest.shards:
         path = os.path.join(cache_dir, shard.file)
         if not os.path.isfile(path):
             problems.append(f"{shard.file}: missing")
-            continue
-        if file_sha256(path) != shard.sha256:
+        elif file_sha256(path) != shard.sha256:
             problems.append(f"{shard.file}: sha256 mismatch")
-            continue
-        with h5py.File(path, "r") as handle:
-            for name, spec in manifest.datasets.items():
-                shape = (shard.num_blocks, *spec.shape_per_block)
-                if name not in handle:
-                    problems.append(f"{shard.file}: dataset {name} missing")
-                elif handle[name].shape != shape or handle[name].dtype != np.dtype(spec.dtype):
-                    problems.append(f"{shard.file}: {name} is {handle[name].shape} {handle[name].dtype}, "
-                                    f"expected {shape} {spec.dtype}")
+        else:
+            intact.append(shard)
+    if len(intact) < len(manifest.shards) and any(p.endswith(": missing") for p in problems):
+        return problems  # the reader needs every shard present
+    reader = CacheReader(cache_dir)
+    try:
+        for index, shard in enumerate(manifest.shards):
+            if shard not in intact:
+                continue
+            try:
+                reader._handle(index)  # opens the shard and compares its datasets with the manifest
+                for block in range(shard.first_block, shard.first_block + shard.num_blocks) if every_block else ():
+                    reader.block(block)
+            except CacheDataError as err:
+                problems.append(str(err).removeprefix(f"{cache_dir}: "))
+    finally:
+        reader.close()
     return problems

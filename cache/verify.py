@@ -1,4 +1,6 @@
-"""`python -m cache.verify DIR`: check a cache against its manifest (checksums, coverage, shapes)."""
+"""`python -m cache.verify DIR`: check a cache against its manifest (checksums, coverage, the stored datasets'
+shapes, dtypes and filters) and every block as the reader checks it (decodes, ids in range, log-probs ≤ 0 and
+finite, counts adding up to the draws). One `FAIL <shard>[ block N]: <problem>` line per problem, exit 1."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +15,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cache_dir")
     args = parser.parse_args(argv)
-    problems = verify_cache(args.cache_dir)
+    problems = verify_cache(args.cache_dir, every_block=True)
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from cache.encoding import encode, h5_create_kwargs
-from cache.format import MANIFEST, file_sha256, shard_name
+from cache.format import MANIFEST, MODE_DATASETS, CacheMode, file_sha256, shard_name
 from cache.lock import LOCK_FILE, CacheLock
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
@@ -360,9 +360,10 @@ class ShardWriter:
     its record written. An error in the thread (a full disk) is raised once, as one line, by the next `put`
     or by `close`; HDF5 files are closed by the thread that opened them."""
 
-    def __init__(self, directory: str, datasets: dict[str, DatasetEntry], queue_size: int = 8,
+    def __init__(self, directory: str, mode: CacheMode, datasets: dict[str, DatasetEntry], queue_size: int = 8,
                  on_complete: Optional[Callable[[ShardRecord], None]] = None) -> None:
         self.directory = directory
+        self.decoded = MODE_DATASETS[mode]  # the names put; `datasets` are the stored ones (cache/encoding.py)
         self.datasets = datasets
         self.on_complete = on_complete  # called in the writer thread after each shard's record is written
         self.write_seconds = 0.0
@@ -380,8 +381,8 @@ class ShardWriter:
         is begun by its first blocks and must be filled before the next one begins."""
         self.raise_if_failed()
         sizes = {len(a) for a in arrays.values()}
-        if set(arrays) != set(self.datasets) or len(sizes) != 1:
-            raise ValueError(f"expected datasets {sorted(self.datasets)} of equal length")
+        if set(arrays) != set(self.decoded) or len(sizes) != 1:
+            raise ValueError(f"expected datasets {sorted(self.decoded)} of equal length")
         count = sizes.pop()
         if shard != self._current:
             if self._current is not None and self._filled != self._current.num_blocks:
@@ -533,7 +534,7 @@ class CacheWriter:
         self.staging_dir = self.staging.path
         self._specs = [ShardSpec(i, first, count) for i, (first, count) in enumerate(layout.shard_ranges())]
         self._next_block = 0
-        self._shards = ShardWriter(self.staging.path, layout.datasets, queue_size)
+        self._shards = ShardWriter(self.staging.path, layout.mode, layout.datasets, queue_size)
 
     @property
     def write_seconds(self) -> float:
@@ -546,8 +547,9 @@ class CacheWriter:
     def put(self, arrays: dict[str, np.ndarray]) -> None:
         """Queue the next consecutive blocks (every dataset of the layout, same leading size)."""
         sizes = {len(a) for a in arrays.values()}
-        if set(arrays) != set(self.layout.datasets) or len(sizes) != 1:
-            raise ValueError(f"expected datasets {sorted(self.layout.datasets)} of equal length")
+        decoded = MODE_DATASETS[self.layout.mode]  # what is put; layout.datasets are what is stored
+        if set(arrays) != set(decoded) or len(sizes) != 1:
+            raise ValueError(f"expected datasets {sorted(decoded)} of equal length")
         count = sizes.pop()
         if self._next_block + count > self.layout.num_blocks:
             raise ValueError("more blocks than the layout holds")

@@ -93,6 +93,8 @@ class CacheConfig:
     draws: int = setting(50, "sample mode: tokens drawn per position, with replacement")
     sample_temperature: float = setting(1.0, "sample mode: temperature of the teacher distribution drawn from")
     seed: int = setting(0, "sample mode: seed of the on-device generator")
+    quantize: bool = setting(False, "topk mode: store the log-probs on a grid of √(p / p_max) (each probability "
+                                    "within 1/1024, the k ids' mass kept) instead of lossless fp16: fewer bytes")
     shard_blocks: int = setting(512, "blocks per HDF5 shard")
     queue_size: int = setting(8, "batches waiting for the writer thread")
     overwrite: bool = setting(False, "replace an existing cache (never a directory that is not a cache)")

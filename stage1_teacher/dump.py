@@ -186,7 +186,7 @@ class TeacherDump:
             raise UserError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {self.vocab_size}")
         self.new_stream()  # checks data.seq_len and data.max_blocks
         self.datasets = stored_datasets(cfg.cache.mode, cfg.data.seq_len, self.vocab_size, cfg.cache.k,
-                                        cfg.cache.draws)
+                                        cfg.cache.draws, cfg.cache.quantize)
         self.staging = StagingDir(cfg.cache.dir)
         resume = Resume()
         if procs.main:  # one process prepares the staging directory, the others wait
@@ -282,7 +282,7 @@ class TeacherDump:
             return  # every shard was complete: the data was already read
         self.stats = None
         self.alignment = AlignmentLog()
-        self.writer = ShardWriter(self.staging.path, self.datasets, cfg.cache.queue_size,
+        self.writer = ShardWriter(self.staging.path, cfg.cache.mode, self.datasets, cfg.cache.queue_size,
                                   on_complete=lambda record: test_hook(f"shard-{record.index}"))
         self.progress = tqdm(unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True,
                              disable=not self.procs.main)

@@ -1,4 +1,5 @@
-"""The sharded HDF5 cache: layout, manifest, reading back (also with h5py + json alone), integrity."""
+"""The sharded HDF5 cache: layout, manifest, reading back, integrity. (Encodings, format 1 and reading with
+h5py + numpy alone: tests/test_encoding.py.)"""
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,10 @@ import h5py
 import numpy as np
 import pytest
 
+from cache.encoding import stored_datasets
 from cache.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 from cache.lock import LOCK_FILE
-from cache.manifest import DataEntry, DatasetEntry, Manifest, TeacherEntry, TokenizerEntry, load_manifest
+from cache.manifest import DataEntry, Manifest, TeacherEntry, TokenizerEntry, load_manifest
 from cache.reader import CacheReader, verify_cache
 from cache.writer import CacheLayout, CacheWriter, check_destination
 from common.cli import UserError
@@ -27,22 +29,24 @@ SHARD_BLOCKS = 4
 PUT_SIZES = (3, 5, 2)
 
 
+def canonical_topk(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The format's order, computed independently: descending log-prob, ties by ascending id."""
+    order = np.lexsort((ids, -logprobs.astype(np.float64)), axis=-1)
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
+
+
 def make_arrays(seed: int = 0, n: int = N) -> dict[str, np.ndarray]:
+    """Top-k blocks as a teacher gives them: k distinct ids per position, in the canonical order."""
     rng = np.random.default_rng(seed)
-    return {
-        "input_ids": rng.integers(0, V, size=(n, L), dtype=np.int32),
-        "topk_ids": rng.integers(0, V, size=(n, L, K), dtype=np.int32),
-        "topk_logprobs": (-rng.random((n, L, K)) * 8).astype(np.float16),
-    }
+    ids = np.argsort(rng.random((n, L, V)), axis=-1)[..., :K].astype(np.int32)
+    logprobs = (-rng.random((n, L, K)) * 8).astype(np.float16)
+    logprobs[..., 1] = logprobs[..., 0]  # ties
+    ids, logprobs = canonical_topk(ids, logprobs)
+    return {"input_ids": rng.integers(0, V, size=(n, L), dtype=np.int32), "topk_ids": ids, "topk_logprobs": logprobs}
 
 
-def make_layout(n: int = N, compression: str | None = None) -> CacheLayout:
-    specs = {
-        "input_ids": DatasetEntry([L], "int32"),
-        "topk_ids": DatasetEntry([L, K], "int32", compression),
-        "topk_logprobs": DatasetEntry([L, K], "float16", compression),
-    }
-    return CacheLayout("topk", n, L, specs, SHARD_BLOCKS)
+def make_layout(n: int = N) -> CacheLayout:
+    return CacheLayout("topk", n, L, stored_datasets("topk", L, V, K, 1), SHARD_BLOCKS)
 
 
 def manifest_for(layout: CacheLayout) -> Manifest:
@@ -74,10 +78,9 @@ def call_with_timeout(fn, timeout: float = 60.0):
     return box.get("result")
 
 
-def write_cache(final_dir: Path, arrays: dict[str, np.ndarray], sizes=PUT_SIZES, overwrite: bool = False,
-                compression: str | None = None) -> dict:
+def write_cache(final_dir: Path, arrays: dict[str, np.ndarray], sizes=PUT_SIZES, overwrite: bool = False) -> dict:
     def run():
-        layout = make_layout(sum(sizes), compression)
+        layout = make_layout(sum(sizes))
         writer = CacheWriter(str(final_dir), layout, overwrite=overwrite, queue_size=2)
         start = 0
         for size in sizes:
@@ -113,13 +116,16 @@ def test_shard_files_and_manifest(written):
         manifest = json.load(fh)
     assert Manifest.from_json(json.dumps(manifest)) == returned
     assert manifest["format"] == FORMAT_NAME == "kd-logit-cache"
-    assert manifest["format_version"] == FORMAT_VERSION == 1
+    assert manifest["format_version"] == FORMAT_VERSION == 2
     assert manifest["mode"] == "topk"
     assert manifest["num_blocks"] == N
     assert manifest["seq_len"] == L
     assert manifest["vocab_size"] == V and manifest["settings"] == {"note": "test"}  # caller's fields kept
-    assert manifest["datasets"]["topk_logprobs"]["shape_per_block"] == [L, K]
-    assert manifest["datasets"]["topk_logprobs"]["dtype"] == "float16"
+    stored = manifest["datasets"]
+    assert list(stored) == ["input_ids", "topk_id_gaps", "topk_logprobs_by_id"]
+    assert [(stored[n]["shape_per_block"], stored[n]["dtype"], stored[n]["encoding"]) for n in stored] == [
+        ([L], "int32", "raw"), ([L, K], "uint32", "id-gaps"), ([L, K], "float16", "by-id")]
+    assert all(entry["compression"] == "zstd" for entry in stored.values())
 
     expected = [("shard-00000.h5", 0, 4), ("shard-00001.h5", 4, 4), ("shard-00002.h5", 8, 2)]
     assert [(s["file"], s["first_block"], s["num_blocks"]) for s in manifest["shards"]] == expected
@@ -150,37 +156,17 @@ def test_reader_returns_what_was_written(written):
         reader.close()
 
 
-def test_format_is_readable_with_h5py_and_json_alone(written):
-    """The format promise: no project code needed to read a cache."""
-    cache_dir, arrays, _ = written
-    with open(os.path.join(cache_dir, "manifest.json")) as fh:
-        manifest = json.load(fh)
-    parts: dict[str, list] = {name: [] for name in arrays}
-    for shard in manifest["shards"]:
-        with h5py.File(os.path.join(cache_dir, shard["file"]), "r") as h5:
-            assert int(h5.attrs["first_block"]) == shard["first_block"]
-            for name in arrays:
+def test_shards_hold_the_manifest_datasets_one_block_per_chunk(written):
+    cache_dir, arrays, manifest = written
+    for shard in manifest.shards:
+        with h5py.File(cache_dir / shard.file, "r") as h5:
+            assert int(h5.attrs["first_block"]) == shard.first_block
+            assert sorted(h5) == sorted(manifest.datasets)
+            for name, entry in manifest.datasets.items():
                 dset = h5[name]
-                assert dset.shape[0] == shard["num_blocks"]
-                assert dset.chunks == (1, *arrays[name].shape[1:])  # one block per chunk
-                parts[name].append(dset[:])
-    for name, values in arrays.items():
-        got = np.concatenate(parts[name])
-        assert got.dtype == values.dtype
-        np.testing.assert_array_equal(got, values)
-
-
-def test_chunks_are_one_block_with_compression(tmp_path):
-    arrays = make_arrays(seed=3)
-    cache_dir = tmp_path / "gz"
-    write_cache(cache_dir, arrays, compression="gzip")
-    with h5py.File(cache_dir / "shard-00001.h5", "r") as h5:
-        assert h5["topk_ids"].chunks == (1, L, K)
-        assert h5["topk_ids"].compression == "gzip"
-        assert h5["input_ids"].chunks == (1, L)
-    reader = CacheReader(str(cache_dir))
-    np.testing.assert_array_equal(reader.block(5)["topk_ids"], arrays["topk_ids"][5])
-    reader.close()
+                assert dset.shape == (shard.num_blocks, *entry.shape_per_block) and dset.dtype == entry.dtype
+                assert dset.chunks == (1, *entry.shape_per_block)  # random access by block
+                assert dset.shuffle and "32015" in dset._filters  # byte shuffle, then zstd (hdf5plugin)
 
 
 @pytest.mark.parametrize("sizes", [(10,), (1,) * 10, (4, 4, 2), (2, 7, 1)])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.format import FORMAT_NAME, SUPPORTED_VERSIONS, dataset_table_markdown
+from cache.format import FORMAT_NAME, SUPPORTED_VERSIONS, dataset_table_markdown, stored_table_markdown
 from cache.manifest import Manifest, load_manifest
 from common.cli import UserError
 from tests.test_cache import make_arrays, write_cache
@@ -49,7 +49,23 @@ CASES = {
     "shards miss blocks": (lambda d: d.update(num_blocks=1000), "num_blocks: 1000, but the shards cover 10"),
     "shard gap": (lambda d: d["shards"][1].update(first_block=5), "shards[1].first_block: expected 4, got 5"),
     "shard outside the cache": (lambda d: d["shards"][0].update(file="../x.h5"), "shards[0].file"),
-    "datasets of another mode": (lambda d: d["datasets"].pop("topk_ids"), "field datasets"),
+    "datasets of another mode": (lambda d: d["datasets"].pop("topk_id_gaps"), "field datasets"),
+    "format-1 datasets in format 2": (lambda d: d.update(datasets={
+        "input_ids": d["datasets"]["input_ids"], "topk_ids": {"shape_per_block": [6, 4], "dtype": "int32"},
+        "topk_logprobs": {"shape_per_block": [6, 4], "dtype": "float16"}}),
+        "field datasets: a format-2 topk cache holds"),
+    "unknown encoding": (lambda d: d["datasets"]["topk_id_gaps"].update(encoding="zip"),
+                         "field.datasets.topk_id_gaps.encoding: expected one of 'raw'"),
+    "another dataset's encoding": (lambda d: d["datasets"]["topk_id_gaps"].update(encoding="raw"),
+                                   "field datasets.topk_id_gaps.encoding: expected 'id-gaps', got 'raw'"),
+    "unknown compression": (lambda d: d["datasets"]["input_ids"].update(compression="lz5"),
+                            "field.datasets.input_ids.compression: expected one of 'gzip' | 'zstd'"),
+    "stored shape": (lambda d: d["datasets"]["topk_logprobs_by_id"].update(shape_per_block=[6, 5]),
+                     "field datasets.topk_logprobs_by_id.shape_per_block: expected [6, 4], got [6, 5]"),
+    "stored dtype": (lambda d: d["datasets"]["topk_id_gaps"].update(dtype="int32"),
+                     "field datasets.topk_id_gaps.dtype: expected uint32, got int32"),
+    "grid on a lossless dataset": (lambda d: d["datasets"]["topk_logprobs_by_id"].update(grid=64),
+                                   "field datasets.topk_logprobs_by_id.grid"),
     "topk without k": (lambda d: d.update(k=None), "field k"),
     "not an object": (lambda d: d.update(teacher=[]), "field.teacher: expected an object"),
 }
@@ -74,11 +90,13 @@ def test_supported_versions_are_the_written_one_and_older():
     assert FORMAT_VERSION in SUPPORTED_VERSIONS and max(SUPPORTED_VERSIONS) == FORMAT_VERSION
 
 
-def test_readme_dataset_table_is_the_format_definition():
+@pytest.mark.parametrize("table, generate", [("dataset table", dataset_table_markdown),
+                                             ("stored table", stored_table_markdown)])
+def test_readme_tables_are_the_format_definition(table, generate):
     readme = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- BEGIN dataset table -->\n(.*?)\n<!-- END dataset table -->", readme, re.S)
-    assert match, "README lacks the dataset table markers"
-    assert match.group(1).strip() == dataset_table_markdown()
+    match = re.search(rf"<!-- BEGIN {table} -->\n(.*?)\n<!-- END {table} -->", readme, re.S)
+    assert match, f"README lacks the {table} markers"
+    assert match.group(1).strip() == generate()
 
 
 @pytest.mark.parametrize("case", ["removed top-level field", "wrong nested type", "unknown format version"])

@@ -134,7 +134,7 @@ def test_sample_dump_manifest_and_reproducibility(tiny, sample_caches):
     manifest = json.loads((sample_caches / "a" / "manifest.json").read_text())
     assert manifest["mode"] == "sample"
     assert manifest["sample"] == {"draws": 50, "temperature": 1.0, "slots": 50, "seed": 5}
-    assert manifest["datasets"]["sample_counts"]["dtype"] == "uint8"
+    assert manifest["datasets"]["sample_counts_by_id"]["dtype"] == "uint8"  # format 2's stored counts
     a, b = CacheReader(str(sample_caches / "a")), CacheReader(str(sample_caches / "b"))
     counts = a.read_all("sample_counts").astype(int)
     assert (counts.sum(-1) == 50).all()

@@ -56,6 +56,10 @@ def test_topk_equals_independent_recompute(tiny, topk_cache):
     blocks = independent_blocks(tiny, 128, TEST_BLOCKS)
     np.testing.assert_array_equal(reader.read_all("input_ids"), blocks)
     expected_values, expected_ids = torch.topk(teacher_logprobs(tiny, blocks), 16, dim=-1)
+    # the cache's order is canonical: descending float16 log-prob, ties (equal in float16) by ascending id
+    order = np.lexsort((expected_ids.numpy(), -expected_values.half().float().numpy()), axis=-1)
+    expected_ids = torch.from_numpy(np.take_along_axis(expected_ids.numpy(), order, -1))
+    expected_values = torch.from_numpy(np.take_along_axis(expected_values.numpy(), order, -1))
     ids = torch.from_numpy(reader.read_all("topk_ids")).long()
     values = torch.from_numpy(reader.read_all("topk_logprobs")).float()
     assert ids.shape == (TEST_BLOCKS, 128, 16) and values.dtype == torch.float32
@@ -98,7 +102,7 @@ def test_manifest_and_checksums(tiny, topk_cache):
     manifest = json.loads((topk_cache / "manifest.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
     teacher_config = json.loads((tiny / "teacher" / "config.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["mode"] == "topk" and manifest["k"] == 16
+    assert manifest["format_version"] == 2 and manifest["mode"] == "topk" and manifest["k"] == 16
     assert manifest["vocab_size"] == len(tokenizer) < teacher_config["vocab_size"]
     assert manifest["teacher"]["padded_vocab_size"] == teacher_config["vocab_size"]
     assert manifest["seq_len"] == 128 and manifest["num_blocks"] == TEST_BLOCKS
@@ -112,8 +116,8 @@ def test_manifest_and_checksums(tiny, topk_cache):
         path = topk_cache / shard["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
         with h5py.File(path, "r") as handle:
-            assert handle["topk_ids"].chunks == (1, 128, 16)
-            assert handle["topk_logprobs"].dtype == np.float16
+            assert handle["topk_id_gaps"].chunks == (1, 128, 16)  # format 2's stored datasets (tests/test_encoding.py)
+            assert handle["topk_logprobs_by_id"].dtype == np.float16
     listed = ["kd-cache.lock", "manifest.json"] + [s["file"] for s in manifest["shards"]]
     assert sorted(p.name for p in topk_cache.iterdir()) == listed  # the lock file travels with the cache
 

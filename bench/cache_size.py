@@ -1,0 +1,715 @@
+"""Cache size and speed per encoding, on one teacher with the real Qwen2 vocabulary (151,646 tokens).
+
+    python -m bench.cache_size [--quick] [--out bench/out/cache_size] [--doc docs/performance.md]
+                               [--data-dir ../shared/data/wikitext-2-raw-v1]
+                               [--tokenizer ../shared/data/qwen2-tokenizer]
+
+1. A small Qwen2 teacher with the real Qwen2 tokenizer (`tiny_world.models.model_config`, padded logits as
+   Qwen2's), trained by `tiny_world.models.train_teacher` on the first blocks of `wiki.valid.raw`, the blocks
+   it is then dumped on (its top-k follow the context, not only the unigram counts). Kept under
+   `<out>/teacher-<key>/`, keyed by every setting that makes it, so a rerun skips the training.
+   The teacher's logits are then scaled (its final norm's weight) so that 50 draws give 12 unique ids per
+   position, as a real 7B teacher's on this text: a teacher trained for minutes on a CPU is far less sure, and
+   the sizes follow the teacher's entropy.
+2. One cache per mode through the real entry point `python -m stage1_teacher.dump`: top-64 lossless, top-64
+   with `cache.quantize=true`, sample (50 draws), full (a few blocks: 303 KB/token raw); and each re-written in
+   format 1 (`write_format_1`: the decoded arrays, as the previous release stored them) for reference.
+3. Per cache: bytes/token (shard bytes over tokens), max |Δp| and the mean KL of the renormalised top-k against
+   the lossless cache, encode tokens/s (the writer thread's busy time, from stage one's `[stage1]` line),
+   decode tokens/s on one core (`CacheReader.block` over every block: HDF5 read, decode and the value checks;
+   every cache alternating, several repeats, median).
+4. The alternatives tried for each mode, on the same arrays (`alternatives`): other filters and levels,
+   other id and value layouts, other quantisation grids.
+
+Prints the tables, writes them with this command into the "Cache size" section of `--doc` (between its
+markers) and a bar chart to `docs/cache_size.png` (next to `--doc`). `--quick` shrinks the teacher and the data
+to smoke-test the script in about two minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cache.encoding import ZSTD_LEVEL
+from common.cli import UserError, run_main
+from tiny_world.models import ModelShape
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
+DEFAULT_DATA_DIR = os.path.join(SHARED, "wikitext-2-raw-v1")
+DEFAULT_TOKENIZER = os.path.join(SHARED, "qwen2-tokenizer")
+DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}
+SEED = 42
+BEGIN, END = "<!-- BEGIN cache size -->", "<!-- END cache size -->"
+
+
+@dataclass
+class Scale:
+    """Every size of the benchmark; `quick()` is the smoke-test version."""
+    teacher: ModelShape = ModelShape(hidden_size=256, num_hidden_layers=2, intermediate_size=768,
+                                     tie_word_embeddings=True)
+    teacher_steps: int = 60  # of 16 blocks, over the dumped blocks only
+    unique_ids: float = 12.0  # the teacher's logits are scaled so that 50 draws give this many unique ids
+    seq_len: int = 128
+    blocks: int = 128  # dumped: 16,384 positions, the issue's one shard
+    full_blocks: int = 4  # the full cache: 77 MB of fp16 per block of 128 positions
+    repeats: int = 3  # decode timings, alternating over the caches
+    k: int = 64
+    draws: int = 50
+
+    @classmethod
+    def quick(cls) -> "Scale":
+        return cls(teacher=ModelShape(hidden_size=64, num_hidden_layers=1, intermediate_size=128,
+                                      tie_word_embeddings=True),
+                   teacher_steps=4, seq_len=64, blocks=8, full_blocks=1, repeats=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Scale":
+        """A scale from a JSON object of field overrides (the teacher's shape as an object), for tests."""
+        try:
+            fields = json.loads(text)
+            if "teacher" in fields:
+                fields["teacher"] = ModelShape(**fields["teacher"])
+            return cls(**fields)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UserError(f"--scale-json: {err}") from None
+
+
+def log(msg: str) -> None:
+    print(f"[cache_size {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def overrides(values: dict[str, Any]) -> list[str]:
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+def file_digest(path: str) -> str:
+    from cache.format import file_sha256
+
+    return file_sha256(path)
+
+
+# --- the teacher ---------------------------------------------------------------------------------------------
+
+def teacher_key(scale: Scale, tokenizer_dir: str, data_dir: str) -> dict[str, Any]:
+    """Everything that makes the teacher: its shape and training, the exact tokenizer and text, the libraries."""
+    import torch
+    import transformers
+
+    tokenizer_files = sorted(f for f in os.listdir(tokenizer_dir) if os.path.isfile(os.path.join(tokenizer_dir, f)))
+    return {"shape": asdict(scale.teacher), "steps": scale.teacher_steps, "seq_len": scale.seq_len,
+            "unique_ids": scale.unique_ids, "draws": scale.draws,
+            "blocks": scale.blocks, "seed": SEED,
+            "tokenizer": {f: file_digest(os.path.join(tokenizer_dir, f)) for f in tokenizer_files},
+            "text": file_digest(os.path.join(data_dir, "wiki.valid.raw")),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def build_teacher(out: str, tokenizer_dir: str, data_dir: str, scale: Scale) -> tuple[str, dict[str, Any]]:
+    """The trained teacher's directory (model + tokenizer) and what its training measured; reused when its key
+    matches, written to a temporary name and renamed when complete."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from common.config import DataConfig
+    from common.data import load_blocks
+    from common.models import tokenizer_hash
+    from tiny_world.models import EOS, model_config, padded_vocab_sizes, perplexity, train_teacher
+
+    key = teacher_key(scale, tokenizer_dir, data_dir)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    final = os.path.join(out, f"teacher-{digest}")
+    ready = os.path.join(final, "READY.json")
+    if os.path.isfile(ready):
+        with open(ready) as fh:
+            info = json.load(fh)
+        log(f"reusing the teacher in {final} (trained in {info['train_seconds']} s)")
+        return final, info
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = DataConfig(local_dir=data_dir, split=DATA["data.split"], seq_len=scale.seq_len, max_blocks=scale.blocks)
+    blocks = load_blocks(data, tokenizer, tokenizer_hash(tokenizer)).input_ids
+    torch.manual_seed(SEED)
+    padded = padded_vocab_sizes(len(tokenizer))[0]  # logits beyond the tokenizer's, as Qwen2's
+    model = Qwen2ForCausalLM(model_config(scale.teacher, padded, tokenizer.convert_tokens_to_ids(EOS)))
+    log(f"training the teacher ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
+        f"{len(blocks)} blocks of {scale.seq_len}) for {scale.teacher_steps} steps")
+    seconds = train_teacher(model, blocks, scale.teacher_steps, SEED)
+    train_ppl = perplexity(model, blocks)
+    sharpen = sharpen_to(model, blocks[:4], len(tokenizer), scale.draws, scale.unique_ids)
+    log(f"teacher trained in {seconds:.0f} s (perplexity {train_ppl:.1f} on its blocks); logits scaled by "
+        f"{sharpen:.3f} so that {scale.draws} draws give {scale.unique_ids} unique ids per position")
+    info = {"key": key, "train_seconds": round(seconds, 1), "train_ppl": round(train_ppl, 2), "sharpen": sharpen,
+            "sharpened_ppl": round(perplexity(model, blocks), 2),
+            "params": sum(p.numel() for p in model.parameters()), "blocks": int(len(blocks)),
+            "tokenizer_size": len(tokenizer), "padded_vocab": padded}
+    staging = f"{final}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    with open(os.path.join(staging, "READY.json"), "w") as fh:
+        json.dump(info, fh, indent=2)
+    os.replace(staging, final)
+    return final, info
+
+
+def expected_unique(logits, scale: float, draws: int) -> float:
+    """Mean over positions of the expected number of unique ids among `draws` draws from softmax(scale · logits)."""
+    import torch
+
+    p = torch.softmax(logits * scale, dim=-1)
+    return float((1 - (1 - p).pow(draws)).sum(-1).mean())
+
+
+def sharpen_to(model, blocks: np.ndarray, vocab: int, draws: int, unique: float) -> float:
+    """Scale the teacher's logits (its final norm's weight: the logits are linear in it) by the factor, found by
+    bisection on `blocks`, at which `draws` draws give `unique` unique ids per position: a CPU-sized teacher
+    trained for minutes is far less sure than a 7B one, and the cache sizes follow the teacher's entropy."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(blocks.astype(np.int64))).logits[..., :vocab].float()
+        low, high = 0.25, 64.0
+        for _ in range(16):  # the factor to 0.04 %
+            mid = (low * high) ** 0.5
+            low, high = (mid, high) if expected_unique(logits, mid, draws) > unique else (low, mid)
+        model.model.norm.weight.mul_(low)
+    return low
+
+
+# --- the caches ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Cache:
+    """One measured cache: its label, mode, directory and what was measured."""
+    label: str
+    mode: str
+    dir: str
+    encoding: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def dump(out: str, teacher: str, data_dir: str, scale: Scale, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """`python -m stage1_teacher.dump` into `<out>/caches/<name>`; returns its `[stage1]` figures."""
+    cache_dir = os.path.join(out, "caches", name)
+    args = overrides({**DATA, "data.local_dir": data_dir, "data.seq_len": scale.seq_len,
+                      "data.max_blocks": scale.blocks, "teacher.model": teacher, "teacher.batch_size": 8,
+                      "teacher.device": "cpu", "cache.dir": cache_dir, "cache.overwrite": "true", **settings})
+    log("python -m stage1_teacher.dump " + " ".join(shlex.quote(a) for a in args))
+    proc = subprocess.run([sys.executable, "-m", "stage1_teacher.dump", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("[stage1]")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"stage1_teacher.dump failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    tokens = int(re.search(r"(\d+) tokens", line).group(1))
+    busy = float(re.search(r"writer busy ([0-9.]+) s", line).group(1))
+    return {"dir": cache_dir, "tokens": tokens, "writer_busy_s": busy, "line": line}
+
+
+def write_format_1(source: str, target: str) -> None:
+    """`source` re-written as format 1 stored it: the decoded arrays (sample: gzip 9 + shuffle), one block per
+    chunk, the manifest last. For reference rows only."""
+    import h5py
+
+    from cache.format import MODE_DATASETS, file_sha256
+    from cache.reader import CacheReader
+
+    reader = CacheReader(source)
+    manifest = json.loads(reader.manifest.to_json())
+    shutil.rmtree(target, ignore_errors=True)
+    os.makedirs(target)
+    datasets = {}
+    for shard in manifest["shards"]:
+        path = os.path.join(target, shard["file"])
+        blocks = [reader.block(b) for b in range(shard["first_block"], shard["first_block"] + shard["num_blocks"])]
+        with h5py.File(path, "w") as h5:
+            for name in MODE_DATASETS[manifest["mode"]]:
+                values = np.stack([b[name] for b in blocks])
+                gzip = {"compression": "gzip", "compression_opts": 9, "shuffle": True} if "sample" in name else {}
+                h5.create_dataset(name, data=values, chunks=(1, *values.shape[1:]), **gzip)
+                datasets[name] = {"shape_per_block": list(values.shape[1:]), "dtype": str(values.dtype),
+                                  "compression": "gzip" if gzip else None, "compression_opts": 9 if gzip else None}
+            h5.attrs["first_block"] = shard["first_block"]
+        shard.update(sha256=file_sha256(path), bytes=os.path.getsize(path))
+    reader.close()
+    manifest.update(format_version=1, datasets=datasets)
+    with open(os.path.join(target, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh, indent=2)
+
+
+def reblock(source: str, target: str, factor: int, quantize: bool) -> None:
+    """The top-k cache `source` re-written through the project's writer in blocks `factor` times longer (the
+    default seq_len 256 from blocks of 128): the decoding speed per token at that block length, on the same
+    positions. Its fingerprint is the source's, so it is for timing only."""
+    import dataclasses
+
+    from cache.encoding import stored_datasets
+    from cache.manifest import load_manifest
+    from cache.reader import CacheReader
+    from cache.writer import CacheLayout, CacheWriter
+
+    reader = CacheReader(source)
+    arrays = {name: reader.read_all(name) for name in reader.dataset_names}
+    reader.close()
+    manifest = load_manifest(source)
+    num_blocks, seq_len = manifest.num_blocks // factor, manifest.seq_len * factor
+    arrays = {name: a[: num_blocks * factor].reshape(num_blocks, seq_len, *a.shape[2:]) for name, a in arrays.items()}
+    layout = CacheLayout("topk", num_blocks, seq_len,
+                         stored_datasets("topk", seq_len, manifest.vocab_size, manifest.k, 1, quantize), 512)
+    writer = CacheWriter(target, layout, overwrite=True)
+    writer.put(arrays)
+    writer.finish(dataclasses.replace(manifest, num_blocks=num_blocks, seq_len=seq_len, datasets=layout.datasets,
+                                      shards=[]))
+
+
+def bytes_per_token(cache_dir: str) -> float:
+    from cache.manifest import load_manifest
+
+    manifest = load_manifest(cache_dir)
+    return manifest.bytes_on_disk / manifest.num_tokens
+
+
+def read_every_block(cache_dir: str) -> tuple[float, float, int]:
+    """(CPU seconds of this thread, wall seconds, tokens) to read every block through a fresh CacheReader."""
+    from cache.reader import CacheReader
+
+    reader = CacheReader(cache_dir)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for b in range(len(reader)):
+        reader.block(b)
+    cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+    reader.close()
+    return cpu, wall, len(reader) * reader.seq_len
+
+
+def decode_speeds(caches: list[Cache], repeats: int) -> None:
+    """Decode tokens/s per cache on one core: all caches alternating, `repeats` times, the median. Counted in the
+    reading thread's CPU time (numpy, h5py and the zstd filter run in it, single-threaded), which a machine
+    shared with other jobs does not inflate as it does the wall time (kept beside it)."""
+    cpu: dict[str, list[float]] = {c.label: [] for c in caches}
+    wall: dict[str, list[float]] = {c.label: [] for c in caches}
+    for _ in range(repeats):
+        for cache in caches:
+            cpu_s, wall_s, tokens = read_every_block(cache.dir)
+            cpu[cache.label].append(tokens / cpu_s)
+            wall[cache.label].append(tokens / wall_s)
+    for cache in caches:
+        cache.stats["decode_tok_s"] = float(np.median(cpu[cache.label]))
+        cache.stats["decode_wall_tok_s"] = float(np.median(wall[cache.label]))
+
+
+def topk_by_id(cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every block's top-k ids and fp64 probabilities, each position sorted by id (so two caches line up)."""
+    from cache.reader import CacheReader
+
+    reader = CacheReader(cache_dir)
+    ids = reader.read_all("topk_ids")
+    probs = np.exp(reader.read_all("topk_logprobs").astype(np.float64))
+    reader.close()
+    order = np.argsort(ids, axis=-1)
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(probs, order, -1)
+
+
+def quantization_error(p: np.ndarray, p_hat: np.ndarray) -> dict[str, float]:
+    """max |Δp| over every cached probability, and the mean over positions of KL(p ‖ p̂) of the renormalised
+    top-k (both [..., k], the same ids in the same order)."""
+    s, s_hat = p.sum(-1, keepdims=True), p_hat.sum(-1, keepdims=True)
+    ratio = np.log(np.maximum(p, 1e-300) / s) - np.log(np.maximum(p_hat, 1e-300) / s_hat)
+    kl = (p / s * ratio).sum(-1)
+    return {"max_dp": float(np.abs(p_hat - p).max()), "mean_kl": float(kl.mean()),
+            "max_mass_error": float(np.abs(s_hat - s).max())}
+
+
+def unique_per_position(cache_dir: str) -> float:
+    from cache.reader import CacheReader
+
+    reader = CacheReader(cache_dir)
+    counts = reader.read_all("sample_counts")
+    reader.close()
+    return float((counts > 0).sum(-1).mean())
+
+
+# --- the alternatives tried ----------------------------------------------------------------------------------
+
+def stored_bytes(arrays: dict[str, np.ndarray], filters: dict[str, Any]) -> int:
+    """Bytes of an HDF5 file holding `arrays` ([n, …] each, one block per chunk), every one with `filters`."""
+    import h5py
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "x.h5")
+        with h5py.File(path, "w") as h5:
+            for name, values in arrays.items():
+                h5.create_dataset(name, data=values, chunks=(1, *values.shape[1:]), **filters)
+        return os.path.getsize(path)
+
+
+def chosen(yes: bool) -> str:
+    return " (chosen)" if yes else ""
+
+
+def zstd(level: int) -> dict[str, Any]:
+    import hdf5plugin
+
+    return {"shuffle": True, **hdf5plugin.Zstd(clevel=level)}
+
+
+def blosc2_zstd(level: int) -> dict[str, Any]:
+    """Blosc2's own byte shuffle (SIMD) and zstd over each byte plane separately (one thread: BLOSC_NTHREADS)."""
+    import hdf5plugin
+
+    return dict(hdf5plugin.Blosc2(cname="zstd", clevel=level, filters=hdf5plugin.Blosc2.SHUFFLE))
+
+
+def bitshuffle_zstd(level: int) -> dict[str, Any]:
+    import hdf5plugin
+
+    return dict(hdf5plugin.Bitshuffle(cname="zstd", clevel=level))
+
+
+GZIP4 = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> list[dict[str, Any]]:
+    """Top-k layouts and filters on the lossless cache's decoded arrays (ids most likely first), bytes per token
+    and, for the lossy ones, the error against them."""
+    from cache.encoding import encode_topk, sqrt_grid_logprobs
+    from cache.format import SQRT_GRID
+
+    positions = tokens.size
+    by_id = encode_topk(ids, logprobs, None)
+    rank_bits = logprobs.view(np.uint16)
+    rank_gaps = np.diff(rank_bits.astype(np.int32), axis=-1, prepend=0).astype(np.uint16)  # ≥ 0 after the first
+    rows: list[dict[str, Any]] = []
+
+    def add(what: str, arrays: dict[str, np.ndarray], filters, error: dict[str, float] | None = None) -> None:
+        rows.append({"what": what, "bytes_per_token": stored_bytes({"input_ids": tokens, **arrays}, filters)
+                     / positions, **(error or {})})
+
+    add("format 1: int32 ids + fp16, most likely first, no filter", {"ids": ids, "lp": logprobs}, {})
+    add("format 1 + shuffle + gzip-4", {"ids": ids, "lp": logprobs}, GZIP4)
+    add("ids most likely first (uint32) + fp16 bit gaps down the ranks, shuffle + zstd-3",
+        {"ids": ids.astype(np.uint32), "lp": rank_gaps}, zstd(3))
+    for level in (1, 3, 9, 19):
+        add(f"ids sorted as gaps + fp16 in id order, shuffle + zstd-{level}" + chosen(level == ZSTD_LEVEL),
+            by_id, zstd(level))
+    add("ids sorted as gaps + fp16 in id order, bitshuffle + zstd-3", by_id, bitshuffle_zstd(3))
+    for level in (1, 5):
+        add(f"ids sorted as gaps + fp16 in id order, Blosc2 shuffle + zstd-{level}", by_id, blosc2_zstd(level))
+    add("ids sorted as gaps + fp16 in id order, shuffle + gzip-4", by_id, GZIP4)
+    p = np.take_along_axis(np.exp(logprobs.astype(np.float64)), np.argsort(ids, -1), -1)
+    for grid in (512, 1024, 2048):
+        q = encode_topk(ids, logprobs, grid)
+        p_hat = np.exp(sqrt_grid_logprobs(q["topk_sqrtp_by_id"], q["topk_log_scale"], grid).astype(np.float64))
+        add(f"quantized: ids as gaps + √(p/p_max) on a 1/{grid} grid + log-scale, shuffle + zstd-{ZSTD_LEVEL}"
+            + chosen(grid == SQRT_GRID), q, zstd(ZSTD_LEVEL), quantization_error(p, p_hat))
+    for steps in (64, 128):  # the issue's: log p on a grid of 1/64 nat, in id order, with a mass correction
+        lp = np.take_along_axis(logprobs.astype(np.float64), np.argsort(ids, -1), -1)
+        q = np.rint(np.minimum(lp.max(-1, keepdims=True) - lp, 1023) * steps).astype(np.uint16)
+        approx = np.exp(-q.astype(np.float64) / steps)
+        scale = np.log(np.exp(lp).sum(-1)) - np.log(approx.sum(-1))
+        p_hat = approx * np.exp(scale)[..., None]
+        add(f"quantized: ids as gaps + log(p/p_max) on a 1/{steps}-nat grid in id order + log-scale, "
+            f"shuffle + zstd-{ZSTD_LEVEL}", {"gaps": by_id["topk_id_gaps"], "q": q, "c": scale.astype(np.float32)},
+            zstd(ZSTD_LEVEL), quantization_error(p, p_hat))
+    # an upper bound for the ids: every position's k ids drawn anew, uniformly, from the whole vocabulary (a
+    # teacher whose top-k sets share nothing beyond chance; a small teacher's repeat far more than a 7B's)
+    rng, k = np.random.default_rng(SEED), ids.shape[-1]
+    random_ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(ids.size // k)]).reshape(ids.shape)
+    random_ids = random_ids.astype(np.int32)
+    add(f"upper bound, random ids: the chosen lossless encoding, every position's ids drawn at random from the "
+        f"{vocab:,}", encode_topk(random_ids, logprobs, None), zstd(ZSTD_LEVEL))
+    add("upper bound, random ids: the chosen quantized encoding", encode_topk(random_ids, logprobs, SQRT_GRID),
+        zstd(ZSTD_LEVEL))
+    add("upper bound, random ids: the lossless layout, Blosc2 shuffle + zstd-5 (each byte plane coded apart)",
+        encode_topk(random_ids, logprobs, None), blosc2_zstd(5))
+    return rows
+
+
+def sample_alternatives(tokens: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> list[dict[str, Any]]:
+    from cache.encoding import encode_sample
+
+    positions = tokens.size
+    packed = encode_sample(ids, counts)
+    rows = []
+    for what, arrays, filters in (
+            ("format 1: int32 ids + counts, most drawn first, −1/0 padded, shuffle + gzip-9",
+             {"ids": ids, "counts": counts}, {"compression": "gzip", "compression_opts": 9, "shuffle": True}),
+            ("format 1 layout, shuffle + zstd-3", {"ids": ids, "counts": counts}, zstd(3)),
+            *((f"packed: ids ascending as gaps within each position + counts, shuffle + zstd-{level}"
+               + chosen(level == ZSTD_LEVEL), packed, zstd(level)) for level in (3, 9, 19)),
+            ("packed, bitshuffle + zstd-3", packed, bitshuffle_zstd(3)),
+            ("packed, Blosc2 shuffle + zstd-5", packed, blosc2_zstd(5))):
+        size = stored_bytes({"input_ids": tokens, **arrays}, filters)
+        rows.append({"what": what, "bytes_per_token": size / positions})
+    return rows
+
+
+def full_alternatives(tokens: np.ndarray, logprobs: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    """Filters for the full fp16 log-probs: size, and write / read MB/s of the raw data through HDF5 (one core)."""
+    import h5py
+    import hdf5plugin
+
+    positions, raw = tokens.size, logprobs.nbytes
+    options: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("no filter (chosen)", lambda: {}),
+        ("shuffle + zstd-1", lambda: zstd(1)), ("shuffle + zstd-3", lambda: zstd(3)),
+        ("bitshuffle + lz4", lambda: dict(hdf5plugin.Bitshuffle(cname="lz4"))),
+        ("bitshuffle + zstd-1", lambda: bitshuffle_zstd(1)), ("shuffle + gzip-1",
+                                                              lambda: {"compression": "gzip", "compression_opts": 1,
+                                                                       "shuffle": True})]
+    timings: dict[str, dict[str, list[float]]] = {name: {"write": [], "read": []} for name, _ in options}
+    sizes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for name, filters in options:
+                path = os.path.join(tmp, "full.h5")
+                start = time.perf_counter()
+                with h5py.File(path, "w") as h5:
+                    h5.create_dataset("logprobs", data=logprobs, chunks=(1, *logprobs.shape[1:]), **filters())
+                timings[name]["write"].append(raw / (time.perf_counter() - start) / 1e6)
+                sizes[name] = os.path.getsize(path)
+                start = time.perf_counter()
+                with h5py.File(path, "r") as h5:
+                    for b in range(len(logprobs)):
+                        h5["logprobs"][b]
+                timings[name]["read"].append(raw / (time.perf_counter() - start) / 1e6)
+    return [{"what": name, "bytes_per_token": (sizes[name] + tokens.nbytes) / positions,
+             "write_mb_s": float(np.median(timings[name]["write"])),
+             "read_mb_s": float(np.median(timings[name]["read"]))} for name, _ in options]
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+def fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def main_table(caches: list[Cache]) -> str:
+    rows = ["| mode | encoding | B / token | max \\|Δp\\| | mean KL (renormalised top-k) | encode tok/s (writer busy) "
+            "| decode tok/s, one core (CPU time) | decode tok/s (wall) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for c in caches:
+        s = c.stats
+        rows.append(f"| {c.mode} | {c.encoding} | {fmt(s.get('bytes_per_token'), ',.1f')} | "
+                    f"{fmt(s.get('max_dp'), '.2e')} | {fmt(s.get('mean_kl'), '.2e')} | "
+                    f"{fmt(s.get('encode_tok_s'), ',.0f')} | {s['decode_tok_s']:,.0f} | "
+                    f"{s['decode_wall_tok_s']:,.0f} |")
+    return "\n".join(rows)
+
+
+def alternatives_table(title: str, rows: list[dict[str, Any]]) -> str:
+    lossy = any("max_dp" in r for r in rows)
+    speed = any("write_mb_s" in r for r in rows)
+    head = f"| {title} | B / token |" + (" max \\|Δp\\| | mean KL |" if lossy else "") + \
+        (" write MB/s | read MB/s |" if speed else "")
+    lines = [head, "|---|---:|" + ("---:|---:|" if lossy else "") + ("---:|---:|" if speed else "")]
+    for r in rows:
+        line = f"| {r['what']} | {r['bytes_per_token']:,.1f} |"
+        if lossy:
+            line += f" {fmt(r.get('max_dp'), '.2e')} | {fmt(r.get('mean_kl'), '.2e')} |"
+        if speed:
+            line += f" {r['write_mb_s']:,.0f} | {r['read_mb_s']:,.0f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(caches: list[Cache], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    caches = [c for c in caches if "blocks of" not in c.encoding]  # the same bytes as their source
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    short = {"format 1 (reference)": "format 1", "format 2, cache.quantize=true": "format 2\nquantized"}
+    labels = [f"{c.mode}\n{short.get(c.encoding, c.encoding.replace(', ', chr(10)))}" for c in caches]
+    values = [c.stats["bytes_per_token"] for c in caches]
+    colors = ["#999999" if c.encoding.startswith("format 1") else "#1f77b4" for c in caches]
+    bars = ax.bar(range(len(caches)), values, color=colors)
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(caches)), labels, fontsize=7)
+    ax.set_ylabel("bytes per token on disk (log scale)")
+    ax.set_title("Cache size per mode and encoding (grey: format 1, blue: format 2)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_doc(path: str, block: str) -> None:
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if BEGIN not in text or END not in text:
+        raise UserError(f"{path} has no {BEGIN} … {END} section")
+    text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + block + text[text.index(END):]
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def machine() -> str:
+    import platform
+
+    import h5py
+    import hdf5plugin
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible; numpy {np.__version__}, "
+            f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), hdf5plugin {hdf5plugin.version}, "
+            f"torch {torch.__version__}")
+
+
+# --- main ----------------------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cache_size", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/out/cache_size", help="scratch directory (default: %(default)s)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small teacher and few blocks: a smoke test")
+    size.add_argument("--scale-json", help=argparse.SUPPRESS)  # tests: Scale fields as JSON
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with WikiText-2 raw's wiki.valid.raw "
+                        "(default: ../shared/data/wikitext-2-raw-v1 next to the repository)")
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="the Qwen2 tokenizer's folder "
+                        "(default: ../shared/data/qwen2-tokenizer next to the repository)")
+    parser.add_argument("--doc", default=None, help="markdown file whose 'Cache size' section is rewritten "
+                        "(default: docs/performance.md; with --quick, <out>/performance.md)")
+    args = parser.parse_args(argv)
+    scale = Scale.quick() if args.quick else Scale.from_json(args.scale_json) if args.scale_json else Scale()
+    data_dir, tokenizer_dir, out = (os.path.abspath(p) for p in (args.data_dir, args.tokenizer, args.out))
+    if not os.path.isfile(os.path.join(data_dir, "wiki.valid.raw")):
+        raise UserError(f"{data_dir} has no wiki.valid.raw; pass --data-dir with the WikiText-2 raw files")
+    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer_config.json")):
+        raise UserError(f"{tokenizer_dir} is not a tokenizer folder; pass --tokenizer")
+    small = args.quick or args.scale_json  # must not overwrite the record by default
+    doc = args.doc or (os.path.join(out, "performance.md") if small else "docs/performance.md")
+    if not os.path.isfile(doc):
+        if args.doc is not None or not small:
+            raise UserError(f"{doc} not found")
+        os.makedirs(out, exist_ok=True)
+        with open(doc, "w", encoding="utf-8") as fh:
+            fh.write(f"# Performance\n\n## Cache size\n\n{BEGIN}\n{END}\n")
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                        ("BLOSC_NTHREADS", "1")):  # every figure is one core's
+        os.environ.setdefault(name, value)
+    import datasets
+
+    datasets.disable_progress_bars()
+    start = time.time()
+    os.makedirs(out, exist_ok=True)
+    teacher, teacher_info = build_teacher(out, tokenizer_dir, data_dir, scale)
+
+    dumped = {
+        "topk": dump(out, teacher, data_dir, scale, "topk", {"cache.mode": "topk", "cache.k": scale.k}),
+        "quantized": dump(out, teacher, data_dir, scale, "topk-quantized",
+                          {"cache.mode": "topk", "cache.k": scale.k, "cache.quantize": "true"}),
+        "sample": dump(out, teacher, data_dir, scale, "sample", {"cache.mode": "sample", "cache.draws": scale.draws}),
+        "full": dump(out, teacher, data_dir, scale, "full", {"cache.mode": "full",
+                                                             "data.max_blocks": scale.full_blocks}),
+    }
+    caches = []
+    for key, mode, label in (("topk", "top-64", "lossless"), ("quantized", "top-64", "cache.quantize=true"),
+                             ("sample", "sample, 50 draws", "packed"), ("full", "full", "raw")):
+        reference = os.path.join(out, "caches", f"{key}-format1")
+        write_format_1(dumped[key]["dir"], reference)
+        if key != "quantized":  # format 1 had no quantized top-k
+            caches.append(Cache(f"{key} format 1", mode, reference, "format 1 (reference)"))
+        cache = Cache(key, mode, dumped[key]["dir"], f"format 2, {label}")
+        cache.stats["encode_tok_s"] = dumped[key]["tokens"] / max(dumped[key]["writer_busy_s"], 0.05)
+        caches.append(cache)
+    for cache in caches:
+        cache.stats["bytes_per_token"] = bytes_per_token(cache.dir)
+    if scale.blocks >= 2:  # the default block length, 256, for the decoding speed (not bytes: same positions)
+        for key, label in (("topk", "lossless"), ("quantized", "cache.quantize=true")):
+            target = os.path.join(out, "caches", f"{key}-blocks-of-{2 * scale.seq_len}")
+            reblock(dumped[key]["dir"], target, 2, key == "quantized")
+            caches.append(Cache(f"{key} x2", "top-64", target, f"format 2, {label}, blocks of {2 * scale.seq_len}",
+                                {"bytes_per_token": bytes_per_token(target)}))
+    log("decoding every block of every cache, alternating")
+    decode_speeds(caches, scale.repeats)
+    ids, p = topk_by_id(dumped["topk"]["dir"])
+    ids_q, p_q = topk_by_id(dumped["quantized"]["dir"])
+    if not np.array_equal(ids, ids_q):
+        raise SystemExit("the quantized and lossless caches hold different ids")
+    error = quantization_error(p, p_q)
+    next(c for c in caches if c.label == "quantized").stats.update(error)
+    unique = unique_per_position(dumped["sample"]["dir"])
+    mass = float(p.sum(-1).mean())
+    distinct = int(np.unique(ids).size)  # how much the teacher's top-k sets vary: a 7B's vary far more
+    overlap = float(np.mean([np.intersect1d(a, b).size for a, b in zip(ids.reshape(-1, scale.k)[:-1],
+                                                                        ids.reshape(-1, scale.k)[1:])]))
+
+    log("alternatives")
+    from cache.manifest import load_manifest
+    from cache.reader import CacheReader
+
+    reader = CacheReader(dumped["topk"]["dir"])
+    tokens, topk_ids, topk_lp = (reader.read_all(n) for n in ("input_ids", "topk_ids", "topk_logprobs"))
+    reader.close()
+    reader = CacheReader(dumped["sample"]["dir"])
+    sample_ids, sample_counts = reader.read_all("sample_ids"), reader.read_all("sample_counts")
+    reader.close()
+    reader = CacheReader(dumped["full"]["dir"])
+    full_tokens, full_lp = reader.read_all("input_ids"), reader.read_all("logprobs")
+    reader.close()
+    vocab = load_manifest(dumped["topk"]["dir"]).vocab_size
+    alternatives = {"top-64": topk_alternatives(tokens, topk_ids, topk_lp, vocab),
+                    "sample, 50 draws": sample_alternatives(tokens, sample_ids, sample_counts),
+                    "full": full_alternatives(full_tokens, full_lp, scale.repeats)}
+
+    command = "python -m bench.cache_size" + (" --quick" if args.quick else "") + \
+        (f" --scale-json {shlex.quote(args.scale_json)}" if args.scale_json else "") + \
+        (f" --out {args.out}" if args.out != "bench/out/cache_size" else "") + \
+        (f" --data-dir {args.data_dir}" if os.path.abspath(args.data_dir) != DEFAULT_DATA_DIR else "") + \
+        (f" --tokenizer {args.tokenizer}" if os.path.abspath(args.tokenizer) != DEFAULT_TOKENIZER else "") + \
+        (f" --doc {args.doc}" if args.doc else "")
+    chart = os.path.join(os.path.dirname(os.path.abspath(doc)), "cache_size.png")
+    plot(caches, chart)
+    tables = [main_table(caches)] + [alternatives_table(f"{mode}: alternatives tried", rows)
+                                      for mode, rows in alternatives.items()]
+    t = teacher_info
+    summary = (f"Teacher: Qwen2, {scale.teacher.num_hidden_layers} layers × {scale.teacher.hidden_size}, "
+               f"{t['params'] / 1e6:.1f} M params, tokenizer of {t['tokenizer_size']:,} tokens (logits padded to "
+               f"{t['padded_vocab']:,}), trained {scale.teacher_steps} steps of 16 blocks on the {scale.blocks} "
+               f"blocks of {scale.seq_len} tokens it is dumped on, the first of wiki.valid.raw "
+               f"({t['train_seconds']:.0f} s; perplexity on them {t['train_ppl']}), then its logits scaled by "
+               f"{t['sharpen']:.2f} so that {scale.draws} draws give {scale.unique_ids:g} unique ids per position, as "
+               f"a 7B teacher's on this text (perplexity then {t['sharpened_ppl']}). Its top-64 sets vary little: "
+               f"{distinct:,} distinct ids in all, {overlap:.1f} of 64 shared by consecutive positions, which the id "
+               f"gaps' entropy coder turns into few bytes; the 'upper bound, random ids' rows give the cost of sets "
+               f"that share nothing. Cached positions: {tokens.size:,} "
+               f"(full: {full_tokens.size:,}); "
+               f"the top-64 hold {mass:.3f} of the teacher's mass on average; 50 draws give {unique:.1f} unique ids "
+               f"per position. Decode: every block through `CacheReader.block` (HDF5 read, decode, value checks), "
+               f"all caches alternating, {scale.repeats} repeats, median, in the reading thread's CPU time (one "
+               f"core; the wall-time figure beside it includes waiting for a shared CPU); the 'blocks of "
+               f"{2 * scale.seq_len}' rows are the same positions re-written in blocks of the default length. "
+               f"Encode: tokens over the writer thread's "
+               f"busy time (encode, HDF5 filters, write) in stage one. Max |Δp| and KL: the quantized cache against "
+               f"the lossless one, matched by id, over every cached probability. Machine: {machine()}. "
+               f"Wall time {(time.time() - start) / 60:.1f} min.")
+    block = (f"<!-- generated by `{command}` -->\n\n" + "\n\n".join(tables) +
+             f"\n\n![bytes per token per mode and encoding]({os.path.basename(chart)})\n\n{summary}\n")
+    write_doc(doc, block)
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump({"command": command, "scale": asdict(scale), "teacher": teacher_info, "unique_ids": unique,
+                   "distinct_topk_ids": distinct, "consecutive_overlap": overlap,
+                   "topk_mass": mass, "caches": [asdict(c) for c in caches], "alternatives": alternatives,
+                   "dumps": dumped}, fh, indent=2)
+    print("\n\n".join(tables))
+    print(summary)
+    log(f"wrote {doc} and {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,662 @@
+"""Format 2's encodings: every one round-trips (lossless ones bit-exact, the quantized one within its bound
+with the mass kept) on random and adversarial data; the README's numpy decoder agrees with the reader; a
+format-1 cache written here with plain h5py + json reads identically and still trains; the reader hands
+out no damaged block (one line naming the shard and block), and stage one prints the bytes per token."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cache.encoding import DecodeError, decode, decode_sample, encode, stored_datasets
+from cache.format import SQRT_GRID, STORED_SCHEMES
+from cache.manifest import SampleEntry
+from cache.reader import CacheDataError, CacheReader, block_problem, verify_cache
+from cache.writer import CacheLayout, CacheWriter
+from common.cli import UserError
+from tests.test_cache import call_with_timeout, canonical_topk, manifest_for
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN2_VOCAB = 151_646  # ids ≥ 131,072 need 18 bits: the ones a 17-bit format corrupts
+FP16_MIN = np.float16(-65504.0)
+
+
+# --- data: random and adversarial --------------------------------------------------------------------------
+
+def topk_case(rng, n: int, length: int, k: int, vocab: int, kind: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """[n, L, k] distinct ids and fp16 log-probs, in the canonical order."""
+    ids = np.argsort(rng.random((n, length, vocab)), axis=-1)[..., :k] if vocab <= 4096 else \
+        np.stack([rng.choice(vocab, k, replace=False) for _ in range(n * length)]).reshape(n, length, k)
+    ids = ids.astype(np.int32)
+    if kind == "random":  # log-softmax of Zipf-like logits
+        logits = rng.standard_normal((n, length, k)) * 2 - np.log1p(np.arange(k)) * rng.uniform(0.2, 3, (n, length, 1))
+        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True) * rng.uniform(1, 3, (n, length, 1)))
+    elif kind == "flat":  # an unsure teacher: the k ids hold a tiny share of the mass
+        logprobs = -np.log(QWEN2_VOCAB) + rng.standard_normal((n, length, k)) * 0.5
+    elif kind == "adversarial":
+        logprobs = -rng.exponential(4, (n, length, k))
+        logprobs[:, 0] = np.where(np.arange(k) == 0, 0.0, FP16_MIN)  # one-hot, the rest underflowed in fp16
+        logprobs[:, 1] = -np.log(k)  # uniform: every id ties
+        logprobs[:, 2, :2] = [-0.0, 0.0]  # -0.0 and 0.0 are the same value: they tie
+        logprobs[:, 3] = -(1e4 + rng.random(k))  # very negative, distinct in fp32, ties in fp16
+        ids[:, 4] = np.r_[0, rng.choice(np.arange(1, vocab - 1), k - 2, replace=False), vocab - 1]  # first, last
+        ids[:, 5] = vocab - 1 - np.arange(k)  # the top of the vocabulary
+    else:
+        raise ValueError(kind)
+    return canonical_topk(ids, np.maximum(logprobs, FP16_MIN).astype(np.float16))
+
+
+def sample_case(rng, n: int, length: int, draws: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, L, m=draws] unique drawn ids, most drawn first (ties by id), −1/0 padded: computed without the
+    project's code, from draws out of small id pools (many ties), one id only, or every draw distinct."""
+    ids = np.full((n, length, draws), -1, np.int32)
+    counts = np.zeros((n, length, draws), np.uint8 if draws < 256 else np.uint16)
+    for b in range(n):
+        for t in range(length):
+            kind = (b * length + t) % 4
+            if kind == 0:
+                drawn = np.full(draws, rng.integers(vocab))  # one-hot
+            elif kind == 1:
+                drawn = rng.choice(vocab, draws, replace=False)  # all distinct
+            else:
+                pool = np.concatenate([rng.choice(vocab, 8, replace=False), [0, vocab - 1]])
+                drawn = rng.choice(pool, draws)
+            unique, count = np.unique(drawn, return_counts=True)
+            order = np.lexsort((unique, -count))
+            ids[b, t, :len(unique)], counts[b, t, :len(unique)] = unique[order], count[order]
+    return ids, counts
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def assert_identical(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert set(got) == set(expected)
+    for name, values in expected.items():
+        assert got[name].dtype == values.dtype and got[name].shape == values.shape, name
+        np.testing.assert_array_equal(bits(got[name]), bits(values), err_msg=name)
+
+
+# --- round trips --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, vocab, k", [("random", QWEN2_VOCAB, 64), ("adversarial", QWEN2_VOCAB, 64),
+                                           ("random", 50, 50), ("adversarial", 50, 50), ("random", 3, 1)])
+def test_topk_lossless_is_bit_exact(kind, vocab, k):
+    rng = np.random.default_rng(k)
+    ids, logprobs = topk_case(rng, 3, 8, k, vocab, kind)
+    arrays = {"input_ids": rng.integers(0, vocab, (3, 8), dtype=np.int32), "topk_ids": ids, "topk_logprobs": logprobs}
+    datasets = stored_datasets("topk", 8, vocab, k, 1)
+    stored = encode(datasets, arrays)
+    assert stored["topk_id_gaps"].dtype == np.uint32 and (stored["topk_id_gaps"][..., 1:] > 0).all()  # ascending
+    assert_identical(decode(datasets, stored), arrays)  # n blocks at once
+    assert_identical(decode(datasets, {name: a[1] for name, a in stored.items()}),
+                     {name: a[1] for name, a in arrays.items()})  # one block
+    # any order of the k ids in, the canonical order out
+    shuffle = rng.permuted(np.broadcast_to(np.arange(k), ids.shape), axis=-1)
+    scrambled = dict(arrays, topk_ids=np.take_along_axis(ids, shuffle, -1),
+                     topk_logprobs=np.take_along_axis(logprobs, shuffle, -1))
+    assert_identical(decode(datasets, encode(datasets, scrambled)), arrays)
+
+
+def test_topk_ids_near_the_top_of_the_vocabulary_survive():
+    """The 17-bit bug: every id ≥ 131,072 must come back as itself."""
+    rng = np.random.default_rng(1)
+    ids = (QWEN2_VOCAB - 1 - np.arange(64 * 16)).reshape(1, 16, 64).astype(np.int32)  # 150,622 … 151,645
+    logprobs = -np.sort(rng.exponential(3, (1, 16, 64)), -1).astype(np.float16)
+    ids, logprobs = canonical_topk(ids, logprobs)
+    datasets = stored_datasets("topk", 16, QWEN2_VOCAB, 64, 1)
+    decoded = decode(datasets, encode(datasets, {"input_ids": ids[..., 0], "topk_ids": ids, "topk_logprobs": logprobs}))
+    np.testing.assert_array_equal(decoded["topk_ids"], ids)
+    assert decoded["topk_ids"].max() == QWEN2_VOCAB - 1 and decoded["topk_ids"].min() >= 131_072
+
+
+def test_topk_with_k_equal_to_the_vocabulary():
+    rng = np.random.default_rng(2)
+    vocab = 300
+    logits = rng.standard_normal((2, 4, vocab)) * 3
+    logprobs = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float16)
+    ids, logprobs = canonical_topk(np.broadcast_to(np.arange(vocab, dtype=np.int32), logprobs.shape).copy(), logprobs)
+    for quantize in (False, True):
+        datasets = stored_datasets("topk", 4, vocab, vocab, 1, quantize)
+        stored = encode(datasets, {"input_ids": ids[..., 0], "topk_ids": ids, "topk_logprobs": logprobs})
+        np.testing.assert_array_equal(stored["topk_id_gaps"][..., 1:], 1)  # every id: gaps of one
+        decoded = decode(datasets, stored)
+        if not quantize:
+            np.testing.assert_array_equal(bits(decoded["topk_logprobs"]), bits(logprobs))
+        np.testing.assert_array_equal(np.sort(decoded["topk_ids"], -1), np.sort(ids, -1))
+
+
+def quantized(ids: np.ndarray, logprobs: np.ndarray) -> dict[str, np.ndarray]:
+    datasets = stored_datasets("topk", ids.shape[1], QWEN2_VOCAB, ids.shape[2], 1, quantize=True)
+    assert datasets["topk_sqrtp_by_id"].grid == SQRT_GRID
+    return decode(datasets, encode(datasets, {"input_ids": ids[..., 0], "topk_ids": ids, "topk_logprobs": logprobs}))
+
+
+@pytest.mark.parametrize("kind", ["random", "flat", "adversarial"])
+def test_topk_quantized_within_its_bound_mass_kept(kind):
+    rng = np.random.default_rng(3)
+    ids, logprobs = topk_case(rng, 4, 32, 64, QWEN2_VOCAB, kind)
+    decoded = quantized(ids, logprobs)
+    got_ids, got = decoded["topk_ids"], decoded["topk_logprobs"]
+    assert got.dtype == np.float16 and got_ids.dtype == np.int32
+    assert np.isfinite(got.astype(np.float32)).all() and (got <= 0).all()
+    # the canonical order of the decoded values, and the same ids per position
+    np.testing.assert_array_equal(canonical_topk(got_ids, got)[0], got_ids)
+    np.testing.assert_array_equal(np.sort(got_ids, -1), np.sort(ids, -1))
+    # each id's probability, matched by id
+    p = np.exp(logprobs.astype(np.float64))
+    order = np.argsort(got_ids, -1)
+    p_hat = np.take_along_axis(np.exp(got.astype(np.float64)), order, -1)
+    p = np.take_along_axis(p, np.argsort(ids, -1), -1)
+    # √(p/p_max) on a grid of 1/1024: |Δp| ≤ p_max (2√(p/p_max)·½ + ¼/1024)/1024; the mass correction scales
+    # every p̂ by at most 1 + Σ those / Σp; the fp16 rounding of log p̂ adds |log p̂|·2^-11 relative
+    top = p.max(-1, keepdims=True)
+    grid = (np.sqrt(p * top) + top / 4 / SQRT_GRID) / SQRT_GRID
+    mass = p.sum(-1, keepdims=True)  # 0 where every log-prob underflowed: then every p̂ must be 0 too
+    scale = np.divide(grid.sum(-1, keepdims=True), mass, out=np.zeros_like(mass), where=mass > 0)
+    grid = np.where(mass > 0, grid, 0)
+    fp16 = p_hat * np.abs(np.log(np.maximum(p_hat, 1e-300))) * 2.0 ** -11
+    bound = grid * (1 + scale) + p * scale + fp16 + 1e-9
+    assert (np.abs(p_hat - p) <= bound).all(), np.abs(p_hat - p).max()
+    assert np.abs(p_hat - p).max() <= 1 / SQRT_GRID + 5e-4
+    # the mass of the k ids (1 − the tail bucket) is the teacher's, to the fp16 rounding of each log p̂
+    mass_error = np.abs(p_hat.sum(-1) - p.sum(-1))
+    assert (mass_error <= fp16.sum(-1) + 1e-6).all(), mass_error.max()
+    if kind != "adversarial":  # KL of the renormalised top-k ≈ Σ 2 p_max E[(Δ√(p/p_max))²] / Σp ≤ k / (6 grid²)
+        s, s_hat = p.sum(-1, keepdims=True), p_hat.sum(-1, keepdims=True)
+        kl = (p / s * (np.log(p / s) - np.log(p_hat / s_hat))).sum(-1)
+        expected = 64 / (6 * SQRT_GRID**2) * (top / s)[..., 0]
+        assert kl.mean() <= 1.2 * expected.mean() <= 1.2e-5, (kl.mean(), expected.mean())
+
+
+def test_quantized_one_hot_and_underflow():
+    ids = np.array([[[7, 3, 151_645, 0]]], np.int32)
+    logprobs = np.array([[[0.0, FP16_MIN, FP16_MIN, -30.0]]], np.float16)
+    decoded = quantized(*canonical_topk(ids, logprobs))
+    assert decoded["topk_ids"][0, 0, 0] == 7 and -1e-6 < decoded["topk_logprobs"][0, 0, 0] <= 0
+    rest = decoded["topk_logprobs"][0, 0, 1:].astype(np.float64)  # below half a grid step: (¼/1024)² each
+    assert np.isfinite(rest).all() and (np.exp(rest) < 1e-7).all() and len(set(rest)) == 1
+    np.testing.assert_array_equal(decoded["topk_ids"][0, 0, 1:], [0, 3, 151_645])  # equal values: ascending ids
+
+
+@pytest.mark.parametrize("draws", [50, 300])
+def test_sample_round_trip_is_bit_exact(draws):
+    rng = np.random.default_rng(draws)
+    ids, counts = sample_case(rng, 3, 12, draws, QWEN2_VOCAB)
+    arrays = {"input_ids": rng.integers(0, QWEN2_VOCAB, (3, 12), dtype=np.int32), "sample_ids": ids,
+              "sample_counts": counts}
+    datasets = stored_datasets("sample", 12, QWEN2_VOCAB, 64, draws)
+    stored = encode(datasets, arrays)
+    used = int((counts[0] > 0).sum())
+    assert (stored["sample_counts_by_id"][0, :used] > 0).all() and (stored["sample_counts_by_id"][0, used:] == 0).all()
+    assert_identical(decode(datasets, stored), arrays)
+    assert_identical(decode(datasets, {name: a[2] for name, a in stored.items()}), {n: a[2] for n, a in arrays.items()})
+
+
+def test_encode_refuses_what_it_cannot_store():
+    datasets = stored_datasets("topk", 2, 10, 3, 1)
+    good = {"input_ids": np.zeros((1, 2), np.int32), "topk_ids": np.tile(np.arange(3, dtype=np.int32), (1, 2, 1)),
+            "topk_logprobs": np.full((1, 2, 3), -1.1, np.float16)}
+    with pytest.raises(ValueError, match="below 0"):
+        encode(datasets, dict(good, topk_ids=good["topk_ids"] - 1))
+    with pytest.raises(ValueError, match="differ in shape"):
+        encode(datasets, dict(good, topk_logprobs=np.zeros((1, 2, 4), np.float16)))
+    sample = stored_datasets("sample", 1, 10, 3, 4)
+    with pytest.raises(ValueError, match="add up to the 4 draws"):
+        encode(sample, {"input_ids": np.zeros((1, 1), np.int32), "sample_ids": np.array([[[1, 2, -1, -1]]], np.int32),
+                        "sample_counts": np.array([[[2, 1, 0, 0]]], np.uint8)})
+    with pytest.raises(UserError, match="cache.quantize applies to topk"):
+        stored_datasets("sample", 1, 10, 3, 4, quantize=True)
+
+
+def test_decode_refuses_packed_counts_no_encoder_writes():
+    counts = np.array([2, 2, 1, 3, 0, 0, 0, 0], np.uint8)  # 2 positions × 4 draws: 2+2 | 1+3
+    gaps = np.array([5, 1, 9, 2, 0, 0, 0, 0], np.uint32)
+    ids, got = decode_sample(gaps, counts, 2)
+    np.testing.assert_array_equal(ids, [[5, 6, -1, -1], [11, 9, -1, -1]])
+    np.testing.assert_array_equal(got, [[2, 2, 0, 0], [3, 1, 0, 0]])
+    for bad in ([2, 3, 1, 2, 0, 0, 0, 0],  # a position straddles the boundary
+                [2, 0, 2, 4, 0, 0, 0, 0],  # a zero among the used entries
+                [2, 2, 1, 0, 0, 0, 0, 0],  # too few draws
+                [0] * 8):
+        with pytest.raises(DecodeError):
+            decode_sample(gaps, np.array(bad, np.uint8), 2)
+
+
+def test_block_problem_names_what_is_wrong():
+    ok = {"input_ids": np.array([0, 9], np.int32), "topk_ids": np.array([[9, 0]], np.int32),
+          "topk_logprobs": np.array([[-0.0, -3.0]], np.float16)}
+    assert block_problem(ok, 10, None) is None
+    assert block_problem(dict(ok, topk_ids=np.array([[10, 0]], np.int32)), 10, None) == \
+        "topk_ids outside [0, 10) (max 10)"
+    assert block_problem(dict(ok, input_ids=np.array([-16776892, 1], np.int32)), 10, None) == \
+        "input_ids outside [0, 10) (min -16776892)"
+    for bad in (np.inf, -np.inf, np.nan, 0.001, 6e-8):
+        values = np.array([[-1.0, bad]], np.float16)
+        assert "topk_logprobs not finite and ≤ 0" in block_problem(dict(ok, topk_logprobs=values), 10, None), bad
+    sample = {"sample_ids": np.array([[3, 4, -1]], np.int32), "sample_counts": np.array([[2, 1, 0]], np.uint8)}
+    assert block_problem(sample, 10, 3) is None
+    assert "not -1" in block_problem(dict(sample, sample_ids=np.array([[3, 4, 5]], np.int32)), 10, 3)
+    assert "outside" in block_problem(dict(sample, sample_ids=np.array([[3, -1, -1]], np.int32)), 10, 3)
+    assert "add up to 4" in block_problem(dict(sample, sample_counts=np.array([[2, 2, 0]], np.uint8)), 10, 3)
+
+
+# --- caches through the writer and the reader ----------------------------------------------------------------
+
+L = 16
+FULL_VOCAB = 500  # a full cache stores every log-prob: keep its vocabulary small
+
+
+def cache_arrays(mode: str, n: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vocab = FULL_VOCAB if mode == "full" else QWEN2_VOCAB
+    arrays = {"input_ids": rng.integers(0, vocab, (n, L), dtype=np.int32)}
+    if mode == "topk":
+        arrays["topk_ids"], arrays["topk_logprobs"] = topk_case(rng, n, L, 64, vocab, "adversarial")
+    elif mode == "sample":
+        arrays["sample_ids"], arrays["sample_counts"] = sample_case(rng, n, L, 50, vocab)
+    else:
+        logits = rng.standard_normal((n, L, vocab)) * 4
+        arrays["logprobs"] = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float16)
+    return arrays
+
+
+def write_cache_of_mode(cache_dir: Path, mode: str, arrays: dict[str, np.ndarray], quantize: bool = False) -> None:
+    """A format-2 cache of `arrays` through the project's writer (2 blocks per shard)."""
+    vocab = FULL_VOCAB if mode == "full" else QWEN2_VOCAB
+    layout = CacheLayout(mode, len(arrays["input_ids"]), L, stored_datasets(mode, L, vocab, 64, 50, quantize), 2)
+    manifest = dataclasses.replace(manifest_for(layout), mode=mode, seq_len=L, vocab_size=vocab,
+                                   k=64 if mode == "topk" else None,
+                                   sample=SampleEntry(50, 1.0, 50, 0) if mode == "sample" else None)
+
+    def run():
+        writer = CacheWriter(str(cache_dir), layout, queue_size=2)
+        writer.put(arrays)
+        return writer.finish(manifest)
+    call_with_timeout(run)
+
+
+def readme_decoder():
+    """The README's numpy decoder, executed as written."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- BEGIN decode example -->\n```python\n(.*?)```\n<!-- END decode example -->", readme, re.S)
+    assert code, "README lacks the decode example"
+    namespace: dict = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    return namespace["read_block"]
+
+
+CACHES = {"topk": ("topk", False), "topk quantized": ("topk", True), "sample": ("sample", False),
+          "full": ("full", False)}
+
+
+@pytest.mark.parametrize("case", list(CACHES))
+def test_cache_round_trip_and_the_readme_decoder(tmp_path, case):
+    mode, quantize = CACHES[case]
+    arrays = cache_arrays(mode)
+    cache_dir = tmp_path / "cache"
+    write_cache_of_mode(cache_dir, mode, arrays, quantize)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and list(manifest["datasets"]) == list(STORED_SCHEMES[mode][int(quantize)])
+    reader, read_block = CacheReader(str(cache_dir)), readme_decoder()
+    try:
+        for b in range(len(arrays["input_ids"])):
+            block = reader.block(b)
+            assert_identical(read_block(str(cache_dir), b), block)  # a third party decodes what we decode
+            if not quantize:
+                assert_identical(block, {name: a[b] for name, a in arrays.items()})
+                continue
+            assert_identical({"input_ids": block["input_ids"]}, {"input_ids": arrays["input_ids"][b]})
+            np.testing.assert_array_equal(np.sort(block["topk_ids"], -1), np.sort(arrays["topk_ids"][b], -1))
+            mass, mass_hat = (np.exp(a.astype(np.float64)).sum(-1) for a in (arrays["topk_logprobs"][b],
+                                                                             block["topk_logprobs"]))
+            assert np.abs(mass_hat - mass).max() < 2e-3
+    finally:
+        reader.close()
+    assert verify_cache(str(cache_dir), every_block=True) == []
+
+
+# --- the reader hands out no damaged block ------------------------------------------------------------------
+
+def reseal(cache_dir: Path) -> None:
+    """Re-checksum every shard into the manifest: damage the checksums cannot see (made before they were
+    taken), so that what is tested is the reader's own checks."""
+    path = cache_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for shard in manifest["shards"]:
+        shard["sha256"] = hashlib.sha256((cache_dir / shard["file"]).read_bytes()).hexdigest()
+        shard["bytes"] = (cache_dir / shard["file"]).stat().st_size
+    path.write_text(json.dumps(manifest))
+
+
+def read_error(cache_dir: Path, block: int) -> str:
+    reader = CacheReader(str(cache_dir))
+    try:
+        with pytest.raises(CacheDataError) as info:
+            reader.block(block)
+    finally:
+        reader.close()
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.fixture
+def topk_cache(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    arrays = cache_arrays("topk")
+    write_cache_of_mode(tmp_path / "cache", "topk", arrays)
+    return tmp_path / "cache", arrays
+
+
+def test_a_shard_truncated_to_half_is_one_line(topk_cache):
+    cache_dir, arrays = topk_cache
+    shard = cache_dir / "shard-00001.h5"  # blocks 2 and 3
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    message = read_error(cache_dir, 3)
+    assert message.startswith(f"{cache_dir}: shard-00001.h5") and "HDF5" in message, message
+    reader = CacheReader(str(cache_dir))  # the other shards still read
+    assert_identical(reader.block(4), {name: a[4] for name, a in arrays.items()})
+    reader.close()
+    problems = verify_cache(str(cache_dir))
+    assert problems == ["shard-00001.h5: sha256 mismatch"]
+    reseal(cache_dir)
+    assert [p.split(":")[0] for p in verify_cache(str(cache_dir))] == ["shard-00001.h5"]
+
+
+@pytest.mark.parametrize("dataset", ["topk_id_gaps", "topk_logprobs_by_id"])
+def test_flipped_bytes_in_a_compressed_chunk_are_one_line(topk_cache, dataset):
+    """Every chunk carries a Fletcher-32 checksum, so a flip anywhere in it is an HDF5 read error (without one, a
+    flip in a gap's low byte decodes to other ids in range: nothing else could see it): one line naming the shard
+    and block, never a traceback or a block."""
+    cache_dir, _ = topk_cache
+    shard = cache_dir / "shard-00000.h5"
+    with h5py.File(shard, "r") as h5:
+        chunk = h5[dataset].id.get_chunk_info_by_coord((1, 0, 0))  # block 1
+    original = shard.read_bytes()
+    for fraction in (0.1, 0.3, 0.5, 0.7, 0.9):
+        data = bytearray(original)
+        for offset in range(4):  # a few bytes, so that the numbers surely change
+            data[chunk.byte_offset + int(chunk.size * fraction) + offset] ^= 0xA5
+        shard.write_bytes(bytes(data))
+        message = read_error(cache_dir, 1)
+        assert message.startswith(f"{cache_dir}: shard-00000.h5 block 1: HDF5 read failed ("), message
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda h5: h5["topk_id_gaps"].__setitem__((1, 3, 5), 0xFF000000), "topk_ids outside [0, 151646) (min "),
+    (lambda h5: h5["topk_id_gaps"].__setitem__((1, 3, 63), 151_646), "topk_ids outside [0, 151646) (max "),
+    (lambda h5: h5["topk_logprobs_by_id"].__setitem__((1, 2, 7), np.inf), "topk_logprobs not finite and ≤ 0"),
+    (lambda h5: h5["topk_logprobs_by_id"].__setitem__((1, 2, 7), np.nan), "topk_logprobs not finite and ≤ 0"),
+    (lambda h5: h5["topk_logprobs_by_id"].__setitem__((1, 2, 7), 0.5), "topk_logprobs not finite and ≤ 0"),
+    (lambda h5: h5["input_ids"].__setitem__((1, 0), -16776892), "input_ids outside [0, 151646) (min -16776892)"),
+])
+def test_decoded_values_no_teacher_writes_are_one_line(topk_cache, change, named):
+    cache_dir, _ = topk_cache
+    with h5py.File(cache_dir / "shard-00000.h5", "r+") as h5:
+        change(h5)
+    reseal(cache_dir)
+    assert read_error(cache_dir, 1).startswith(f"{cache_dir}: shard-00000.h5 block 1: {named}")
+    assert verify_cache(str(cache_dir)) == []  # stage two's start-up check: checksums and layout, no decoding
+    assert verify_cache(str(cache_dir), every_block=True)[0].startswith(f"shard-00000.h5 block 1: {named}")
+
+
+def test_damaged_sample_blocks_are_one_line(tmp_path):
+    cache_dir = tmp_path / "cache"
+    write_cache_of_mode(cache_dir, "sample", cache_arrays("sample"))
+    with h5py.File(cache_dir / "shard-00001.h5", "r+") as h5:
+        counts = h5["sample_counts_by_id"][0]
+        counts[3] += 1  # one draw too many: the positions no longer end at multiples of 50
+        h5["sample_counts_by_id"][0] = counts
+        h5["sample_id_gaps"][1, 0] = QWEN2_VOCAB + 5
+    reseal(cache_dir)
+    assert "sample_counts_by_id: the counts do not add up to 50 draws" in read_error(cache_dir, 2)
+    assert read_error(cache_dir, 3).endswith("block 3: sample_ids outside [0, 151646) (max 151651)")
+
+
+def test_a_stored_dataset_unlike_the_manifest_is_one_line(topk_cache):
+    cache_dir, arrays = topk_cache
+    with h5py.File(cache_dir / "shard-00002.h5", "r+") as h5:  # block 4: rewritten without its filters
+        values = h5["topk_id_gaps"][:]
+        del h5["topk_id_gaps"]
+        h5.create_dataset("topk_id_gaps", data=values, chunks=(1, L, 64))
+    reseal(cache_dir)
+    message = read_error(cache_dir, 4)
+    assert message.startswith(f"{cache_dir}: shard-00002.h5: topk_id_gaps has filters []"), message
+    assert verify_cache(str(cache_dir)) == [message.removeprefix(f"{cache_dir}: ")]
+
+
+def test_verify_command_reports_a_damaged_block(topk_cache):
+    from tests.conftest import run_cli
+
+    cache_dir, _ = topk_cache
+    with h5py.File(cache_dir / "shard-00001.h5", "r+") as h5:
+        h5["topk_id_gaps"][0, 0, 0] = 0xFFFFFFF0
+    reseal(cache_dir)
+    result = run_cli("cache.verify", cache_dir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout.splitlines() == ["FAIL shard-00001.h5 block 2: topk_ids outside [0, 151646) (min -16)"]
+
+
+# --- format 1: written here with plain h5py + json, as the previous release did ---------------------------------
+
+def write_v1_cache(cache_dir: Path, arrays: dict[str, np.ndarray], fields: dict, shard_blocks: int) -> None:
+    """Format 1's layout, independently of the project's writer: the decoded datasets themselves (int32 ids,
+    float16 log-probs; the sample datasets gzip 9 + shuffle), one block per chunk, the manifest last."""
+    cache_dir.mkdir()
+    n, shards = len(arrays["input_ids"]), []
+    for index, first in enumerate(range(0, n, shard_blocks)):
+        count, path = min(shard_blocks, n - first), cache_dir / f"shard-{index:05d}.h5"
+        with h5py.File(path, "w") as h5:
+            for name, values in arrays.items():
+                gzip = {"compression": "gzip", "compression_opts": 9, "shuffle": True} if "sample" in name else {}
+                h5.create_dataset(name, data=values[first:first + count], chunks=(1, *values.shape[1:]), **gzip)
+            h5.attrs["first_block"] = first
+        shards.append({"file": path.name, "first_block": first, "num_blocks": count,
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size})
+    datasets = {name: {"shape_per_block": list(values.shape[1:]), "dtype": str(values.dtype),
+                       "compression": "gzip" if "sample" in name else None,
+                       "compression_opts": 9 if "sample" in name else None} for name, values in arrays.items()}
+    manifest = {**fields, "format": "kd-logit-cache", "format_version": 1, "num_blocks": n, "datasets": datasets,
+                "shards": shards}
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def v1_fields(mode: str, vocab: int, seq_len: int, k: int | None = None, draws: int | None = None) -> dict:
+    return {"mode": mode, "seq_len": seq_len, "vocab_size": vocab, "value_dtype": "float16", "values": "test", "k": k,
+            "teacher": {"model": "t", "config_hash": "0" * 64, "padded_vocab_size": vocab, "dtype": "float32"},
+            "tokenizer": {"name": "t", "hash": "1" * 64, "size": vocab},
+            "dataset": {"name": "d", "subset": None, "split": "train", "local_dir": None, "max_blocks": None,
+                        "stream_tokens": 0, "fingerprint": "2" * 64},
+            "settings": {}, "sample": None if draws is None else
+            {"draws": draws, "temperature": 1.0, "slots": draws, "seed": 0}}
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_format_1_reads_as_written(tmp_path, mode):
+    rng = np.random.default_rng(5)
+    arrays = {"input_ids": rng.integers(0, QWEN2_VOCAB, (5, L), dtype=np.int32)}
+    if mode == "topk":  # as the old release stored them: torch.topk's order, ties as they came
+        arrays["topk_ids"] = rng.integers(0, QWEN2_VOCAB, (5, L, 8), dtype=np.int32)
+        arrays["topk_logprobs"] = -np.sort(rng.exponential(2, (5, L, 8)), -1).astype(np.float16)
+    else:
+        arrays["sample_ids"], arrays["sample_counts"] = sample_case(rng, 5, L, 50, QWEN2_VOCAB)
+    cache_dir = tmp_path / "v1"
+    write_v1_cache(cache_dir, arrays, v1_fields(mode, QWEN2_VOCAB, L, 8 if mode == "topk" else None,
+                                                50 if mode == "sample" else None), shard_blocks=2)
+    reader = CacheReader(str(cache_dir))
+    assert reader.manifest.format_version == 1 and all(e.encoding == "raw" for e in reader.manifest.datasets.values())
+    for b in range(5):
+        assert_identical(reader.block(b), {name: a[b] for name, a in arrays.items()})
+    np.testing.assert_array_equal(reader.read_all("input_ids"), arrays["input_ids"])
+    reader.close()
+    assert verify_cache(str(cache_dir), every_block=True) == []
+    assert_identical(readme_decoder()(str(cache_dir), 3), {name: a[3] for name, a in arrays.items()})
+
+
+def test_format_1_flipped_id_byte_is_one_line(tmp_path):
+    """The issue's case: a flip in a raw int32 top-k id makes it -16776892; format 1 has no checksum per chunk."""
+    arrays = {"input_ids": np.zeros((2, L), np.int32), "topk_ids": np.full((2, L, 8), 324, np.int32),
+              "topk_logprobs": np.full((2, L, 8), -2.0, np.float16)}
+    cache_dir = tmp_path / "v1"
+    write_v1_cache(cache_dir, arrays, v1_fields("topk", QWEN2_VOCAB, L, 8), shard_blocks=2)
+    shard = cache_dir / "shard-00000.h5"
+    with h5py.File(shard, "r") as h5:
+        offset = h5["topk_ids"].id.get_chunk_info_by_coord((1, 0, 0)).byte_offset
+    data = bytearray(shard.read_bytes())
+    data[offset + 4 * 37 + 3] ^= 0xFF  # the top byte of an id of block 1
+    shard.write_bytes(bytes(data))
+    assert read_error(cache_dir, 1) == \
+        f"{cache_dir}: shard-00000.h5 block 1: topk_ids outside [0, 151646) (min -16776892)"
+
+
+# --- through the real entry points on the tiny build -------------------------------------------------------------
+
+def test_format_1_cache_still_trains(tiny, tmp_path):
+    """A format-1 cache of the teacher's top-k, recomputed with plain torch, trains as the format-2 cache stage one
+    writes for the same blocks: the same losses step by step."""
+    import torch
+
+    from stage1_teacher.dump import main as dump_main
+    from stage2_student.train import main as train_main
+    from tests.conftest import tiny_overrides
+    from tests.test_stage1 import teacher_logprobs
+
+    v2 = tmp_path / "v2"
+    dump_main(tiny_overrides(tiny, v2, **{"cache.mode": "topk"}))
+    fields = json.loads((v2 / "manifest.json").read_text())
+    tokens = CacheReader(str(v2)).read_all("input_ids")
+    values, ids = torch.topk(teacher_logprobs(tiny, tokens.astype(np.int64)), fields["k"], dim=-1)
+    arrays = {"input_ids": tokens, "topk_ids": ids.to(torch.int32).numpy(),
+              "topk_logprobs": values.to(torch.float16).numpy()}
+    v1 = tmp_path / "v1"
+    write_v1_cache(v1, arrays, {key: fields[key] for key in v1_fields("topk", 1, 1)}, shard_blocks=5)
+    reader = CacheReader(str(v1))
+    for b in range(len(tokens)):
+        assert_identical(reader.block(b), {name: a[b] for name, a in arrays.items()})
+    reader.close()
+    losses = {}
+    for name, cache in (("v1", v1), ("v2", v2)):
+        out = tmp_path / f"out-{name}"
+        train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{
+            "train.output_dir": out, "train.log_dir": tmp_path / f"logs-{name}", "train.max_steps": 2})])
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["v1"]) == 2 and all(math.isfinite(x) for x in losses["v1"])
+    assert losses["v1"] == pytest.approx(losses["v2"], rel=1e-4)
+
+
+def test_stage_one_prints_the_bytes_per_token_of_a_top64_cache(tiny, tmp_path):
+    from tests.conftest import run_cli, tiny_overrides
+
+    cache = tmp_path / "cache"
+    result = run_cli("stage1_teacher.dump", *tiny_overrides(tiny, cache, **{"cache.k": 64}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("[stage1]"))
+    printed = float(re.search(r", ([0-9.]+) B/token", line).group(1))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    on_disk = sum((cache / s["file"]).stat().st_size for s in manifest["shards"])
+    assert printed == round(on_disk / (manifest["num_blocks"] * manifest["seq_len"]), 1)
+    raw = 4 + 64 * (4 + 2)  # what format 1 stored per token: an int32 token, k int32 ids and k fp16 log-probs
+    assert printed < raw / 2, line
+
+
+def test_stage_two_stops_at_a_damaged_block_in_one_line(tiny, tmp_path):
+    from stage1_teacher.dump import main as dump_main
+    from tests.conftest import run_cli, tiny_overrides
+
+    cache = tmp_path / "cache"
+    dump_main(tiny_overrides(tiny, cache, **{"cache.mode": "topk"}))
+    with h5py.File(cache / "shard-00001.h5", "r+") as h5:  # blocks 5..9
+        h5["topk_id_gaps"][2, 100, 0] = 0xFF000144
+    reseal(cache)
+    out = tmp_path / "out"
+    result = run_cli("stage2_student.train", "--cache", cache, *tiny_overrides(tiny, cache, **{
+        "train.output_dir": out, "train.log_dir": tmp_path / "logs", "train.epochs": 1}))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = re.findall(r"error: .*", result.stderr)  # (tqdm may leave its bar unterminated before it)
+    assert errors == [f"error: {cache}: shard-00001.h5 block 7: topk_ids outside [0, 1000) (min -16776892)"], errors
+
+
+def test_bench_cache_size_smoke(tiny, tmp_path, monkeypatch):
+    """bench.cache_size end to end far below --quick: generated text and the tiny tokenizer (never ../shared)."""
+    from tests.conftest import run_cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = tmp_path / "wiki"
+    data.mkdir()
+    lines = (tiny / "data" / "wiki.train.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    (data / "wiki.valid.raw").write_text("".join(lines[:400]), encoding="utf-8")
+    scale = {"teacher": {"hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 32,
+                         "tie_word_embeddings": True},
+             "teacher_steps": 2, "seq_len": 32, "blocks": 6, "full_blocks": 2, "repeats": 1, "unique_ids": 6.0}
+    out = tmp_path / "out"
+    args = ["--out", out, "--data-dir", data, "--tokenizer", tiny / "teacher", "--scale-json", json.dumps(scale)]
+    result = run_cli("bench.cache_size", *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    caches = {(c["mode"], c["encoding"]): c for c in summary["caches"]}
+    for cache in caches.values():  # bytes per token: the shard files over the manifest's tokens
+        manifest = json.loads((Path(cache["dir"]) / "manifest.json").read_text())
+        on_disk = sum((Path(cache["dir"]) / s["file"]).stat().st_size for s in manifest["shards"])
+        tokens = manifest["num_blocks"] * manifest["seq_len"]
+        assert cache["stats"]["bytes_per_token"] == pytest.approx(on_disk / tokens)
+        assert cache["stats"]["decode_tok_s"] > 0
+    lossless, quantized = caches["top-64", "format 2, lossless"], caches["top-64", "format 2, cache.quantize=true"]
+    assert lossless["stats"]["bytes_per_token"] < caches["top-64", "format 1 (reference)"]["stats"]["bytes_per_token"]
+    assert 0 < quantized["stats"]["max_dp"] <= 1 / SQRT_GRID + 5e-4 and quantized["stats"]["mean_kl"] < 1e-4
+    assert summary["unique_ids"] == pytest.approx(6.0, abs=2.5)  # the teacher was sharpened to 6 unique ids
+    doc = (out / "performance.md").read_text()
+    assert "<!-- generated by `python -m bench.cache_size --scale-json" in doc
+    assert "| top-64 | format 2, cache.quantize=true |" in doc and "full: alternatives tried" in doc
+    assert (out / "cache_size.png").read_bytes()[:4] == b"\x89PNG"
+    from bench.cache_size import Scale, build_teacher
+
+    teacher, info = build_teacher(str(out), str(tiny / "teacher"), str(data), Scale.from_json(json.dumps(scale)))
+    assert Path(teacher).parent == out and info == summary["teacher"]  # reused: its key is the same, not trained again
+
+
+def test_bench_quality_quantized_run_beside_the_lossless_one_and_the_noise(tmp_path, monkeypatch):
+    """bench.quality's quantized top-64 student, its lossless twin and the twin with another seed, far below --quick;
+    the results say how far apart the first two are against the noise of the last two."""
+    from bench.quality import NOISE_RUN, QUANTIZED_RUN
+    from tests.conftest import run_cli
+    from tests.test_bench import SMOKE_SCALE, table_rows
+    from tiny_world.corpus import build_corpus
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    corpus, data = build_corpus(), tmp_path / "wiki"
+    data.mkdir()
+    for name, split, lines in (("wiki.valid.raw", "valid", 400), ("wiki.test.raw", "test", 100)):
+        (data / name).write_text("".join(corpus[split].splitlines(keepends=True)[:lines]), encoding="utf-8")
+    runs = ["top-64, tail bucket", NOISE_RUN, QUANTIZED_RUN]
+    out = tmp_path / "out"
+    result = run_cli("bench.quality", "--out", out, "--data-dir", data,
+                     "--scale-json", json.dumps({**SMOKE_SCALE, "runs": runs}))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["topk64", "topk64q"]
+    results = (out / "results.md").read_text(encoding="utf-8")
+    rows = {row[0]: row for row in table_rows(results)}
+    assert rows[QUANTIZED_RUN][1] == "topk, k=64, quantized" and rows[runs[0]][1] == "topk, k=64"
+    scores = json.loads((out / "summary.json").read_text())["scores"]
+    gap = abs(scores[QUANTIZED_RUN]["perplexity"] - scores[runs[0]]["perplexity"])
+    noise = abs(scores[NOISE_RUN]["perplexity"] - scores[runs[0]]["perplexity"])
+    assert f"a difference of {gap:.2f}" in results and f"the noise: {noise:.2f} between two lossless runs" in results
+
+
+def test_a_format_2_sample_manifest_needs_as_many_slots_as_draws(tmp_path):
+    from cache.manifest import load_manifest
+
+    cache_dir = tmp_path / "cache"
+    write_cache_of_mode(cache_dir, "sample", cache_arrays("sample", n=2))
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["sample"]["slots"] = 40
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"field sample.slots: format 2 stores as many slots as draws \(50\), got 40"):
+        load_manifest(str(cache_dir))
