@@ -190,7 +190,7 @@ class DistillRecipe:
         self.tb.close()
 
     def optimizer_step(self, epoch: int, group: list[dict]) -> dict[str, Any]:
-        sums = {"loss": 0.0, "kd_loss": 0.0, "hard_loss": 0.0}
+        sums: dict[str, float | None] = {"loss": 0.0, "kd_loss": None, "hard_loss": None}  # None: not computed
         tokens = 0
         for batch in group:
             autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
@@ -198,8 +198,9 @@ class DistillRecipe:
                 total, parts = self.distiller.train_on_batch(batch, {})
             self.scaler.scale(total / len(group)).backward()
             sums["loss"] += total.item() / len(group)
-            sums["kd_loss"] += parts["unweighted_kd_loss"].item() / len(group)
-            sums["hard_loss"] += parts["unweighted_hard_label_loss"].item() / len(group)
+            for key, part in (("kd_loss", "unweighted_kd_loss"), ("hard_loss", "unweighted_hard_label_loss")):
+                if part in parts:  # a term of weight 0 is left out unless it is cheap (stage2_student/distiller.py)
+                    sums[key] = (sums[key] or 0.0) + parts[part].item() / len(group)
             tokens += batch["student"]["input_ids"].numel()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.max_grad_norm)
@@ -214,7 +215,8 @@ class DistillRecipe:
         record = {"step": self.step, "epoch": epoch, **sums, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens": self.tokens, "tokens_per_s": self.tokens / elapsed, "elapsed_s": elapsed}
         for name in ("loss", "kd_loss", "hard_loss", "lr", "grad_norm"):
-            self.tb.add_scalar(f"train/{name}", record[name], self.step)
+            if record[name] is not None:
+                self.tb.add_scalar(f"train/{name}", record[name], self.step)
         self.last = record
         return record
 

@@ -139,8 +139,9 @@ def draw_sample(teacher_lp: torch.Tensor, draws: int, slots: int, temperature: f
 
 
 def kd_loss(name: str, chunk: int, tail: str = "bucket", detached: bool = False) -> KDLoss:
-    """The loss with this file's β and α, which the reference uses too."""
-    return KDLoss(name, V, tail=tail, chunk=chunk, beta=BETA, alpha=ALPHA, detached=detached)
+    """The KD loss alone with this file's β and α, which the reference uses too; `detached` = KD weight 0."""
+    return KDLoss(name, V, tail=tail, chunk=chunk, beta=BETA, alpha=ALPHA, kd_weight=0.0 if detached else 1.0,
+                  hard_weight=0.0)
 
 
 def grad_of(loss: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -174,10 +175,9 @@ def test_settings_come_from_the_train_config():
     with pytest.raises(TypeError):
         KDLoss("jsd", V)
     train = TrainConfig(loss="jsd", topk_tail="renormalize", loss_chunk=3, loss_beta=BETA, loss_alpha=ALPHA,
-                        kd_weight=0.0)  # every value differs from the schema's default
+                        kd_weight=0.0, hard_weight=0.25)  # every value differs from the schema's default
     assert KDLoss.from_config(train, V) == KDLoss("jsd", V, tail="renormalize", chunk=3, beta=BETA, alpha=ALPHA,
-                                                  detached=True)
-    assert not KDLoss.from_config(TrainConfig(), V).detached  # kd_weight 1: the loss has a gradient
+                                                  kd_weight=0.0, hard_weight=0.25)
 
 
 def test_dense_float16_cache_values():
