@@ -211,11 +211,11 @@ class _Terms:
         labels, mask, inv_n = self._label_rows()
         grad.scatter_add_(1, labels[:, None], (-self.hard_weight * inv_n * mask)[:, None].to(grad.dtype))
 
-    def _softmaxes(self, zb: torch.Tensor, temperatures: list[float], with_q: bool):
-        """Per temperature τ: (z/τ, softmax(z/τ) or None, logsumexp(z/τ)) of one block of rows."""
+    def _softmaxes(self, zb: torch.Tensor, temperatures: list[float], with_q: list[float]):
+        """Per temperature τ: (z/τ, softmax(z/τ) if τ is in `with_q` else None, logsumexp(z/τ)) of one block."""
         for tau in temperatures:
             u = _scaled(zb, tau)
-            if with_q:
+            if tau in with_q:
                 q = torch.softmax(u, dim=-1)
                 yield tau, u, q, _lse_from_softmax(u, q)
             else:
@@ -240,7 +240,8 @@ class _Terms:
             zb = z[a:b, :V].float()
             out = None  # this block's gradient, fp32
             p = None if self.targets is None else torch.softmax(_scaled(self.targets.values[a:b].float(), T), dim=-1)
-            for tau, u, q, lse in self._softmaxes(zb, self._temperatures(), grad is not None):
+            temperatures = self._temperatures()
+            for tau, u, q, lse in self._softmaxes(zb, temperatures, temperatures if grad is not None else []):
                 coef = 0.0
                 if p is not None and tau == T:
                     kd_sum -= torch.where(p > 0, p * (u - lse[:, None]), 0.0).sum()
@@ -266,12 +267,12 @@ class _Terms:
         to the student's logsumexp and its logits at the ids gives softmax coefficients and a scatter."""
         V, T, rows = self.vocab_size, self.temperature, z.size(0)
         temperatures = self._temperatures()
-        keep = grad is not None and len(temperatures) == 1  # the softmax waits in the buffer for its coefficient
+        kept = temperatures[:1] if grad is not None else []  # this softmax waits in the buffer for its coefficient
         lse = {tau: torch.empty(rows, device=z.device) for tau in temperatures}
         for a, b in _blocks(rows, self.block_rows()):
-            for tau, _, q, block_lse in self._softmaxes(z[a:b, :V].float(), temperatures, keep):
+            for tau, _, q, block_lse in self._softmaxes(z[a:b, :V].float(), temperatures, kept):
                 lse[tau][a:b] = block_lse
-                if keep:
+                if q is not None:
                     grad[a:b, :V] = q
         leaves: list[torch.Tensor] = []
         with torch.enable_grad():
@@ -295,14 +296,13 @@ class _Terms:
             grads = torch.autograd.grad(total, leaves, allow_unused=True)
         coefs = [torch.zeros(rows, device=z.device) if g is None else g / tau
                  for g, tau in zip(grads, temperatures)]  # ∂lse_τ/∂z = softmax(z/τ)/τ
-        if keep:
+        if len(temperatures) == 1:
             grad[:, :V].mul_(coefs[0][:, None].to(grad.dtype))
-        else:
+        else:  # T ≠ 1 with both terms: the second softmax is recomputed, block by block
+            second, coef = temperatures[1], coefs[0][:, None].to(grad.dtype)
             for a, b in _blocks(rows, self.block_rows()):
-                zb = z[a:b, :V].float()
-                out = sum(torch.exp(_scaled(zb, tau) - lse[tau][a:b, None]).mul_(coef[a:b, None])
-                          for tau, coef in zip(temperatures, coefs))
-                grad[a:b, :V] = out
+                extra = torch.exp(_scaled(z[a:b, :V].float(), second) - lse[second][a:b, None])
+                grad[a:b, :V].mul_(coef[a:b]).add_(extra.mul_(coefs[1][a:b, None]))
         if self.targets is not None and grads[len(temperatures)] is not None:
             grad.scatter_add_(1, ids, grads[len(temperatures)].to(grad.dtype))
         if self.labels is not None:

@@ -23,7 +23,6 @@ from textbrewer.presets import register_new
 
 from cache.format import CacheMode
 from common.alignment import AlignmentLog, truncate_vocab, vocab_logprobs
-from common.cli import UserError
 from common.config import TrainConfig
 from common.losses import KDLoss, StudentLogits, TeacherTargets
 from stage2_student.batches import cached_targets
@@ -84,8 +83,6 @@ class StudentAdaptor:
 def build_distiller(train: TrainConfig, student: torch.nn.Module, vocab_size: int, device: torch.device,
                     teacher: torch.nn.Module | None = None) -> GeneralDistiller:
     """A GeneralDistiller over the cache (teacher None) or a live teacher; one alignment log per run."""
-    if train.kd_weight == 0 and train.hard_weight == 0:
-        raise UserError("train.kd_weight and train.hard_weight are both 0: the student would not learn")
     alignment = AlignmentLog()
     loss = KDLoss.from_config(train, vocab_size, alignment)
     loss_name = KD_LOSS_PREFIX + train.loss

@@ -57,6 +57,8 @@ def check_train_settings(cfg: PipelineConfig) -> None:
         raise UserError(f"train.max_steps must be positive or null, got {t.max_steps}")
     if t.temperature <= 0 or t.lr <= 0:
         raise UserError("train.temperature and train.lr must be positive")
+    if t.kd_weight == 0 and t.hard_weight == 0:
+        raise UserError("train.kd_weight and train.hard_weight are both 0: the student would not learn")
 
 
 # train.precision → autocast's compute dtype; None = no autocast (the names are checked when the config loads)
