@@ -15,21 +15,21 @@ Temperature T divides the teacher's log-probs (then renormalized over the suppor
 logits; every KD loss is averaged over positions and multiplied by T², as in the original recipe.
 
 Cost. The student's logits z are [P, V] (P positions, V ≈ 152k): every pass over them costs about what
-the whole loss costs on the small supports, so the passes are counted (`student_losses`):
+the whole loss costs on the small supports, and every fresh tensor of their size costs its page faults,
+so the passes and the temporaries are counted:
 
 - sparse modes (top-k, sample): the student enters the loss only through its logsumexp and its logits at
-  the cached ids. One softmax pass per block of rows gives the logsumexp and keeps softmax(z/T) in the
-  gradient buffer; the loss and its gradient with respect to (logsumexp, logits at the ids) come from
-  autograd on the small [P, S] tensors; the gradient is then `softmax(z/T) · coefficient per row` plus a
-  scatter at the ids, written into that same buffer. The hard-label cross-entropy at T = 1 shares the
-  softmax (its value is a gather).
+  the cached ids. One exponential pass writes exp(z/T − max) into the gradient buffer and gives the
+  logsumexp; the loss and its gradient with respect to (logsumexp, logits at the ids) come from autograd
+  on the small [P, S] tensors; the gradient is then that buffer times a coefficient per row plus a
+  scatter at the ids. The hard-label cross-entropy at T = 1 shares the exponential pass (its value is a
+  gather).
 - full distributions with the forward KL (the default loss) and the hard-label term alone: the gradient is
-  known in closed form (q − p, q − onehot), written block by block in the same single pass.
+  known in closed form (q − p, q − onehot) and written in the same single pass.
 - full distributions with the other divergences: autograd over chunks of `chunk` positions.
 
-Blocks of rows are small enough to stay in the CPU cache, so each pass reads z once from memory; the
-gradient is computed during the forward pass into one [P, V] buffer (no autograd graph over [P, V] is
-kept) with the configured weights of the two terms, and the backward pass only scales it, after checking
+The gradient is computed during the forward pass into one [P, V] buffer (no autograd graph over [P, V]
+is kept), with the configured weights of the two terms; the backward pass only scales it, after checking
 that the gradients that arrive are in the proportion of those weights.
 """
 from __future__ import annotations
@@ -44,8 +44,6 @@ import torch.nn.functional as F
 from cache.format import CacheMode
 from common.alignment import AlignmentLog
 from common.config import LossName, TopkTail, TrainConfig
-
-CACHE_BLOCK_BYTES = 2 << 20  # fp32 logits per block of rows: about one core's L2, so each block is read once
 
 
 @dataclass
@@ -148,11 +146,14 @@ def _blocks(rows: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
-def _lse_from_softmax(u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """logsumexp(u) per row, read off q = softmax(u) at its largest entry (q ≥ 1/V there, so its log is exact
-    to fp32 rounding): the softmax's one exponential pass gives both."""
-    q_max, arg = q.max(dim=-1)
-    return u.gather(1, arg[:, None]).squeeze(1) - q_max.log()
+def _shift(x: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """out ← (x − max x) / T per row, written into `out` (no temporary of x's size); returns max x / T.
+    Then exp(out) / Σ exp(out) = softmax(x/T) and max x / T + log Σ exp(out) = logsumexp(x/T)."""
+    top = torch.amax(x, dim=-1, keepdim=True).float()
+    torch.sub(x, top, out=out)
+    if temperature != 1:
+        out.div_(temperature)
+    return top.squeeze(1) / temperature
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,12 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
 class _Terms:
     """What one call computes over flattened logits z [P, V'] (V' ≥ vocab_size): the KD term against
     `targets` ([P, S] rows; None = no KD term) and/or the next-token cross-entropy at `labels` ([P], −100 =
-    no label; None = no such term). The gradient buffer holds kd_weight·∂kd/∂z + hard_weight·∂hard/∂z."""
+    no label; None = no such term). The gradient buffer holds kd_weight·∂kd/∂z + hard_weight·∂hard/∂z.
+
+    The single-pass routes write exp(z/τ − max) straight into the gradient buffer (fp32) and scale it
+    there: a few whole-tensor operations, no temporary of the logits' size. Blocks of `chunk` rows are
+    used only where a per-row temporary is needed (the teacher's distribution, a second temperature, an
+    fp32 buffer for lower-precision logits): they bound its memory, as in the autograd route."""
     vocab_size: int
     temperature: float
     loss: LossName
@@ -176,10 +182,6 @@ class _Terms:
     labels: torch.Tensor | None
     kd_weight: float
     hard_weight: float
-
-    def block_rows(self) -> int:
-        """Rows per block of the single-pass routes: at most `chunk`, and few enough to stay in cache."""
-        return max(1, min(self.chunk, CACHE_BLOCK_BYTES // (4 * self.vocab_size)))
 
     def compute(self, z: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(kd, hard, gradient buffer or None); a term that is not asked for is 0."""
@@ -194,6 +196,21 @@ class _Terms:
         else:
             kd, hard = self._sparse(z, grad)
         return kd, hard, grad
+
+    def _temperatures(self) -> list[float]:
+        """The student softmaxes the terms need: at T for KD, at 1 for the cross-entropy (one when T = 1)."""
+        wanted = ([self.temperature] if self.targets is not None else []) + ([1.0] if self.labels is not None else [])
+        return list(dict.fromkeys(wanted))
+
+    def _layout(self, z: torch.Tensor, grad: torch.Tensor | None, per_row_temporary: bool):
+        """(rows per block, fp32 work space [block, V] or None for the first softmax, one for a second):
+        the first softmax goes straight into an fp32 gradient buffer; anything else needs blocks."""
+        rows, V = z.size(0), self.vocab_size
+        direct = grad is not None and grad.dtype == torch.float32
+        second = len(self._temperatures()) > 1
+        block = min(self.chunk, rows) if per_row_temporary or second or not direct else rows
+        work = lambda: torch.empty(block, V, device=z.device)  # noqa: E731
+        return block, (None if direct else work()), (work() if second else None)
 
     def _label_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(labels clamped to valid ids, mask of the labelled rows, 1 / their number)."""
@@ -211,75 +228,84 @@ class _Terms:
         labels, mask, inv_n = self._label_rows()
         grad.scatter_add_(1, labels[:, None], (-self.hard_weight * inv_n * mask)[:, None].to(grad.dtype))
 
-    def _softmaxes(self, zb: torch.Tensor, temperatures: list[float], with_q: list[float]):
-        """Per temperature τ: (z/τ, softmax(z/τ) if τ is in `with_q` else None, logsumexp(z/τ)) of one block."""
-        for tau in temperatures:
-            u = _scaled(zb, tau)
-            if tau in with_q:
-                q = torch.softmax(u, dim=-1)
-                yield tau, u, q, _lse_from_softmax(u, q)
-            else:
-                yield tau, u, None, torch.logsumexp(u, dim=-1)
-
-    def _temperatures(self) -> list[float]:
-        """The student softmaxes the terms need: at T for KD, at 1 for the cross-entropy (one when T = 1)."""
-        wanted = ([self.temperature] if self.targets is not None else []) + ([1.0] if self.labels is not None else [])
-        return list(dict.fromkeys(wanted))
-
     def _closed_form(self, z: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward KL against full distributions and/or the cross-entropy, one pass per block of rows:
-        ∂(T²·−Σ p log softmax(z/T))/∂z = T·(q_T − p) and ∂CE/∂z = q_1 − onehot."""
-        V, T, rows = self.vocab_size, self.temperature, z.size(0)
-        kd_sum = torch.zeros((), device=z.device)
+        ∂(−T² Σ p log softmax(z/T))/∂z = T·(q_T − p) and ∂CE/∂z = q_1 − onehot."""
+        V, T, rows, device = self.vocab_size, self.temperature, z.size(0), z.device
+        kd_on, hard_on = self.targets is not None, self.labels is not None
+        temperatures = self._temperatures()
+        block, first_work, second_work = self._layout(z, grad, per_row_temporary=kd_on)
+        teacher_work = torch.empty(block, V, device=device) if kd_on else None
+        kd_rows = torch.zeros(rows, device=device)
         kd_coef = self.kd_weight * T / rows  # T² · (1/T) · mean over positions
-        lse_1 = torch.empty(rows, device=z.device) if self.labels is not None else None
-        if lse_1 is not None:
+        lse_1 = torch.empty(rows, device=device) if hard_on else None
+        if hard_on:
             _, mask, inv_n = self._label_rows()
             hard_coef = self.hard_weight * inv_n * mask  # per row
-        for a, b in _blocks(rows, self.block_rows()):
-            zb = z[a:b, :V].float()
-            out = None  # this block's gradient, fp32
-            p = None if self.targets is None else torch.softmax(_scaled(self.targets.values[a:b].float(), T), dim=-1)
-            temperatures = self._temperatures()
-            for tau, u, q, lse in self._softmaxes(zb, temperatures, temperatures if grad is not None else []):
-                coef = 0.0
-                if p is not None and tau == T:
-                    kd_sum -= torch.where(p > 0, p * (u - lse[:, None]), 0.0).sum()
-                    coef = kd_coef
-                if lse_1 is not None and tau == 1:
-                    lse_1[a:b] = lse
-                    coef = hard_coef[a:b, None] + coef
-                if q is not None:
-                    q = q.mul_(coef)
-                    out = q if out is None else out.add_(q)
-            if out is not None:
-                if p is not None:
-                    out.sub_(p, alpha=kd_coef)
-                grad[a:b, :V] = out
-        kd = kd_sum * T * T / rows if self.targets is not None else torch.zeros((), device=z.device)
-        hard = self._hard_value(z, lse_1) if lse_1 is not None else torch.zeros((), device=z.device)
-        if grad is not None and lse_1 is not None:
+        for a, b in _blocks(rows, block):
+            zb, n = z[a:b, :V], b - a
+            acc = first_work[:n] if first_work is not None else grad[a:b, :V]  # this block's gradient, fp32
+            if kd_on:  # the teacher's p = e_t / Σ e_t
+                e_t = teacher_work[:n]
+                _shift(self.targets.values[a:b], T, e_t)
+                e_t.exp_()
+                t_sums = e_t.sum(-1)
+            for i, tau in enumerate(temperatures):
+                work = acc if i == 0 else second_work[:n]
+                top = _shift(zb, tau, work)
+                if kd_on and tau == T:
+                    dot = torch.bmm(e_t.unsqueeze(1), work.unsqueeze(2)).view(n)  # Σ e_t · (z/T − max)
+                work.exp_()
+                sums = work.sum(-1)
+                coef = torch.zeros(n, device=device)
+                if kd_on and tau == T:
+                    kd_rows[a:b] = sums.log() - dot / t_sums  # −Σ p log q
+                    coef += kd_coef
+                if hard_on and tau == 1:
+                    lse_1[a:b] = top + sums.log()
+                    coef += hard_coef[a:b]
+                if grad is not None:
+                    if i == 0:
+                        work.mul_((coef / sums)[:, None])
+                    else:
+                        acc.addcmul_(work, (coef / sums)[:, None])
+            if grad is not None:
+                if kd_on:
+                    acc.addcmul_(e_t, (-kd_coef / t_sums)[:, None])
+                if first_work is not None:
+                    grad[a:b, :V] = acc
+        kd = kd_rows.sum() * (T * T / rows) if kd_on else torch.zeros((), device=device)
+        hard = self._hard_value(z, lse_1) if hard_on else torch.zeros((), device=device)
+        if grad is not None and hard_on:
             self._scatter_labels(grad)
         return kd, hard
 
     def _sparse(self, z: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k or sample targets: the loss on the [P, S] supports with autograd, whose gradient with respect
         to the student's logsumexp and its logits at the ids gives softmax coefficients and a scatter."""
-        V, T, rows = self.vocab_size, self.temperature, z.size(0)
+        V, T, rows, device = self.vocab_size, self.temperature, z.size(0), z.device
         temperatures = self._temperatures()
-        kept = temperatures[:1] if grad is not None else []  # this softmax waits in the buffer for its coefficient
-        lse = {tau: torch.empty(rows, device=z.device) for tau in temperatures}
-        for a, b in _blocks(rows, self.block_rows()):
-            for tau, _, q, block_lse in self._softmaxes(z[a:b, :V].float(), temperatures, kept):
-                lse[tau][a:b] = block_lse
-                if q is not None:
-                    grad[a:b, :V] = q
+        block, first_work, second_work = self._layout(z, grad, per_row_temporary=False)
+        lse = {tau: torch.empty(rows, device=device) for tau in temperatures}
+        kept_sums = torch.empty(rows, device=device)  # the first softmax waits in the buffer, unnormalized
+        for a, b in _blocks(rows, block):
+            zb, n = z[a:b, :V], b - a
+            for i, tau in enumerate(temperatures):
+                work = second_work[:n] if i else first_work[:n] if first_work is not None else grad[a:b, :V]
+                top = _shift(zb, tau, work)
+                work.exp_()
+                sums = work.sum(-1)
+                lse[tau][a:b] = top + sums.log()
+                if i == 0:
+                    kept_sums[a:b] = sums
+                    if grad is not None and first_work is not None:
+                        grad[a:b, :V] = work
         leaves: list[torch.Tensor] = []
         with torch.enable_grad():
             for tau in temperatures:
                 leaves.append(lse[tau].requires_grad_(grad is not None))
-            total = torch.zeros((), device=z.device)
-            kd = hard = torch.zeros((), device=z.device)
+            total = torch.zeros((), device=device)
+            kd = hard = torch.zeros((), device=device)
             if self.targets is not None:
                 ids = self.targets.ids.long().clamp(min=0)  # sample padding (−1) has p = 0: no value, no gradient
                 z_ids = z.gather(1, ids).float().requires_grad_(grad is not None)
@@ -294,15 +320,16 @@ class _Terms:
             if grad is None:
                 return kd.detach(), hard.detach()
             grads = torch.autograd.grad(total, leaves, allow_unused=True)
-        coefs = [torch.zeros(rows, device=z.device) if g is None else g / tau
+        coefs = [torch.zeros(rows, device=device) if g is None else g / tau
                  for g, tau in zip(grads, temperatures)]  # ∂lse_τ/∂z = softmax(z/τ)/τ
-        if len(temperatures) == 1:
-            grad[:, :V].mul_(coefs[0][:, None].to(grad.dtype))
-        else:  # T ≠ 1 with both terms: the second softmax is recomputed, block by block
-            second, coef = temperatures[1], coefs[0][:, None].to(grad.dtype)
-            for a, b in _blocks(rows, self.block_rows()):
-                extra = torch.exp(_scaled(z[a:b, :V].float(), second) - lse[second][a:b, None])
-                grad[a:b, :V].mul_(coef[a:b]).add_(extra.mul_(coefs[1][a:b, None]))
+        grad[:, :V].mul_((coefs[0] / kept_sums)[:, None].to(grad.dtype))
+        if len(temperatures) > 1:  # T ≠ 1 with both terms: the second softmax, recomputed block by block
+            second = temperatures[1]
+            for a, b in _blocks(rows, block):
+                work = second_work[: b - a]
+                _shift(z[a:b, :V], second, work)
+                work.exp_()
+                grad[a:b, :V].addcmul_(work, (coefs[1][a:b] / work.sum(-1))[:, None])
         if self.targets is not None and grads[len(temperatures)] is not None:
             grad.scatter_add_(1, ids, grads[len(temperatures)].to(grad.dtype))
         if self.labels is not None:

@@ -437,6 +437,26 @@ def test_sequence_shorter_teacher_with_hard_labels():
                                atol=1e-7)
 
 
+
+@pytest.mark.parametrize("kind, name, tail", [("full", "forward_kl", "bucket"), ("full", "jsd", "bucket"),
+                                              ("topk", "skew_kl", "bucket"), ("sample", "forward_kl", "bucket")])
+def test_bfloat16_logits_are_computed_in_float32(kind, name, tail):
+    """Autocast hands the loss bf16 logits: values and gradients are those of the same (rounded) logits in
+    float64, to fp32 precision for the values and to the gradient buffer's bf16 precision for the gradients."""
+    z16 = student_logits().detach().to(torch.bfloat16).requires_grad_(True)
+    z64 = z16.detach().double().requires_grad_(True)
+    input_ids = token_ids()
+    targets, ref_kd = targets_and_reference(kind, name, tail, z64, 2.0)
+    loss = KDLoss(name, V, tail=tail, chunk=3, beta=BETA, alpha=ALPHA, kd_weight=0.7, hard_weight=0.3)
+    kd, hard, total = fused_step(loss, z16, input_ids, targets, 2.0)
+    ref_ce = ref_hard(z64, input_ids)
+    torch.testing.assert_close(kd.double(), ref_kd.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(hard.double(), ref_ce.detach(), rtol=2e-5, atol=1e-6)
+    grad = grad_of(total, z16)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), grad_of(0.7 * ref_kd + 0.3 * ref_ce, z64), rtol=1e-2, atol=1e-4)
+
+
 class ExpCounter(TorchDispatchMode):
     """Counts the elements of full-vocabulary tensors that go through an exponential (softmax, log-softmax,
     logsumexp, exp), in units of one pass over the [P, V] logits."""
