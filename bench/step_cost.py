@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -357,13 +356,20 @@ def measure_memory(world: str, info: dict[str, Any], scale: Scale, device: torch
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak = peak_rss()
     return {"peak_mib": peak / 2**20, "before_steps_mib": before / 2**20}
 
 
 def current_rss() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM). Not `ru_maxrss`: Linux keeps that across execve, so a process
+    started from a large one would report its parent's size."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def memory_in_subprocesses(args: argparse.Namespace, routes: list[RouteSpec]) -> dict[str, dict[str, float]]:
@@ -382,6 +388,8 @@ def forwarded_args(args: argparse.Namespace) -> list[str]:
     """The options a memory subprocess needs to rebuild the same world and route."""
     out = ["--out", args.out, "--device", args.device, "--data-dir", args.data_dir, "--tokenizer", args.tokenizer,
            "--num-workers", str(args.num_workers)]
+    if args.threads:
+        out += ["--threads", str(args.threads)]
     if args.quick:
         out.append("--quick")
     if args.scale_json:
@@ -436,7 +444,8 @@ def machine(device: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"CPU ({cpu}), {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
 
 
 def write_docs(path: str, block: str) -> None:
@@ -462,7 +471,7 @@ def plot(path: str, summary: dict[str, Any], title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["routes"]
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 2.0))
     labels = [f"({r['key']}) {r['label'].replace('`', '')}" for r in rows]
     ratios = [r["time_ratio"] for r in rows]
     bars = ax.barh(range(len(rows)), ratios, color=["#888888"] + ["#3b75af"] * (len(rows) - 1))
@@ -471,10 +480,11 @@ def plot(path: str, summary: dict[str, Any], title: str) -> None:
     for x, style in ((1.05, ":"), (1.3, "--"), (2.0, "-.")):
         ax.axvline(x, color="#c0392b", linestyle=style, linewidth=0.8, label=f"{x}×")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlim(0, max(2.0, *ratios) * 1.15)
     ax.invert_yaxis()
     ax.set_xlabel("time per micro-batch (optimizer step each), × plain cross-entropy (a)")
     ax.set_title(title, fontsize=9)
-    ax.legend(title="targets", fontsize=7, title_fontsize=7, loc="lower right")
+    ax.legend(title="targets", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -492,11 +502,14 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with WikiText-2 raw's wiki.valid.raw")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder (default: Qwen2's)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader processes (stage two's default: 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--docs", default=os.path.join(REPO, "docs", "performance.md"),
                         help="markdown file whose step-cost section is rewritten")
     parser.add_argument("--plot", default=os.path.join(REPO, "docs", "step_cost.png"), help="PNG bar chart")
     parser.add_argument("--memory-route", help=argparse.SUPPRESS)  # internal: one route's memory, as JSON
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
     if args.quick and args.scale_json:
         raise UserError("--quick and --scale-json are exclusive")
     scale = Scale.quick() if args.quick else Scale.from_json(args.scale_json) if args.scale_json else Scale()
@@ -509,6 +522,8 @@ def main(argv: Sequence[str]) -> int:
         raise UserError("--device cuda: no CUDA device is available")
     for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(name, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     world = os.path.join(args.out, "world-" + scale.world_key(args.tokenizer, args.data_dir, args.device))
     info = build_world(world, scale, args.tokenizer, args.data_dir, args.device)
@@ -531,9 +546,10 @@ def main(argv: Sequence[str]) -> int:
     command = "python -m bench.step_cost" + (" --quick" if args.quick else "") + \
         (f" --scale-json {shlex.quote(args.scale_json)}" if args.scale_json else "") + \
         ("" if args.device == "cpu" else f" --device {args.device}") + \
-        ("" if args.num_workers == 0 else f" --num-workers {args.num_workers}")
+        ("" if args.num_workers == 0 else f" --num-workers {args.num_workers}") + \
+        (f" --threads {args.threads}" if args.threads else "")
     s, t = info["student"], info["teacher"]
-    memory_note = ("peak `torch.cuda.max_memory_allocated`" if device.type == "cuda" else "peak RSS (`ru_maxrss`)") + \
+    memory_note = ("peak `torch.cuda.max_memory_allocated`" if device.type == "cuda" else "peak RSS (VmHWM)") + \
         f" of a process running only that route: set-up, then {scale.memory_steps} micro-batches"
     block = (f"<!-- generated by `{command}` -->\n\n"
              f"Measured with `{command}` on {machine(device)}, {time.strftime('%Y-%m-%d')}; load average "
