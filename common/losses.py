@@ -150,7 +150,11 @@ def _shift(x: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tens
     """out ← (x − max x) / T per row, written into `out` (no temporary of x's size); returns max x / T.
     Then exp(out) / Σ exp(out) = softmax(x/T) and max x / T + log Σ exp(out) = logsumexp(x/T)."""
     top = torch.amax(x, dim=-1, keepdim=True).float()
-    torch.sub(x, top, out=out)
+    if x.dtype == out.dtype:
+        torch.sub(x, top, out=out)
+    else:  # a mixed-dtype subtraction takes a slow path on the CPU (20x a copy): convert first
+        out.copy_(x)
+        out.sub_(top)
     if temperature != 1:
         out.div_(temperature)
     return top.squeeze(1) / temperature
