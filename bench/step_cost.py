@@ -401,13 +401,14 @@ def forwarded_args(args: argparse.Namespace) -> list[str]:
 
 def summarize(routes: list[RouteSpec], times: dict[str, list[float]], memory: dict[str, dict[str, float]],
               data: dict[str, list[float]], scale: Scale) -> dict[str, Any]:
-    base_time = statistics.median(times["a"])
     base_peak = memory["a"]["peak_mib"]
     rows = []
     for route in routes:
         median = statistics.median(times[route.key])
+        # each round's time over (a)'s in the same round: the load of a shared machine drifts between rounds
+        ratio = statistics.median(t / base for t, base in zip(times[route.key], times["a"]))
         mem = memory[route.key]
-        rows.append({"key": route.key, "label": route.label(scale), "seconds": median, "time_ratio": median / base_time,
+        rows.append({"key": route.key, "label": route.label(scale), "seconds": median, "time_ratio": ratio,
                      "peak_mib": mem["peak_mib"], "memory_ratio": mem["peak_mib"] / base_peak,
                      "step_increase_mib": mem["peak_mib"] - mem["before_steps_mib"], "times": times[route.key]})
     step_routes = {"topk": "b", "sample": "c", "full": "d"}
@@ -556,8 +557,9 @@ def main(argv: Sequence[str]) -> int:
              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after.\n\n{table}\n\n"
              f"![time per micro-batch, × plain cross-entropy]({os.path.basename(args.plot)})\n\n"
              f"Each route: batch {scale.batch} × {scale.seq_len} tokens, an optimizer step (clipping at 1.0, AdamW, "
-             f"zero_grad) every micro-batch, median of {scale.repeats} micro-batches after {scale.warmup} warm-up(s), "
-             f"the routes alternating in one process; memory: {memory_note}; "
+             f"zero_grad) every micro-batch, {scale.repeats} rounds after {scale.warmup} warm-up round(s), the routes "
+             f"alternating in one process; s / micro-batch is the median over the rounds, × plain CE the median over "
+             f"the rounds of the route's time over (a)'s in the same round; memory: {memory_note}; "
              f"\"the steps' rise\" is that peak minus the memory just before the first step. "
              f"Tokenizer {info['tokenizer_size']:,} tokens; student {s['params'] / 1e6:.1f} M parameters "
              f"({s['params_untied'] / 1e6:.1f} M counting its tied output matrix twice; "

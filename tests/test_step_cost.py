@@ -34,10 +34,12 @@ def test_step_cost_end_to_end(tiny, tmp_path, monkeypatch):
         (routes if row[0].startswith("(") else data).append(row)
     assert [row[0][:3] for row in routes] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)"]
     recorded = json.loads((tmp_path / "out" / "step_cost.json").read_text())
-    base = statistics.median(recorded["routes"][0]["times"])
+    base = recorded["routes"][0]["times"]
     for row, route in zip(routes, recorded["routes"]):
         assert len(route["times"]) == SMOKE_SCALE["repeats"]
-        assert float(row[2]) == pytest.approx(statistics.median(route["times"]) / base, abs=0.006)  # × plain CE
+        assert float(row[1]) == pytest.approx(statistics.median(route["times"]), abs=6e-4)  # s / micro-batch
+        paired = statistics.median(t / b for t, b in zip(route["times"], base))  # × plain CE, round by round
+        assert float(row[2]) == pytest.approx(paired, abs=0.006)
         assert float(row[3]) > 0 and float(row[4]) == pytest.approx(float(row[3]) / float(routes[0][3]), abs=0.01)
     assert routes[0][2] == "1.00" and [row[0] for row in data[1:]] == ["topk", "sample", "full"]
     assert (tmp_path / "step_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
