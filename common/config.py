@@ -116,15 +116,18 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "gradient clipping norm")
     temperature: float = setting(2.0, "T: divides the teacher's log-probs and the student's logits; the KD "
                                       "loss is scaled by T²")
-    kd_weight: float = setting(1.0, "weight of the KD loss; 0 = logged without its gradient")
-    hard_weight: float = setting(0.0, "weight of the next-token cross-entropy; always logged as `hard_loss`")
+    kd_weight: float = setting(1.0, "weight of the KD loss; 0 = not computed, `kd_loss` logged as null, except "
+                                    "at T = 1 from a top-k or sample cache (logged, without its gradient)")
+    hard_weight: float = setting(0.0, "weight of the next-token cross-entropy; 0 = not computed, `hard_loss` "
+                                      "logged as null, except at T = 1 (logged, without its gradient)")
     loss: LossName = setting("forward_kl", "KD divergence: soft cross-entropy (the original), reverse KL, "
                                            "generalized JSD, skew KL")
     topk_tail: TopkTail = setting("bucket", "topk caches: keep the teacher's missing mass as one bucket, or "
                                             "renormalize the teacher over its k ids")
     loss_beta: float = setting(0.5, "`jsd`: β, the teacher's weight in the mixture")
     loss_alpha: float = setting(0.1, "`skew_kl`: α, the teacher's weight in the skewed student")
-    loss_chunk: int = setting(128, "positions per loss chunk: bounds the student's fp32 log-softmax "
+    loss_chunk: int = setting(128, "positions per loss chunk where the loss needs a temporary of the "
+                                   "vocabulary's size (full distributions, bf16 logits): bounds its memory "
                                    "(`docs/benchmarks.md`)")
     precision: Precision = setting("auto", "autocast's compute mode, not a weight dtype (that is student.dtype): "
                                            "`auto` = bf16 on a GPU that has it, else off; `fp32` = off")

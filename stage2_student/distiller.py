@@ -3,6 +3,15 @@
 The teacher adaptor reads the distributions carried in the batch (`teacher_cache`), so no teacher
 model exists in stage two; with `live_teacher` it instead turns a real teacher's logits into the same
 targets (the original recipe's route, kept as a reference).
+
+TextBrewer's `compute_loss` forms `kd_loss(l_S, l_T, T) · kd_weight + Σ results_S["losses"] · hard_weight`
+and calls the KD loss first. The student adaptor hands it `StudentLogits` (the logits with their tokens),
+so the KD loss computes the hard-label term in the same pass over the logits, with one gradient buffer for
+both; the adaptor's `losses` entry returns that term (or computes it alone when there is no KD term).
+
+A term whose weight is 0 is computed only when it is cheap, and otherwise left out of TextBrewer's
+results, so it is logged as null: the hard-label term at T = 1 (a gather next to the KD loss's softmax),
+the KD term at T = 1 from a top-k or sample cache (small tensors next to the cross-entropy's softmax).
 """
 from __future__ import annotations
 
@@ -12,57 +21,76 @@ import torch
 from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
 from textbrewer.presets import register_new
 
+from cache.format import CacheMode
 from common.alignment import AlignmentLog, truncate_vocab, vocab_logprobs
 from common.config import TrainConfig
-from common.losses import KDLoss, TeacherTargets, hard_label_loss
+from common.losses import KDLoss, StudentLogits, TeacherTargets
 from stage2_student.batches import cached_targets
 
 KD_LOSS_PREFIX = "cached_"
 
 
+def kd_is_computed(train: TrainConfig, kind: CacheMode) -> bool:
+    """The KD term has a gradient, or costs only small tensors: at T = 1 with sparse targets, where the
+    cross-entropy (whose weight is then not 0) has already computed the student's logsumexp."""
+    return train.kd_weight != 0 or (train.temperature == 1 and kind != "full")
+
+
+def hard_is_computed(train: TrainConfig) -> bool:
+    """The hard-label term has a gradient, or costs a gather: at T = 1, where the KD loss's softmax is it."""
+    return train.hard_weight != 0 or train.temperature == 1
+
+
 @dataclass
 class TeacherAdaptor:
     vocab_size: int
+    train: TrainConfig
     alignment: AlignmentLog
 
     def __call__(self, batch: dict, results) -> dict:
         if isinstance(results, dict) and "logits" not in results:  # teacher_cache from the batch
-            return {"logits": cached_targets(results)}
-        truncate_vocab(results.logits, self.vocab_size, "Teacher", self.alignment)  # announces the alignment
-        return {"logits": TeacherTargets("full", vocab_logprobs(results.logits, self.vocab_size))}
+            targets = cached_targets(results)
+        else:
+            truncate_vocab(results.logits, self.vocab_size, "Teacher", self.alignment)  # announces the alignment
+            targets = TeacherTargets("full", vocab_logprobs(results.logits, self.vocab_size))
+        return {"logits": targets} if kd_is_computed(self.train, targets.kind) else {}  # no logits: no KD term
+
+
+@dataclass
+class HardLabelTerm:
+    """The student adaptor's `losses` entry: TextBrewer reads it after the KD loss, through `.mean()`."""
+    student: StudentLogits
+    loss: KDLoss
+
+    def mean(self) -> torch.Tensor:
+        return self.loss.hard_label_loss(self.student)
 
 
 @dataclass
 class StudentAdaptor:
-    vocab_size: int
-    hard_weight: float
-    chunk: int
+    loss: KDLoss
+    train: TrainConfig
     alignment: AlignmentLog
 
     def __call__(self, batch: dict, outputs) -> dict:
-        truncate_vocab(outputs.logits, self.vocab_size, "Student", self.alignment)  # announce; losses cut each chunk
-        logits = outputs.logits  # untruncated: a sliced view would cost a full-size zero gradient
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.hard_weight != 0):
-            hard = hard_label_loss(logits, batch["input_ids"], self.vocab_size, self.chunk)
-        return {"logits": logits, "losses": hard}
-
-
-def register_kd_loss(train: TrainConfig, vocab_size: int, alignment: AlignmentLog) -> str:
-    """Register this run's KD loss in TextBrewer's KD_LOSS_MAP; returns its registry name."""
-    name = KD_LOSS_PREFIX + train.loss
-    register_new("kd_loss", name, KDLoss.from_config(train, vocab_size, alignment))
-    return name
+        truncate_vocab(outputs.logits, self.loss.vocab_size, "Student", self.alignment)  # announce; losses cut rows
+        with_hard = hard_is_computed(self.train)
+        # untruncated logits: a sliced view would cost a full-size zero gradient
+        student = StudentLogits(outputs.logits, batch["input_ids"], with_hard)
+        return {"logits": student, "losses": HardLabelTerm(student, self.loss)} if with_hard else {"logits": student}
 
 
 def build_distiller(train: TrainConfig, student: torch.nn.Module, vocab_size: int, device: torch.device,
                     teacher: torch.nn.Module | None = None) -> GeneralDistiller:
     """A GeneralDistiller over the cache (teacher None) or a live teacher; one alignment log per run."""
     alignment = AlignmentLog()
+    loss = KDLoss.from_config(train, vocab_size, alignment)
+    loss_name = KD_LOSS_PREFIX + train.loss
+    register_new("kd_loss", loss_name, loss)  # TextBrewer looks its KD loss up by name
     train_config = TrainingConfig(device=device, output_dir=train.output_dir, log_dir=None,
                                   gradient_accumulation_steps=train.gradient_accumulation, ckpt_steps=1)
-    distill_config = DistillationConfig(temperature=train.temperature,
-                                        kd_loss_type=register_kd_loss(train, vocab_size, alignment),
+    distill_config = DistillationConfig(temperature=train.temperature, kd_loss_type=loss_name,
                                         kd_loss_weight=train.kd_weight, hard_label_weight=train.hard_weight)
     return GeneralDistiller(train_config, distill_config, model_T=teacher, model_S=student,
-                            adaptor_T=TeacherAdaptor(vocab_size, alignment),
-                            adaptor_S=StudentAdaptor(vocab_size, train.hard_weight, train.loss_chunk, alignment))
+                            adaptor_T=TeacherAdaptor(vocab_size, train, alignment),
+                            adaptor_S=StudentAdaptor(loss, train, alignment))

@@ -455,7 +455,7 @@ class DistillRecipe:
 
     def optimizer_step(self, epoch: int, group: list) -> dict[str, Any]:
         acc = self.accelerator
-        sums = {"loss": 0.0, "kd_loss": 0.0, "hard_loss": 0.0}
+        sums: dict[str, float | None] = {"loss": 0.0, "kd_loss": None, "hard_loss": None}  # None: not computed
         tokens = 0
         for i, batch in enumerate(group):
             if isinstance(batch, UnreadableBlock):
@@ -471,14 +471,17 @@ class DistillRecipe:
                                     f"batch) or train.loss_chunk, or set train.gradient_checkpointing=true; "
                                     f"{last_checkpoint_note(self.out)}") from None
             sums["loss"] += total.item() / len(group)
-            sums["kd_loss"] += parts["unweighted_kd_loss"].item() / len(group)
-            sums["hard_loss"] += parts["unweighted_hard_label_loss"].item() / len(group)
+            for key, part in (("kd_loss", "unweighted_kd_loss"), ("hard_loss", "unweighted_hard_label_loss")):
+                if part in parts:  # a term of weight 0 is left out unless it is cheap (stage2_student/distiller.py)
+                    sums[key] = (sums[key] or 0.0) + parts[part].item() / len(group)
             tokens += batch["student"]["input_ids"].numel()
         if acc.num_processes > 1:  # metrics are the mean over the processes; tokens their sum
-            mean = acc.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device), "mean")
-            sums = dict(zip(sums, mean.tolist()))
+            computed = [key for key, value in sums.items() if value is not None]  # the same on every process
+            mean = acc.reduce(torch.tensor([sums[key] for key in computed], dtype=torch.float64,
+                                           device=self.device), "mean")
+            sums.update(zip(computed, mean.tolist()))
             tokens = int(acc.reduce(torch.tensor(tokens, device=self.device), "sum").item())
-        if not all(math.isfinite(value) for value in sums.values()):
+        if not all(math.isfinite(value) for value in sums.values() if value is not None):
             raise UserError(f"the loss became {sums['loss']} at step {self.step + 1} (kd_loss {sums['kd_loss']}, "
                             f"hard_loss {sums['hard_loss']}); training stopped without applying it: "
                             f"{last_checkpoint_note(self.out)}; lower train.lr or check the cache")
@@ -504,7 +507,8 @@ class DistillRecipe:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
             for name in ("loss", "kd_loss", "hard_loss", "lr", "grad_norm"):
-                self.tb.add_scalar(f"train/{name}", record[name], self.step)
+                if record[name] is not None:  # a term of weight 0 left out is logged as null, not plotted
+                    self.tb.add_scalar(f"train/{name}", record[name], self.step)
         every = self.cfg.train.checkpoint_steps
         if self.step == self.total_steps or (every and self.step % every == 0):
             if position == self.batches_per_epoch:

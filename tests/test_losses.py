@@ -5,13 +5,18 @@ coarse k+1 support, built from a boolean vocabulary mask) in float64 and applies
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache.compat import unsupported_reason
 from common.config import TrainConfig
-from common.losses import LOSSES, KDLoss, TeacherTargets, hard_label_loss
+from common.losses import LOSSES, KDLoss, StudentLogits, TeacherTargets, hard_label_loss
+from tests.conftest import run_cli, tiny_overrides
 
 B, L, V, V_PAD, K = 2, 5, 37, 41, 6   # B*L = 10 positions; the student has 4 padded logits
 BETA, ALPHA = 0.3, 0.2                 # asymmetric, so swapped roles show
@@ -139,8 +144,9 @@ def draw_sample(teacher_lp: torch.Tensor, draws: int, slots: int, temperature: f
 
 
 def kd_loss(name: str, chunk: int, tail: str = "bucket", detached: bool = False) -> KDLoss:
-    """The loss with this file's β and α, which the reference uses too."""
-    return KDLoss(name, V, tail=tail, chunk=chunk, beta=BETA, alpha=ALPHA, detached=detached)
+    """The KD loss alone with this file's β and α, which the reference uses too; `detached` = KD weight 0."""
+    return KDLoss(name, V, tail=tail, chunk=chunk, beta=BETA, alpha=ALPHA, kd_weight=0.0 if detached else 1.0,
+                  hard_weight=0.0)
 
 
 def grad_of(loss: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -174,10 +180,9 @@ def test_settings_come_from_the_train_config():
     with pytest.raises(TypeError):
         KDLoss("jsd", V)
     train = TrainConfig(loss="jsd", topk_tail="renormalize", loss_chunk=3, loss_beta=BETA, loss_alpha=ALPHA,
-                        kd_weight=0.0)  # every value differs from the schema's default
+                        kd_weight=0.0, hard_weight=0.25)  # every value differs from the schema's default
     assert KDLoss.from_config(train, V) == KDLoss("jsd", V, tail="renormalize", chunk=3, beta=BETA, alpha=ALPHA,
-                                                  detached=True)
-    assert not KDLoss.from_config(TrainConfig(), V).detached  # kd_weight 1: the loss has a gradient
+                                                  kd_weight=0.0, hard_weight=0.25)
 
 
 def test_dense_float16_cache_values():
@@ -341,3 +346,204 @@ def test_no_grad_path_equals_grad_path():
     with torch.no_grad():
         plain = kd_loss("skew_kl", 3)(z, targets, 1.0)
     torch.testing.assert_close(plain, kd_loss("skew_kl", 3)(z, targets, 1.0).detach())
+
+
+# --- the fused step: KD and hard-label terms from one pass, one gradient buffer --------------------------
+# What TextBrewer does with the KD loss and the student adaptor's hard-label term: total = kd·w_kd + hard·w_hard,
+# against the same references, every loss/tail/temperature/chunk combination above, weights 0 on either side.
+
+WEIGHTS = [(1.0, 0.0), (0.0, 1.0), (0.7, 0.3), (0.0, 0.0)]
+FUSED_CASES = ([("full", name, "bucket", chunk) for name in LOSSES for chunk in CHUNKS]
+               + [("topk", name, "bucket", chunk) for name in LOSSES for chunk in (3, 10)]
+               + [("topk", name, "renormalize", chunk) for name in LOSSES if name != "reverse_kl" for chunk in (3, 10)]
+               + [("sample", "forward_kl", "bucket", chunk) for chunk in (3, 10)])
+
+
+def token_ids(seed: int = 10) -> torch.Tensor:
+    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def ref_hard(z: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in float64 over the first V logits, mean over the B·(L−1) predicted tokens."""
+    log_q = torch.log_softmax(z[:, :-1, :V].double(), dim=-1)
+    return -log_q.gather(-1, input_ids[:, 1:, None]).mean()
+
+
+def targets_and_reference(kind: str, name: str, tail: str, z: torch.Tensor, temperature: float):
+    """The teacher targets of `kind` and the reference KD loss for the student logits z."""
+    t_lp = teacher_logprobs()
+    if kind == "full":
+        return TeacherTargets("full", t_lp), ref_dense(name, z, t_lp, temperature)
+    if kind == "topk":
+        ids, values = topk_of(t_lp)
+        ref = ref_topk_bucket if tail == "bucket" else ref_topk_renormalize
+        return TeacherTargets("topk", values, ids), ref(name, z, ids.long(), values, temperature)
+    ids, counts = draw_sample(t_lp, draws=12, slots=16, temperature=temperature)
+    return TeacherTargets("sample", counts.to(torch.uint8), ids), ref_sample(z, ids, counts, temperature)
+
+
+def fused_step(loss: KDLoss, z: torch.Tensor, input_ids: torch.Tensor, targets: TeacherTargets, temperature: float):
+    """(kd, hard, total) as TextBrewer's compute_loss forms them from the KD loss and the student adaptor."""
+    student = StudentLogits(z, input_ids, with_hard=True)
+    kd = loss(student, targets, temperature)
+    hard = loss.hard_label_loss(student)
+    return kd, hard, kd * loss.kd_weight + hard * loss.hard_weight
+
+
+@pytest.mark.parametrize("weights", WEIGHTS, ids=lambda w: f"kd{w[0]}-hard{w[1]}")
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("kind, name, tail, chunk", FUSED_CASES)
+def test_fused_step_matches_references(kind, name, tail, chunk, temperature, weights):
+    z, input_ids = student_logits(), token_ids()
+    targets, ref_kd = targets_and_reference(kind, name, tail, z, temperature)
+    loss = KDLoss(name, V, tail=tail, chunk=chunk, beta=BETA, alpha=ALPHA, kd_weight=weights[0], hard_weight=weights[1])
+    kd, hard, total = fused_step(loss, z, input_ids, targets, temperature)
+    ref_ce = ref_hard(z, input_ids)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if kind != "topk" else {"rtol": 2e-5, "atol": 1e-6}
+    torch.testing.assert_close(kd.double(), ref_kd.detach(), **tol)
+    torch.testing.assert_close(hard.double(), ref_ce.detach(), **tol)
+    assert kd.requires_grad == (weights[0] != 0) and hard.requires_grad == (weights[1] != 0)
+    if weights == (0.0, 0.0):
+        assert not total.requires_grad  # nothing to learn: no gradient buffer at all
+        return
+    grad = grad_of(total * 0.125, z)  # as after division by the accumulation steps: the buffer is scaled once
+    ref_grad = grad_of((weights[0] * ref_kd + weights[1] * ref_ce) * 0.125, z)
+    grad_tol = {"rtol": 1e-4, "atol": 1e-7} if kind != "topk" else {"rtol": 2e-4, "atol": 1e-6}
+    torch.testing.assert_close(grad.double(), ref_grad.double(), **grad_tol)
+    assert torch.all(grad[..., V:] == 0)
+
+
+def test_gradients_out_of_the_configured_proportion_fail_loudly():
+    """The shared buffer was formed with the configured weights: backpropagating only one of two weighted
+    terms (or with other weights) would silently train on the wrong mix, so it is refused."""
+    z, input_ids = student_logits(), token_ids()
+    targets = TeacherTargets("topk", *reversed(topk_of(teacher_logprobs())))
+    loss = KDLoss("forward_kl", V, tail="bucket", chunk=4, beta=BETA, alpha=ALPHA, kd_weight=1.0, hard_weight=0.5)
+    kd, hard, _ = fused_step(loss, z, input_ids, targets, 2.0)
+    with pytest.raises(RuntimeError, match="proportion of the configured weights 1 : 0.5"):
+        (kd + hard).backward()
+
+
+def test_sequence_shorter_teacher_with_hard_labels():
+    """A teacher shorter than the student: KD on the common positions, the hard-label term on all of them."""
+    z, t_lp, input_ids = student_logits(), teacher_logprobs(), token_ids()
+    loss = KDLoss("forward_kl", V, tail="bucket", chunk=4, beta=BETA, alpha=ALPHA, kd_weight=1.0, hard_weight=0.5)
+    kd, hard, total = fused_step(loss, z, input_ids, TeacherTargets("full", t_lp[:, : L - 2]), 1.0)
+    p = torch.softmax(t_lp[:, : L - 2].double(), dim=-1).reshape(-1, V)
+    ref_kd = ref_loss("forward_kl", p, student_probs(z[:, : L - 2], 1.0), 1.0)
+    ref_ce = ref_hard(z, input_ids)
+    torch.testing.assert_close(total.double(), (ref_kd + 0.5 * ref_ce).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_of(total, z).double(), grad_of(ref_kd + 0.5 * ref_ce, z).double(), rtol=1e-4,
+                               atol=1e-7)
+
+
+
+@pytest.mark.parametrize("kind, name, tail", [("full", "forward_kl", "bucket"), ("full", "jsd", "bucket"),
+                                              ("topk", "skew_kl", "bucket"), ("sample", "forward_kl", "bucket")])
+def test_bfloat16_logits_are_computed_in_float32(kind, name, tail):
+    """Autocast hands the loss bf16 logits: values and gradients are those of the same (rounded) logits in
+    float64, to fp32 precision for the values and to the gradient buffer's bf16 precision for the gradients."""
+    z16 = student_logits().detach().to(torch.bfloat16).requires_grad_(True)
+    z64 = z16.detach().double().requires_grad_(True)
+    input_ids = token_ids()
+    targets, ref_kd = targets_and_reference(kind, name, tail, z64, 2.0)
+    loss = KDLoss(name, V, tail=tail, chunk=3, beta=BETA, alpha=ALPHA, kd_weight=0.7, hard_weight=0.3)
+    kd, hard, total = fused_step(loss, z16, input_ids, targets, 2.0)
+    ref_ce = ref_hard(z64, input_ids)
+    torch.testing.assert_close(kd.double(), ref_kd.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(hard.double(), ref_ce.detach(), rtol=2e-5, atol=1e-6)
+    grad = grad_of(total, z16)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), grad_of(0.7 * ref_kd + 0.3 * ref_ce, z64), rtol=1e-2, atol=1e-4)
+
+
+class ExpCounter(TorchDispatchMode):
+    """Counts the elements of full-vocabulary tensors that go through an exponential (softmax, log-softmax,
+    logsumexp, exp), in units of one pass over the [P, V] logits."""
+    EXPONENTIAL = {"_softmax", "_log_softmax", "_log_softmax_backward_data", "logsumexp", "exp", "exp_"}
+
+    def __init__(self, positions: int) -> None:
+        super().__init__()
+        self.positions, self.elements = positions, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        x = args[0]
+        if func.__name__.split(".")[0] in self.EXPONENTIAL and x.dim() == 2 and x.size(-1) >= V:
+            self.elements += x.numel()
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def passes(self) -> float:
+        return self.elements / (self.positions * V)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sample"])
+@pytest.mark.parametrize("temperature, hard_weight, passes", [
+    (2.0, 0.0, 1),  # KD alone: one softmax; the cross-entropy is not computed (its value would need another)
+    (1.0, 0.0, 1),  # T = 1: the cross-entropy is logged from the same softmax, without a gradient
+    (1.0, 0.5, 1),  # T = 1: both terms with gradients from one softmax
+    (2.0, 0.5, 3),  # T ≠ 1, both: the KD softmax, the cross-entropy's logsumexp, its softmax in the gradient
+])
+def test_exponential_passes_over_the_logits(kind, temperature, hard_weight, passes):
+    """Forward and backward of a sparse step, as the student adaptor asks for it: how many passes of
+    exponentials over the full-vocabulary logits it takes (a plain cross-entropy step takes two)."""
+    z, input_ids = student_logits(), token_ids()
+    t_lp = teacher_logprobs()
+    targets = TeacherTargets("topk", *reversed(topk_of(t_lp))) if kind == "topk" else \
+        TeacherTargets("sample", *reversed(draw_sample(t_lp, 12, 16, temperature)))
+    loss = KDLoss("forward_kl", V, tail="bucket", chunk=3, beta=BETA, alpha=ALPHA, kd_weight=1.0,
+                  hard_weight=hard_weight)
+    student = StudentLogits(z, input_ids, with_hard=hard_weight != 0 or temperature == 1)
+    with ExpCounter(B * L) as counter:
+        total = loss(student, targets, temperature)
+        if student.with_hard:
+            total = total + loss.hard_label_loss(student) * hard_weight
+        total.backward()
+    assert counter.passes == passes
+    assert (student.hard is None) == (temperature != 1 and hard_weight == 0)
+    with ExpCounter(B * L) as plain:
+        F.cross_entropy(z[:, :-1, :V].reshape(-1, V), input_ids[:, 1:].reshape(-1)).backward()
+    assert plain.passes == pytest.approx(2 * (L - 1) / L)  # its forward and backward, on the labelled rows
+
+
+# --- through the training entry point: what a step logs ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_topk_cache(tiny, tmp_path_factory) -> Path:
+    from stage1_teacher.dump import main as dump_main
+
+    cache = tmp_path_factory.mktemp("losses") / "topk"
+    dump_main(tiny_overrides(tiny, cache, **{"data.max_blocks": 4}))
+    return cache
+
+
+def first_step(tiny: Path, cache: Path, out: Path, **settings: object) -> dict:
+    from stage2_student.train import main as train_main
+
+    train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{
+        "data.max_blocks": 4, "train.max_steps": 1, "train.output_dir": out, "train.log_dir": out / "tb",
+        **settings})])
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_a_term_of_weight_zero_is_logged_only_when_cheap(tiny, small_topk_cache, tmp_path):
+    """T ≠ 1: the term of weight 0 is not computed (null). T = 1: it is, and its value is the one the same
+    first step logs when that term has the weight (same student, same blocks)."""
+    run = lambda name, **s: first_step(tiny, small_topk_cache, tmp_path / name, **s)  # noqa: E731
+    kd_only = run("kd_only", **{"train.temperature": 2.0, "train.kd_weight": 1, "train.hard_weight": 0})
+    ce_only = run("ce_only", **{"train.temperature": 2.0, "train.kd_weight": 0, "train.hard_weight": 1})
+    assert kd_only["hard_loss"] is None and kd_only["kd_loss"] > 0
+    assert ce_only["kd_loss"] is None and ce_only["hard_loss"] > 0
+    kd_t1 = run("kd_t1", **{"train.temperature": 1.0, "train.kd_weight": 1, "train.hard_weight": 0})
+    ce_t1 = run("ce_t1", **{"train.temperature": 1.0, "train.kd_weight": 0, "train.hard_weight": 1})
+    assert kd_t1["hard_loss"] == pytest.approx(ce_t1["hard_loss"], rel=1e-6) == pytest.approx(ce_only["hard_loss"])
+    assert ce_t1["kd_loss"] == pytest.approx(kd_t1["kd_loss"], rel=1e-6)
+    assert kd_t1["loss"] == pytest.approx(kd_t1["kd_loss"]) and ce_t1["loss"] == pytest.approx(ce_t1["hard_loss"])
+
+
+def test_both_weights_zero_is_refused(tiny, small_topk_cache, tmp_path):
+    result = run_cli("stage2_student.train", "--cache", small_topk_cache, *tiny_overrides(tiny, small_topk_cache, **{
+        "data.max_blocks": 4, "train.kd_weight": 0, "train.hard_weight": 0, "train.output_dir": tmp_path / "out"}))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: train.kd_weight and train.hard_weight are both 0: the loss would be " \
+                                    "0 and train nothing"  # refused before the student is loaded: nothing else on stderr
