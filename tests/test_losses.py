@@ -546,4 +546,4 @@ def test_both_weights_zero_is_refused(tiny, small_topk_cache, tmp_path):
         "data.max_blocks": 4, "train.kd_weight": 0, "train.hard_weight": 0, "train.output_dir": tmp_path / "out"}))
     assert result.returncode == 2
     assert result.stderr.strip() == "error: train.kd_weight and train.hard_weight are both 0: the loss would be " \
-                                    "0 and train nothing"  # refused before the student is loaded: nothing else on stderr
+                                    "0 and train nothing"  # refused before the student loads: nothing else
