@@ -150,7 +150,10 @@ def build_world(world: str, scale: Scale, tokenizer_dir: str, data_dir: str, dev
     info: dict[str, Any] = {"tokenizer_size": len(tokenizer)}
     for role, shape in (("teacher", scale.teacher), ("student", scale.student)):
         torch.manual_seed(SEED)
-        model = Qwen2ForCausalLM(model_config(shape, vocab[role], eos_id))
+        with torch.device(device):  # a 7B-shaped model initialises in seconds on a GPU, in minutes on the CPU
+            model = Qwen2ForCausalLM(model_config(shape, vocab[role], eos_id))
+        if device == "cuda":
+            model.to(torch.bfloat16)  # saved as GPU checkpoints are: half the bytes to write and read back
         unique = sum(p.numel() for p in model.parameters())
         tied = model.config.tie_word_embeddings
         info[role] = {"vocab_size": vocab[role], **asdict(shape), "params": unique,
@@ -208,7 +211,9 @@ class Bench:
     def _load(self, role: str) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(os.path.join(self.world, role), dtype=torch.float32).to(self.device)
+        # fp32 master weights for the student; the frozen teacher in the autocast dtype, as a GPU user loads it
+        dtype = self.amp_dtype if role == "teacher" and self.amp_dtype is not None else torch.float32
+        return AutoModelForCausalLM.from_pretrained(os.path.join(self.world, role), dtype=dtype).to(self.device)
 
     def reader(self, cache: str):
         from cache.reader import CacheReader
@@ -449,16 +454,17 @@ def machine(device: torch.device) -> str:
     return f"CPU ({cpu}), {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
 
 
-def write_docs(path: str, block: str) -> None:
-    """Replace the step-cost section between its markers (added at the end if the file has none)."""
+def write_docs(path: str, block: str, begin: str = BEGIN, end: str = END,
+               heading: str = "Stage two: step cost") -> None:
+    """Replace the section between the markers (added at the end, under `heading`, if the file has none)."""
     text = ""
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + block + text[text.index(END):]
+    if begin in text and end in text:
+        text = text[: text.index(begin) + len(begin)] + "\n" + block + text[text.index(end):]
     else:
-        text += f"\n## Stage two: step cost\n\n{BEGIN}\n{block}{END}\n"
+        text += f"\n## {heading}\n\n{begin}\n{block}{end}\n"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         fh.write(text)

@@ -397,6 +397,8 @@ class TeacherDump:
         resumed = manifest.num_blocks - computed_blocks
         shards = f"{len(manifest.shards)} shards" + (f" ({resumed} blocks resumed)" if resumed else "")
         procs = f" on {self.procs.world} processes" if self.procs.world > 1 else ""
+        if self.device.type == "cuda":  # what a larger teacher.batch_size has room for
+            procs += f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
         print(f"[stage1] {manifest.num_blocks} blocks, {tokens} tokens, {shards}, {size / 2**20:.1f} MiB on disk, "
               f"{size / tokens:.1f} B/token, {seconds:.1f} s ({computed / seconds:.0f} tok/s{procs}; writer busy "
               f"{writer_busy:.1f} s) → {self.cfg.cache.dir}", flush=True)

@@ -87,6 +87,9 @@ def tiny() -> Path:
     with open(BUILD_CACHE / "tiny.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent session waits for this build instead of replacing it
         build(str(out), teacher_steps=TEST_TEACHER_STEPS)  # returns at once if READY.json exists
+        for stale in BUILD_CACHE.glob("tiny-*"):  # builds of other code or settings: never read again
+            if stale != out and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
     before = _file_states(out)
     yield out
     if _file_states(out) != before:

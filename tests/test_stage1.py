@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.gpu_check import parse_stage1
 from cache.reader import CacheReader
 from common.cli import UserError
 from stage1_teacher.dump import main as dump_main
@@ -130,6 +131,8 @@ def test_cli_prints_align_and_summary_and_refuses_to_overwrite(tiny, tmp_path):
     align = [line for line in first.stdout.splitlines() + first.stderr.splitlines() if line.startswith("[ALIGN]")]
     assert align == ["[ALIGN] Teacher torch.Size([2, 128, 1088]) → cache vocab 1000"]
     assert "[stage1] 2 blocks, 256 tokens" in first.stdout
+    summary = parse_stage1(first.stdout)  # the line bench/gpu_check.py reads
+    assert (summary["tokens"], summary["processes"]) == (256, 1) and summary["tokens_per_s"] > 0
     before = (cache / "manifest.json").read_bytes()
     again = run_cli("stage1_teacher.dump", *args)
     assert again.returncode == 2

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.gpu_check import parse_stage1
 from cache.reader import CacheReader
 from common.cli import UserError
 from common.config import load_config
@@ -87,6 +88,8 @@ def test_two_processes_write_the_cache_one_process_writes(tiny, one_process, tmp
     result = launch(launcher, *args_for(tiny, cache, **{"cache.mode": mode, "cache.seed": 3}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[stage1] 12 blocks, 1536 tokens, 3 shards" in result.stdout and "on 2 processes" in result.stdout
+    summary = parse_stage1(result.stdout)  # the line bench/gpu_check.py reads
+    assert (summary["tokens"], summary["processes"], summary["peak_gib"]) == (1536, 2, None)  # no GPU: no peak
     assert contents(cache) == contents(one_process[mode])  # every dataset of every block, the draws included
     ours, theirs = (json.loads((c / "manifest.json").read_text()) for c in (cache, one_process[mode]))
     assert ours["settings"].pop("processes") == 2 and theirs["settings"].pop("processes") == 1

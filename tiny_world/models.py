@@ -67,6 +67,15 @@ class ModelShape:
     intermediate_size: int
     tie_word_embeddings: bool
     max_position_embeddings: int = MAX_POSITIONS
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+    @classmethod
+    def of_config(cls, path: str) -> "ModelShape":
+        """The shape a Hugging Face config.json describes (the real Qwen2 shapes in configs/qwen2/)."""
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+        return cls(**{name: config[name] for name in cls.__dataclass_fields__})
 
 
 TINY_TEACHER = ModelShape(hidden_size=128, num_hidden_layers=4, intermediate_size=384, tie_word_embeddings=False)
@@ -74,11 +83,11 @@ TINY_STUDENT = ModelShape(hidden_size=64, num_hidden_layers=2, intermediate_size
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int) -> Qwen2Config:
-    """A Qwen2 config of `shape` (4 query and 2 key/value heads) whose bos, eos and pad are all `eos_id`."""
+    """A Qwen2 config of `shape` whose bos, eos and pad are all `eos_id`."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=vocab_size, num_attention_heads=4, num_key_value_heads=2, bos_token_id=eos_id,
-                       eos_token_id=eos_id, pad_token_id=eos_id, **asdict(shape))
+    return Qwen2Config(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+                       **asdict(shape))
 
 
 def _batches(num_blocks: int, steps: int, batch: int, seed: int) -> torch.Tensor:
