@@ -236,7 +236,8 @@ def report(results: dict[str, Any], command: str, step_docs: str) -> str:
              f"{time.strftime('%Y-%m-%d')}: random-initialised models at the shipped Qwen2 shapes (teacher "
              f"{t['num_hidden_layers']} layers × {t['hidden_size']}, student {s['num_hidden_layers']} layers × "
              f"{s['hidden_size']}), WikiText-2 valid, blocks of {results['seq_len']} tokens.", "",
-             "| stage one (top-64, teacher.dtype=auto) | processes | tokens | s | tokens / s | MFU | peak GPU memory, GiB |",
+             "| stage one (top-64, teacher.dtype=auto) | processes | tokens | s | tokens / s | MFU "
+             "| peak GPU memory, GiB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for d in results["stage1"]:
         mfu = f"{d['mfu']:.1%}" if d["mfu"] is not None else "n/a"
