@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bench.report import replace_section, scale_from_json
 from cache.encoding import ZSTD_LEVEL
 from common.cli import UserError, run_main
 from tiny_world.models import ModelShape
@@ -75,17 +76,6 @@ class Scale:
         return cls(teacher=ModelShape(hidden_size=64, num_hidden_layers=1, intermediate_size=128,
                                       tie_word_embeddings=True),
                    teacher_steps=4, seq_len=64, blocks=8, full_blocks=1, repeats=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Scale":
-        """A scale from a JSON object of field overrides (the teacher's shape as an object), for tests."""
-        try:
-            fields = json.loads(text)
-            if "teacher" in fields:
-                fields["teacher"] = ModelShape(**fields["teacher"])
-            return cls(**fields)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise UserError(f"--scale-json: {err}") from None
 
 
 def log(msg: str) -> None:
@@ -548,13 +538,7 @@ def plot(caches: list[Cache], path: str) -> None:
 
 
 def write_doc(path: str, block: str) -> None:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if BEGIN not in text or END not in text:
-        raise UserError(f"{path} has no {BEGIN} … {END} section")
-    text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + block + text[text.index(END):]
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    replace_section(path, block, BEGIN, END, "Cache size")
 
 
 def machine() -> str:
@@ -584,7 +568,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--doc", default=None, help="markdown file whose 'Cache size' section is rewritten "
                         "(default: docs/performance.md; with --quick, <out>/performance.md)")
     args = parser.parse_args(argv)
-    scale = Scale.quick() if args.quick else Scale.from_json(args.scale_json) if args.scale_json else Scale()
+    scale = Scale.quick() if args.quick else scale_from_json(Scale, args.scale_json) if args.scale_json else Scale()
     data_dir, tokenizer_dir, out = (os.path.abspath(p) for p in (args.data_dir, args.tokenizer, args.out))
     if not os.path.isfile(os.path.join(data_dir, "wiki.valid.raw")):
         raise UserError(f"{data_dir} has no wiki.valid.raw; pass --data-dir with the WikiText-2 raw files")

@@ -1,6 +1,6 @@
 """Stage one's cost against the bare teacher forward, side by side, per cache mode.
 
-    python -m bench.dump_cost [--quick] [--repeats 3] [--blocks 48] [--full-blocks 8] [--batch-size 4]
+    python -m bench.dump_cost [--quick] [--repeats 3] [--blocks 48] [--full-blocks 32] [--batch-size 4]
                               [--tokenizer ../shared/data/qwen2-tokenizer] [--data-dir ../shared/data/wikitext-2-raw-v1]
                               [--out bench/out/dump_cost] [--doc docs/performance.md]
 
@@ -12,7 +12,8 @@ data, the teacher, the targets, the writer thread, the manifest and the swap int
 forward (`model(input_ids).logits`) over the same blocks in the same batches. It prints, per mode, the median
 tokens/s of each and their ratio, and the writer thread's busy seconds against the dump's wall time; top-k
 (k = 64) and sample (50 draws) on `--blocks` blocks, full on `--full-blocks` (each full block is 78 MB on
-disk). The table and the command go into `--doc`'s "dump cost" section (not with --quick, unless --doc
+disk; 32 by default, since the writer's last batch and the shard's hash come after the teacher's last batch and
+a dump of few blocks is mostly that tail). The table and the command go into `--doc`'s "dump cost" section (not with --quick, unless --doc
 is given). `--quick`: a small teacher and few blocks, to smoke-test the script.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from bench.report import cpu_name, replace_section
 from cache.reader import CacheReader
 from common.cli import UserError, run_main
 from common.config import load_config
@@ -170,13 +171,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
 def write_doc(path: str, command: str, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
@@ -189,13 +184,7 @@ def write_doc(path: str, command: str, rows: list[dict[str, Any]], info: dict[st
              f"{info['machine']} ({info['date']}). Both routes use one model object, warm. The dump's time runs "
              "from reading the data to the published cache, in the dump's own clock; the forward's is the bare "
              "`model(input_ids).logits` loop over the same blocks.\n")
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + block + text[text.index(END):]
-    else:
-        text += f"\n## Stage one: dump cost\n\n{BEGIN}\n{block}{END}\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    replace_section(path, block, BEGIN, END, "Stage one: dump cost")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -203,7 +192,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="a small teacher and few blocks: a smoke test")
     parser.add_argument("--repeats", type=int, default=None, help="alternating repeats per mode (default 3; 1 quick)")
     parser.add_argument("--blocks", type=int, default=None, help="blocks for top-k and sample (default 48; 4 quick)")
-    parser.add_argument("--full-blocks", type=int, default=None, help="blocks for full (default 8; 2 quick)")
+    parser.add_argument("--full-blocks", type=int, default=None, help="blocks for full (default 32; 2 quick)")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per teacher batch (default 4)")
     parser.add_argument("--modes", default="topk,sample,full", help="comma-separated (default: all three)")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer directory (default: "
@@ -216,7 +205,7 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     blocks = args.blocks or (4 if args.quick else 48)
-    full_blocks = args.full_blocks or (2 if args.quick else 8)
+    full_blocks = args.full_blocks or (2 if args.quick else 32)
     modes = args.modes.split(",")
     if unknown := [m for m in modes if m not in MODES]:
         raise UserError(f"--modes: unknown mode {unknown[0]!r} (known: {', '.join(MODES)})")

@@ -41,7 +41,8 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.step_cost import BEGIN as STEP_BEGIN, DATA, END as STEP_END, Scale, machine, write_docs
+from bench.report import replace_section
+from bench.step_cost import BEGIN as STEP_BEGIN, DATA, END as STEP_END, Scale, machine
 from common.cli import UserError, run_main
 from tiny_world.models import ModelShape
 
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = "bash bench/gpu_check.sh" + (" --quick" if args.quick else "") + (" --smoke" if args.smoke else "")
     block = report(results, command, step_docs)
-    write_docs(args.docs, block, BEGIN, END, "GPU check")
+    replace_section(args.docs, block, BEGIN, END, "GPU check")
     with open(os.path.join(args.out, "gpu_check.json"), "w") as fh:
         json.dump(results, fh, indent=2)
     print(block)

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from bench.report import replace_section, scale_from_json
 from common.cli import UserError, run_main
 from tiny_world.models import (
     EOS,
@@ -82,18 +83,6 @@ class Scale:
     @classmethod
     def quick(cls) -> "Scale":
         return cls(vocab=1024, teacher_steps=20, max_blocks=48, student_steps=3, data_lines=300, eval_lines=150)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Scale":
-        """A scale from a JSON object of field overrides (shapes as objects), for tests smaller than quick."""
-        try:
-            fields = json.loads(text)
-            for role in ("teacher", "student"):
-                if role in fields:
-                    fields[role] = ModelShape(**fields[role])
-            return cls(**fields)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise UserError(f"--scale-json: {err}") from None
 
 
 # the quantized cache's student against the lossless one's; the noise is the same lossless run with another
@@ -388,17 +377,7 @@ def write_results(path: str, command: str, info: dict[str, Any]) -> None:
              f"stride {info['scale']['eval_stride']}; "
              f"total wall time {info['wall_seconds'] / 60:.1f} min.\n" + quantized_vs_noise(info["scores"]))
     begin, end = "<!-- BEGIN quality table -->", "<!-- END quality table -->"
-    text = ""
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    if begin in text and end in text:
-        text = text[: text.index(begin) + len(begin)] + "\n" + block + text[text.index(end):]
-    else:
-        text = f"# Quality study\n\n{begin}\n{block}{end}\n"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    replace_section(path, block, begin, end, "Quality study")
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
@@ -417,7 +396,7 @@ def main(argv: Sequence[str]) -> int:
                         "or <out>/results.md with --quick)")
     args = parser.parse_args(argv)
     scale = Scale.quick() if args.quick else Scale.large() if args.large else \
-        Scale.from_json(args.scale_json) if args.scale_json else Scale()
+        scale_from_json(Scale, args.scale_json) if args.scale_json else Scale()
     out = os.path.abspath(args.out)
     start = time.time()
     local_dir, eval_dir = data_dirs(out, os.path.abspath(args.data_dir), scale)  # checked before anything is written

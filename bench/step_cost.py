@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from bench.report import cpu_name, replace_section, scale_from_json
 from common.cli import UserError, run_main
 from tiny_world.models import ModelShape, model_config, padded_vocab_sizes
 
@@ -78,18 +78,6 @@ class Scale:
     @classmethod
     def quick(cls) -> "Scale":
         return cls(warmup=1, repeats=5, memory_steps=2, data_repeats=3)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Scale":
-        """A scale from a JSON object of field overrides (shapes as objects), for tests smaller than quick."""
-        try:
-            fields = json.loads(text)
-            for role in ("teacher", "student"):
-                if role in fields:
-                    fields[role] = ModelShape(**fields[role])
-            return cls(**fields)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise UserError(f"--scale-json: {err}") from None
 
     def world_key(self, tokenizer: str, data_dir: str, device: str) -> str:
         """What the models and caches depend on (not the repeats)."""
@@ -444,31 +432,12 @@ def tables(summary: dict[str, Any], device: torch.device, num_workers: int) -> s
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     threads = torch.get_num_threads()
-    return f"CPU ({cpu}), {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
+    return f"CPU ({cpu_name()}), {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
 
 
-def write_docs(path: str, block: str, begin: str = BEGIN, end: str = END,
-               heading: str = "Stage two: step cost") -> None:
-    """Replace the section between the markers (added at the end, under `heading`, if the file has none)."""
-    text = ""
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    if begin in text and end in text:
-        text = text[: text.index(begin) + len(begin)] + "\n" + block + text[text.index(end):]
-    else:
-        text += f"\n## {heading}\n\n{begin}\n{block}{end}\n"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
+def write_docs(path: str, block: str) -> None:
+    replace_section(path, block, BEGIN, END, "Stage two: step cost")
 
 
 def plot(path: str, summary: dict[str, Any], title: str) -> None:
@@ -519,7 +488,7 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"--threads must be positive, got {args.threads}")
     if args.quick and args.scale_json:
         raise UserError("--quick and --scale-json are exclusive")
-    scale = Scale.quick() if args.quick else Scale.from_json(args.scale_json) if args.scale_json else Scale()
+    scale = Scale.quick() if args.quick else scale_from_json(Scale, args.scale_json) if args.scale_json else Scale()
     args.out, args.data_dir, args.tokenizer = map(os.path.abspath, (args.out, args.data_dir, args.tokenizer))
     if not os.path.isfile(os.path.join(args.data_dir, "wiki.valid.raw")):
         raise UserError(f"{args.data_dir} has no wiki.valid.raw; pass --data-dir with WikiText-2 raw's files")

@@ -14,7 +14,7 @@ from typing import Any
 def write_text_atomic(path: str, text: str) -> None:
     """Write `text` to `path` through `<path>.tmp`, flushed to disk before the rename."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
+    with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
