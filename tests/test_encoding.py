@@ -617,8 +617,10 @@ def test_bench_cache_size_smoke(tiny, tmp_path, monkeypatch):
     assert "| top-64 | format 2, cache.quantize=true |" in doc and "full: alternatives tried" in doc
     assert (out / "cache_size.png").read_bytes()[:4] == b"\x89PNG"
     from bench.cache_size import Scale, build_teacher
+    from bench.report import scale_from_json
 
-    teacher, info = build_teacher(str(out), str(tiny / "teacher"), str(data), Scale.from_json(json.dumps(scale)))
+    smoke = scale_from_json(Scale, json.dumps(scale))
+    teacher, info = build_teacher(str(out), str(tiny / "teacher"), str(data), smoke)
     assert Path(teacher).parent == out and info == summary["teacher"]  # reused: its key is the same, not trained again
 
 
