@@ -12,9 +12,9 @@ data, the teacher, the targets, the writer thread, the manifest and the swap int
 forward (`model(input_ids).logits`) over the same blocks in the same batches. It prints, per mode, the median
 tokens/s of each and their ratio, and the writer thread's busy seconds against the dump's wall time; top-k
 (k = 64) and sample (50 draws) on `--blocks` blocks, full on `--full-blocks` (each full block is 78 MB on
-disk; 32 by default, since the writer's last batch and the shard's hash come after the teacher's last batch and
-a dump of few blocks is mostly that tail). The table and the command go into `--doc`'s "dump cost" section (not with --quick, unless --doc
-is given). `--quick`: a small teacher and few blocks, to smoke-test the script.
+disk; 32 by default, since the writer's last batch and the shard's hash come after the teacher's last batch,
+and a dump of few blocks is mostly that tail). The table and the command go into `--doc`'s "dump cost" section
+(not with --quick, unless --doc is given). `--quick`: a small teacher and few blocks, to smoke-test the script.
 """
 from __future__ import annotations
 
