@@ -43,16 +43,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench.report import replace_section, scale_from_json
+from bench.report import DATA, DEFAULT_DATA_DIR, DEFAULT_TOKENIZER, REPO, replace_section, scale_from_json
 from cache.encoding import ZSTD_LEVEL
 from common.cli import UserError, run_main
 from tiny_world.models import ModelShape
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
-DEFAULT_DATA_DIR = os.path.join(SHARED, "wikitext-2-raw-v1")
-DEFAULT_TOKENIZER = os.path.join(SHARED, "qwen2-tokenizer")
-DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}
 SEED = 42
 BEGIN, END = "<!-- BEGIN cache size -->", "<!-- END cache size -->"
 

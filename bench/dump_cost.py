@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.report import cpu_name, replace_section
+from bench.report import DEFAULT_DATA_DIR, DEFAULT_TOKENIZER, REPO, cpu_name, replace_section
 from cache.reader import CacheReader
 from common.cli import UserError, run_main
 from common.config import load_config
@@ -40,10 +40,6 @@ from stage1_teacher.dump import TeacherDump
 from stage1_teacher.processes import Processes
 from tiny_world.models import ModelShape, model_config, padded_vocab_sizes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
-DEFAULT_TOKENIZER = os.path.join(SHARED, "qwen2-tokenizer")
-DEFAULT_DATA_DIR = os.path.join(SHARED, "wikitext-2-raw-v1")
 TEACHER = ModelShape(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, tie_word_embeddings=False)
 QUICK_TEACHER = ModelShape(hidden_size=64, num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=False)
 MODES = {"topk": {"cache.mode": "topk", "cache.k": 64}, "sample": {"cache.mode": "sample", "cache.draws": 50},

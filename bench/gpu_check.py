@@ -41,17 +41,15 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.report import replace_section
-from bench.step_cost import BEGIN as STEP_BEGIN, DATA, END as STEP_END, Scale, machine
+from bench.report import DATA, REPO, SHARED, replace_section
+from bench.step_cost import BEGIN as STEP_BEGIN, END as STEP_END, Scale, machine
 from common.cli import UserError, run_main
 from tiny_world.models import ModelShape
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "qwen2")
 TEACHER_CONFIG = os.path.join(CONFIGS, "Qwen2-7B", "config.json")
 STUDENT_CONFIG = os.path.join(CONFIGS, "Qwen2-1.5B-Instruct", "config.json")
 STAGED = os.path.join(REPO, "bench", "out", "gpu_inputs")  # git-ignored
-SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
 BEGIN, END = "<!-- BEGIN gpu check -->", "<!-- END gpu check -->"
 # dense bf16 tensor-core peaks (vendor data sheets, SXM parts), TFLOP/s; others: pass --peak-tflops
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0,

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from bench.report import replace_section, scale_from_json
+from bench.report import DATA, DEFAULT_DATA_DIR, replace_section, scale_from_json
 from common.cli import UserError, run_main
 from tiny_world.models import (
     EOS,
@@ -51,10 +51,7 @@ from tiny_world.models import (
     train_tokenizer,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "wikitext-2-raw-v1"))
 DATA_FILES = ("wiki.valid.raw", "wiki.test.raw")  # training text, evaluation text
-DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}
 SEED = 42
 
 

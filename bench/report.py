@@ -1,5 +1,5 @@
-"""What every benchmark shares: the machine's name, a marked section of a markdown file rewritten in place,
-and a benchmark scale read from `--scale-json`."""
+"""What every benchmark shares: where the real data lies, the machine's name, a marked section of a
+markdown file rewritten in place, and a benchmark scale read from `--scale-json`."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,12 @@ from common.fsutil import write_text_atomic
 from tiny_world.models import ModelShape
 
 ScaleT = TypeVar("ScaleT")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))  # the real data, next to the repository
+DEFAULT_DATA_DIR = os.path.join(SHARED, "wikitext-2-raw-v1")
+DEFAULT_TOKENIZER = os.path.join(SHARED, "qwen2-tokenizer")
+DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}  # as overrides
 
 
 def cpu_name() -> str:

@@ -42,15 +42,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from bench.report import cpu_name, replace_section, scale_from_json
+from bench.report import (
+    DATA,
+    DEFAULT_DATA_DIR,
+    DEFAULT_TOKENIZER,
+    REPO,
+    cpu_name,
+    replace_section,
+    scale_from_json,
+)
 from common.cli import UserError, run_main
 from tiny_world.models import ModelShape, model_config, padded_vocab_sizes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
-DEFAULT_DATA_DIR = os.path.join(SHARED, "wikitext-2-raw-v1")
-DEFAULT_TOKENIZER = os.path.join(SHARED, "qwen2-tokenizer")
-DATA = {"data.dataset": "wikitext", "data.subset": "wikitext-2-raw-v1", "data.split": "validation"}
 SEED = 42
 BEGIN, END = "<!-- BEGIN step cost -->", "<!-- END step cost -->"
 
