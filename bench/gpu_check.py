@@ -19,7 +19,9 @@ ignored folder a remote runner can carry).
    FLOPs per token = 2 × (parameters − input embedding) + 4 × layers × seq_len × hidden (attention,
    counted as PaLM's MFU counts it).
 3. **Two GPUs** (when there are): the same dump with `torchrun --nproc_per_node 2`, and stage two for
-   `--steps` steps with one process and with `accelerate launch --num_processes 2`, tokens/s of each.
+   `--steps` steps with one process, with `accelerate launch --num_processes 2` (DDP) and the same with
+   `train.fsdp=true` (FSDP's smoke test: accelerate runs FSDP on GPUs only), tokens/s of each and whether
+   the final model was saved.
 
 The tables go into the "GPU check" section of `--docs` (docs/performance.md), all figures into
 `<out>/gpu_check.json`. `--quick` does fewer repeats and blocks; `--smoke` shrinks the models (a test of
@@ -211,12 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "train.gradient_accumulation=1", f"train.max_steps={args.steps}", "train.verify_cache=false"]
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "-m"]
         results["stage2_processes"] = []
-        for procs, cmd in ((1, [sys.executable, "-m"]), (2, launch)):
-            out = os.path.join(args.out, f"train-{procs}")
+        # FSDP runs on GPUs only (accelerate refuses it on a CPU): its smoke test is here, with a full model saved
+        for name, procs, cmd, extra in (("DDP", 1, [sys.executable, "-m"], []), ("DDP", 2, launch, []),
+                                        ("FSDP", 2, launch, ["train.fsdp=true"])):
+            out = os.path.join(args.out, f"train-{name.lower()}-{procs}")
             shutil.rmtree(out, ignore_errors=True)
-            run_logged([*cmd, "stage2_student.train", *train, f"train.output_dir={out}",
-                        f"train.log_dir={out}/logs"], os.path.join(args.out, f"train-{procs}.log"))
-            results["stage2_processes"].append({"processes": procs, "tokens_per_s": stage_two_tokens_per_s(out)})
+            run_logged([*cmd, "stage2_student.train", *train, *extra, f"train.output_dir={out}",
+                        f"train.log_dir={out}/logs"], os.path.join(args.out, f"train-{name.lower()}-{procs}.log"))
+            saved = os.path.isfile(os.path.join(out, "config.json"))  # the save_pretrained model at the end
+            results["stage2_processes"].append({"engine": name if procs > 1 else "one process", "processes": procs,
+                                                "tokens_per_s": stage_two_tokens_per_s(out), "model_saved": saved})
 
     command = "bash bench/gpu_check.sh" + (" --quick" if args.quick else "") + (" --smoke" if args.smoke else "")
     block = report(results, command, step_docs)
@@ -254,9 +260,10 @@ def report(results: dict[str, Any], command: str, step_docs: str) -> str:
                            if not line.startswith(("<!--", "![")))  # its own command line and plot stay in --out
     lines += ["Stage two, one GPU (`bench.step_cost` at these shapes):", "", step_block.strip(), ""]
     if "stage2_processes" in results:
-        lines += ["| stage two, top-64 cache | processes | tokens / s (after the first step) |", "|---|---:|---:|"]
-        lines += [f"| `stage2_student.train` | {r['processes']} | {r['tokens_per_s']:,.0f} |"
-                  for r in results["stage2_processes"]]
+        lines += ["| stage two, top-64 cache | processes | tokens / s (after the first step) | model saved |",
+                  "|---|---:|---:|---|"]
+        lines += [f"| `stage2_student.train`, {r['engine']} | {r['processes']} | {r['tokens_per_s']:,.0f} | "
+                  f"{'yes' if r['model_saved'] else '**no**'} |" for r in results["stage2_processes"]]
         lines.append("")
     return "\n".join(lines) + "\n"
 
