@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from bench.report import cpu_name, replace_section
 from common.cli import UserError, run_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,8 +197,7 @@ def write_doc(doc: Path, section: str) -> None:
     text = doc.read_text(encoding="utf-8")
     if BEGIN not in text or END not in text:
         raise UserError(f"{doc} has no {BEGIN} … {END} section to rewrite")
-    head, rest = text.split(BEGIN, 1)
-    doc.write_text(head + BEGIN + "\n" + section + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
+    replace_section(str(doc), section + "\n", BEGIN, END, "Streaming: peak memory against corpus size")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -251,7 +251,7 @@ def main(argv: Sequence[str]) -> int:
     import transformers
 
     section = "\n".join([
-        f"`{command}` — {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"`{command}` — {cpu_name()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{time.strftime('%Y-%m-%d')}. Median of {args.repeats} runs per row, each in a fresh process, the rows "
         "alternating; peak RSS is the process's `ru_maxrss`, wall time includes start-up. "

@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 
+from bench.report import cpu_name, replace_section
 from cache.format import file_sha256
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
@@ -50,7 +51,7 @@ def table(megabytes: int, repeats: int, medians: dict[str, float]) -> str:
     gigabytes = megabytes * (1 << 20) / 1e9
     base = next(iter(medians.values()))
     lines = [f"`python -m bench.verify_cost --mb {megabytes} --repeats {repeats}` on {platform.machine()}, "
-             f"{os.cpu_count()} CPUs ({platform.processor() or 'processor not reported'}); one {megabytes} MiB file, "
+             f"{os.cpu_count()} CPUs ({cpu_name()}); one {megabytes} MiB file, "
              f"page cache warm; median of {repeats} alternating runs.", "",
              "| route | s / GB | MB/s | × reading |", "| --- | --- | --- | --- |"]
     for name, seconds in medians.items():
@@ -60,13 +61,7 @@ def table(megabytes: int, repeats: int, medians: dict[str, float]) -> str:
 
 
 def write_section(text: str, path: str) -> None:
-    with open(path) as fh:
-        doc = fh.read()
-    if BEGIN not in doc:
-        doc = doc.rstrip("\n") + f"\n\n## Stage two: cache verification at start\n\n{BEGIN}\n{END}\n"
-    head, rest = doc.split(BEGIN, 1)
-    with open(path, "w") as fh:
-        fh.write(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+    replace_section(path, text, BEGIN, END, "Stage two: cache verification at start")
 
 
 def main() -> None:
