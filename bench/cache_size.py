@@ -423,10 +423,10 @@ def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray,
 
 
 def sample_alternatives(tokens: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> list[dict[str, Any]]:
-    from cache.encoding import encode_sample
+    from cache.encoding import encode_draws
 
     positions = tokens.size
-    packed = encode_sample(ids, counts)
+    packed = dict(zip(("sample_id_gaps", "sample_counts_by_id"), encode_draws(ids, counts)))
     rows = []
     for what, arrays, filters in (
             ("format 1: int32 ids + counts, most drawn first, −1/0 padded, shuffle + gzip-9",

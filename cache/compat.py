@@ -33,11 +33,20 @@ class Consumer:
     source: dict = field(default_factory=lambda: source_settings(DataConfig()))  # common.data.source_settings
 
 
-def unsupported_reason(loss: LossName, mode: CacheMode, tail: TopkTail) -> str | None:
-    """Why `loss` cannot be computed from this kind of cached teacher data (None: it can)."""
+def unsupported_reason(loss: LossName, mode: CacheMode, tail: TopkTail, tail_draws: bool = False) -> str | None:
+    """Why `loss` cannot be computed from this kind of cached teacher data (None: it can). From draws only the
+    forward KL is unbiased: it is linear in the teacher's probabilities, so its expectation over the draws is
+    its value on the teacher; reverse KL, JSD and skew KL take the log of the estimate (and the student's
+    mass outside the drawn ids), whose expectation is not theirs."""
     if mode == "sample" and loss != "forward_kl":
         return (f"loss {loss} needs the teacher's probabilities, which a sample cache does not hold; "
                 f"only forward_kl (an unbiased estimate from the draws) is computable")
+    if tail_draws and loss != "forward_kl":
+        return (f"loss {loss} is not linear in the teacher's probabilities, so the tail draws would bias it; "
+                f"only forward_kl is unbiased with tail draws (or use a cache without them)")
+    if tail_draws and tail == "renormalize":
+        return ("train.topk_tail=renormalize drops the missing mass, which the tail draws estimate; "
+                "use train.topk_tail=bucket (with tail draws the bucket is spread over the drawn ids)")
     if mode == "topk" and tail == "renormalize" and loss == "reverse_kl":
         return ("reverse_kl is infinite with a renormalized top-k teacher (zero mass outside the k ids); "
                 "use train.topk_tail=bucket")
@@ -67,9 +76,11 @@ def check_compatible(manifest: Manifest, cache_dir: str, consumer: Consumer, inp
                         f"vocabulary {manifest.vocab_size}")
     if data_fingerprint(input_ids, consumer.tokenizer_hash, manifest.seq_len) != manifest.dataset.fingerprint:
         raise UserError(f"cache {cache_dir}: its tokens do not match the fingerprint in its manifest")
-    if (reason := unsupported_reason(consumer.loss, manifest.mode, consumer.topk_tail)):
+    if (reason := unsupported_reason(consumer.loss, manifest.mode, consumer.topk_tail, manifest.tail is not None)):
         raise UserError(f"cache mode {manifest.mode}: {reason}")
-    if manifest.sample is not None and consumer.temperature != manifest.sample.temperature:
-        raise UserError(f"cache {cache_dir} was sampled at temperature {manifest.sample.temperature}; "
-                        f"its draws estimate the teacher at that temperature only: set "
-                        f"train.temperature={manifest.sample.temperature}")
+    for what, draws in (("sampled", manifest.sample), ("made with tail draws", manifest.tail)):
+        if draws is not None and consumer.temperature != draws.temperature:
+            raise UserError(f"cache {cache_dir} was {what} at temperature {draws.temperature}; "
+                            f"its draws estimate the teacher at that temperature only: set "
+                            f"train.temperature={draws.temperature} (or dump with "
+                            f"cache.sample_temperature={consumer.temperature})")

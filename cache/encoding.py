@@ -19,6 +19,8 @@ Format 2, per mode (the README's "The cache format" decodes a block in a dozen l
   (`packed-id-gaps`, gaps within a position) with their counts alongside (`packed-counts`); a position ends
   where its counts reach the draws, so nothing else delimits them. Decoding gives the canonical order: most
   drawn first, ties by ascending id, padded with −1 / 0.
+- top-k with tail draws (`cache.tail_draws`): the top-k datasets above, plus the tail's draws packed exactly as
+  sample mode's (`tail_id_gaps`, `tail_counts_by_id`).
 - the tokens: as they are (`raw`), zstd-filtered; the full log-probs: as they are, unfiltered.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import hdf5plugin  # registers the zstd filter with HDF5: every reader and writer of format 2 imports this module
 import numpy as np
 
-from cache.format import SQRT_GRID, STORED, STORED_SCHEMES, CacheMode, counts_dtype, stored_shape
+from cache.format import SQRT_GRID, STORED, STORED_SCHEMES, STORED_TAIL, CacheMode, counts_dtype, stored_shape
 from cache.manifest import DatasetEntry
 from common.cli import UserError
 
@@ -42,20 +44,23 @@ class DecodeError(ValueError):
 
 
 def stored_datasets(mode: CacheMode, seq_len: int, vocab_size: int, k: int, draws: int,
-                    quantize: bool = False) -> dict[str, DatasetEntry]:
+                    quantize: bool = False, tail_draws: int = 0) -> dict[str, DatasetEntry]:
     """The datasets a shard of `mode` stores, as this release writes them (format 2)."""
     if quantize and mode != "topk":
         raise UserError(f"cache.quantize applies to topk caches (their log-probs), not to cache.mode={mode}")
-    scheme = STORED_SCHEMES[mode][1 if quantize else 0]
+    if tail_draws and mode != "topk":
+        raise UserError(f"cache.tail_draws applies to topk caches (draws outside the top k), not to cache.mode={mode}")
+    scheme = STORED_SCHEMES[mode][1 if quantize else 0] + (STORED_TAIL if tail_draws else ())
     entries = {}
     for name in scheme:
         d = STORED[name]
         # the full log-probs stay raw: zstd halves them but reads them 15x slower (docs/performance.md), and a
         # checksum pass over 300 KB per token would cost as much as the read
         filtered = name != "logprobs"
+        tail = name in STORED_TAIL
         entries[name] = DatasetEntry(
-            shape_per_block=stored_shape(d, seq_len, k, vocab_size, draws),
-            dtype=counts_dtype(draws) if d.dtype == "counts" else d.dtype,
+            shape_per_block=stored_shape(d, seq_len, k, vocab_size, None if tail else draws, tail_draws),
+            dtype=counts_dtype(tail_draws if tail else draws) if d.dtype == "counts" else d.dtype,
             compression="zstd" if filtered else None, compression_opts=ZSTD_LEVEL if filtered else None,
             checksum=filtered, encoding=d.encoding, grid=SQRT_GRID if d.encoding == "sqrt-grid" else None)
     return entries
@@ -100,7 +105,10 @@ def encode(datasets: dict[str, DatasetEntry], arrays: dict[str, np.ndarray]) -> 
         grid = datasets["topk_sqrtp_by_id"].grid if "topk_sqrtp_by_id" in datasets else None
         stored.update(encode_topk(arrays["topk_ids"], arrays["topk_logprobs"], grid))
     if "sample_id_gaps" in datasets:
-        stored.update(encode_sample(arrays["sample_ids"], arrays["sample_counts"]))
+        stored["sample_id_gaps"], stored["sample_counts_by_id"] = encode_draws(arrays["sample_ids"],
+                                                                                arrays["sample_counts"])
+    if "tail_id_gaps" in datasets:
+        stored["tail_id_gaps"], stored["tail_counts_by_id"] = encode_draws(arrays["tail_ids"], arrays["tail_counts"])
     return stored
 
 
@@ -128,18 +136,19 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, grid: int | None) -> dict
     return {"topk_id_gaps": gaps, "topk_sqrtp_by_id": q, "topk_log_scale": log_scale.astype(np.float32)}
 
 
-def encode_sample(ids: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+def encode_draws(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[n, L, m] unique drawn ids (−1 padded) and counts (0 padded, each position adding up to m draws) →
-    [n, L·m] packed gaps and counts, ascending ids within each position, zeros after the last."""
+    [n, L·m] packed gaps and counts, ascending ids within each position, zeros after the last (sample mode's
+    draws and the top-k tail's alike)."""
     if ids.shape != counts.shape:
-        raise ValueError(f"sample_ids {ids.shape} and sample_counts {counts.shape} differ in shape")
+        raise ValueError(f"drawn ids {ids.shape} and counts {counts.shape} differ in shape")
     n, length, slots = ids.shape
     totals = counts.sum(-1, dtype=np.int64)
     if (totals != slots).any():
-        raise ValueError(f"sample_counts must add up to the {slots} draws at every position")
+        raise ValueError(f"draw counts must add up to the {slots} draws at every position")
     used = counts > 0
     if (ids[used] < 0).any():
-        raise ValueError("sample_ids below 0 where counts are positive")
+        raise ValueError("drawn ids below 0 where counts are positive")
     key = np.where(used, ids.astype(np.int64), np.iinfo(np.int64).max)  # padding last
     order = np.argsort(key, axis=-1, kind="stable")
     ids_sorted = np.take_along_axis(ids, order, axis=-1).astype(np.int64)
@@ -154,7 +163,7 @@ def encode_sample(ids: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
         total = int(mask.sum())
         packed_gaps[b, :total] = gaps[b][mask]
         packed_counts[b, :total] = counts_sorted[b][mask]
-    return {"sample_id_gaps": packed_gaps, "sample_counts_by_id": packed_counts}
+    return packed_gaps, packed_counts
 
 
 # --- decode: stored arrays (one block or n) → decoded arrays ---------------------------------------------------
@@ -170,15 +179,20 @@ def decode(datasets: dict[str, DatasetEntry], stored: dict[str, np.ndarray]) -> 
         else:
             logprobs = stored["topk_logprobs_by_id"]
         decoded["topk_ids"], decoded["topk_logprobs"] = decode_topk(stored["topk_id_gaps"], logprobs)
-    if "sample_id_gaps" in stored:
-        length = datasets["input_ids"].shape_per_block[0]
-        gaps, counts = stored["sample_id_gaps"], stored["sample_counts_by_id"]
-        if gaps.ndim == 1:
-            decoded["sample_ids"], decoded["sample_counts"] = decode_sample(gaps, counts, length)
-        else:
-            blocks = [decode_sample(g, c, length) for g, c in zip(gaps, counts)]
-            decoded["sample_ids"] = np.stack([b[0] for b in blocks])
-            decoded["sample_counts"] = np.stack([b[1] for b in blocks])
+    length = datasets["input_ids"].shape_per_block[0]
+    for prefix in ("sample", "tail"):
+        if f"{prefix}_id_gaps" not in stored:
+            continue
+        gaps, counts = stored[f"{prefix}_id_gaps"], stored[f"{prefix}_counts_by_id"]
+        try:
+            if gaps.ndim == 1:
+                decoded[f"{prefix}_ids"], decoded[f"{prefix}_counts"] = decode_draws(gaps, counts, length)
+            else:
+                blocks = [decode_draws(g, c, length) for g, c in zip(gaps, counts)]
+                decoded[f"{prefix}_ids"] = np.stack([b[0] for b in blocks])
+                decoded[f"{prefix}_counts"] = np.stack([b[1] for b in blocks])
+        except DecodeError as err:
+            raise DecodeError(f"{prefix}_{err}") from None
     return decoded
 
 
@@ -208,19 +222,19 @@ def decode_topk(gaps: np.ndarray, logprobs_by_id: np.ndarray) -> tuple[np.ndarra
     return np.take(ids, flat).reshape(shape), np.take(logprobs_by_id, flat).reshape(shape)
 
 
-def decode_sample(gaps: np.ndarray, counts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_draws(gaps: np.ndarray, counts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """One block's packed [L·m] gaps and counts → [L, m] ids and counts, most drawn first, ties by ascending
-    id, −1 / 0 padded. m is the draws (every position's counts add up to it)."""
+    id, −1 / 0 padded. m is the draws (every position's counts add up to it). A DecodeError's message starts
+    with the stored dataset's name less its prefix (`counts_by_id: …`), which the caller adds."""
     draws = counts.shape[0] // length
     used = int(np.count_nonzero(counts))
     entries = counts[:used]
     if used == 0 or not entries.all():
-        raise DecodeError("sample_counts_by_id: a zero count among the used entries")
+        raise DecodeError("counts_by_id: a zero count among the used entries")
     ends = np.cumsum(entries, dtype=np.int64)
     is_last = ends % draws == 0
     if ends[-1] != length * draws or np.count_nonzero(is_last) != length:
-        raise DecodeError(f"sample_counts_by_id: the counts do not add up to {draws} draws at each of {length} "
-                          f"positions")
+        raise DecodeError(f"counts_by_id: the counts do not add up to {draws} draws at each of {length} positions")
     position = (ends - 1) // draws
     first = np.flatnonzero(np.concatenate(([True], is_last[:-1])))  # each position's first entry
     sizes = np.diff(np.append(first, used))
@@ -228,7 +242,7 @@ def decode_sample(gaps: np.ndarray, counts: np.ndarray, length: int) -> tuple[np
     running = np.cumsum(steps)
     ids = running - np.repeat(running[first] - steps[first], sizes)
     if ids.min() < 0 or ids.max() > np.iinfo(np.int32).max:
-        raise DecodeError("sample_id_gaps: ids out of the int32 range")
+        raise DecodeError("id_gaps: ids out of the int32 range")
     # most drawn first; ties keep the stored ascending-id order (stable sort), positions stay grouped
     order = np.argsort(position * (draws + 1) + (draws - entries), kind="stable")
     slot = np.arange(used) - np.repeat(first, sizes)

@@ -32,7 +32,7 @@ class DatasetDef:
     """One per-block dataset of a shard: its name, the modes that store it, its shape and dtype as read."""
     name: str
     modes: tuple[str, ...]
-    shape: str  # with [n] blocks, [L] seq_len, [k] top-k ids, [V] truncated vocab, [m] sample slots
+    shape: str  # with [n] blocks, [L] seq_len, [k] top-k ids, [V] truncated vocab, [m] sample slots, [t] tail draws
     dtype: str
     meaning: str
 
@@ -47,17 +47,29 @@ DATASETS = (
                "unique drawn ids, most drawn first (ties by ascending id), padded with −1"),
     DatasetDef("sample_counts", ("sample",), "[n, L, m]", "uint8/16/32",
                "how often each was drawn (the smallest unsigned type that holds the draws), padded with 0"),
+    DatasetDef("tail_ids", ("topk",), "[n, L, t]", "int32",
+               "`cache.tail_draws` = t > 0: unique ids drawn from the teacher outside the position's top k, most "
+               "drawn first (ties by ascending id), padded with −1"),
+    DatasetDef("tail_counts", ("topk",), "[n, L, t]", "uint8/16/32",
+               "`cache.tail_draws` > 0: how often each was drawn, padded with 0; they add up to t"),
 )
+TAIL_DATASETS = ("tail_ids", "tail_counts")  # top-k mode with cache.tail_draws > 0 only
 
-# mode → every dataset a shard of that mode holds, input_ids first
-MODE_DATASETS: dict[str, tuple[str, ...]] = {mode: tuple(d.name for d in DATASETS if mode in d.modes) for mode in MODES}
+# mode → every dataset a shard of that mode holds, input_ids first (a top-k cache with tail draws adds TAIL_DATASETS)
+MODE_DATASETS: dict[str, tuple[str, ...]] = {
+    mode: tuple(d.name for d in DATASETS if mode in d.modes and d.name not in TAIL_DATASETS) for mode in MODES}
+
+
+def decoded_datasets(mode: str, tail: bool) -> tuple[str, ...]:
+    """The decoded datasets a cache of `mode` hands out (`tail`: a top-k cache with tail draws)."""
+    return MODE_DATASETS[mode] + (TAIL_DATASETS if tail else ())
 
 
 def dataset_table_markdown() -> str:
     """The dataset table as the README shows it."""
     rows = ["| dataset | shape | dtype | mode | meaning |", "| --- | --- | --- | --- | --- |"]
     for d in DATASETS:
-        modes = "all" if d.modes == MODES else ", ".join(d.modes)
+        modes = "all" if d.modes == MODES else ", ".join(d.modes) + (" + tail" if d.name in TAIL_DATASETS else "")
         rows.append(f"| `{d.name}` | {d.shape} | {d.dtype} | {modes} | {d.meaning} |")
     return "\n".join(rows)
 
@@ -76,12 +88,12 @@ SQRT_GRID = 1024  # cache.quantize: steps per unit of √(p / p_max) (max |Δp| 
 @dataclass(frozen=True)
 class StoredDef:
     """One dataset a format-2 shard stores: its encoding, the decoded dataset it gives, its shape per block
-    (symbols: L seq_len, k top-k ids, V vocabulary, m sample slots) and dtype."""
+    (symbols: L seq_len, k top-k ids, V vocabulary, m sample slots, t tail draws) and dtype."""
     name: str
     encoding: Encoding
     decodes: str
     shape: tuple[str, ...]
-    dtype: str  # "counts": counts_dtype(draws)
+    dtype: str  # "counts": counts_dtype(draws) (tail: of the tail draws)
     meaning: str
 
 
@@ -103,21 +115,28 @@ STORED_DATASETS = (
     StoredDef("sample_counts_by_id", "packed-counts", "sample_counts", ("L*m",), "counts",
               "how often each was drawn, aligned with `sample_id_gaps`; each position's counts add up to the draws, "
               "which is where one position ends; zeros after the last"),
+    StoredDef("tail_id_gaps", "packed-id-gaps", "tail_ids", ("L*t",), "uint32",
+              "`cache.tail_draws`: the tail's unique drawn ids, packed as `sample_id_gaps`"),
+    StoredDef("tail_counts_by_id", "packed-counts", "tail_counts", ("L*t",), "counts",
+              "`cache.tail_draws`: their counts, packed as `sample_counts_by_id` (each position's add up to t)"),
 )
 STORED: dict[str, StoredDef] = {d.name: d for d in STORED_DATASETS}
 
-# mode → the sets of stored datasets a format-2 shard of that mode may hold (lossless first)
+_TOPK_SCHEMES = (("input_ids", "topk_id_gaps", "topk_logprobs_by_id"),
+                 ("input_ids", "topk_id_gaps", "topk_sqrtp_by_id", "topk_log_scale"))
+STORED_TAIL = ("tail_id_gaps", "tail_counts_by_id")  # added to a top-k scheme by cache.tail_draws > 0
+# mode → the sets of stored datasets a format-2 shard of that mode may hold (lossless first; top-k: then with a tail)
 STORED_SCHEMES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "topk": (("input_ids", "topk_id_gaps", "topk_logprobs_by_id"),
-             ("input_ids", "topk_id_gaps", "topk_sqrtp_by_id", "topk_log_scale")),
+    "topk": _TOPK_SCHEMES + tuple(scheme + STORED_TAIL for scheme in _TOPK_SCHEMES),
     "full": (("input_ids", "logprobs"),),
     "sample": (("input_ids", "sample_id_gaps", "sample_counts_by_id"),),
 }
 
 
-def stored_shape(d: StoredDef, seq_len: int, k: int | None, vocab_size: int, slots: int | None) -> list[int]:
+def stored_shape(d: StoredDef, seq_len: int, k: int | None, vocab_size: int, slots: int | None,
+                 tail_draws: int | None = None) -> list[int]:
     """The shape per block of stored dataset `d` for these sizes."""
-    dims = {"L": seq_len, "k": k, "V": vocab_size, "L*m": seq_len * (slots or 0)}
+    dims = {"L": seq_len, "k": k, "V": vocab_size, "L*m": seq_len * (slots or 0), "L*t": seq_len * (tail_draws or 0)}
     return [dims[s] for s in d.shape]
 
 
@@ -126,7 +145,7 @@ def stored_table_markdown() -> str:
     rows = ["| stored dataset | shape | dtype | encoding | gives | meaning |", "| --- | --- | --- | --- | --- | --- |"]
     for d in STORED_DATASETS:
         shape = "[n, " + ", ".join(s.replace("*", "·") for s in d.shape) + "]"
-        dtype = "uint8/16/32 as `sample_counts`" if d.dtype == "counts" else d.dtype
+        dtype = f"uint8/16/32 as `{d.decodes}`" if d.dtype == "counts" else d.dtype
         rows.append(f"| `{d.name}` | {shape} | {dtype} | `{d.encoding}` | `{d.decodes}` | {d.meaning} |")
     return "\n".join(rows)
 

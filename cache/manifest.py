@@ -20,6 +20,7 @@ from cache.format import (
     MODE_DATASETS,
     STORED,
     STORED_SCHEMES,
+    STORED_TAIL,
     SUPPORTED_VERSIONS,
     CacheMode,
     Compression,
@@ -91,6 +92,8 @@ class DataEntry:
 
 @dataclass(frozen=True)
 class SampleEntry:
+    """How draws were made: sample mode's from the whole distribution, a top-k cache's tail draws from outside
+    the top k (cache.tail_draws)."""
     draws: int
     temperature: float  # the draws estimate the teacher at this temperature only
     slots: int
@@ -115,6 +118,8 @@ class Manifest:
     settings: dict[str, Any]  # how it was made; informational
     sample: Optional[SampleEntry] = None  # sample mode only
     shards: list[ShardEntry] = field(default_factory=list)
+    # top-k mode with cache.tail_draws > 0 only: the tail draws; the top-k log-probs are then at tail.temperature
+    tail: Optional[SampleEntry] = None
 
     @property
     def num_tokens(self) -> int:
@@ -156,6 +161,8 @@ class Manifest:
             raise SchemaError(f"field k: a topk cache needs 1 <= k <= vocab_size, got {self.k!r}")
         if self.mode == "sample" and self.sample is None:
             raise SchemaError("field sample: missing for a sample cache")
+        if self.tail is not None and (self.mode != "topk" or self.format_version < 2):
+            raise SchemaError("field tail: tail draws belong to format-2 topk caches only")
         if self.format_version == 1:
             self._check_v1_datasets()
         else:
@@ -197,14 +204,23 @@ class Manifest:
             options = " or ".join(str(list(s)) for s in schemes)
             raise SchemaError(f"field datasets: a format-{self.format_version} {self.mode} cache holds {options}, "
                               f"the manifest lists {list(self.datasets)}")
+        if (self.tail is not None) != (set(STORED_TAIL) <= set(self.datasets)):
+            raise SchemaError("field tail: present exactly when the datasets hold the tail draws "
+                              f"({', '.join(STORED_TAIL)})")
+        for key, entry in (("sample", self.sample), ("tail", self.tail)):
+            # the packed counts end positions at the draws
+            if entry is not None and entry.draws < 1:
+                raise SchemaError(f"field {key}.draws: must be positive, got {entry.draws}")
+            if entry is not None and entry.slots != entry.draws:
+                raise SchemaError(f"field {key}.slots: format {self.format_version} stores as many slots as draws "
+                                  f"({entry.draws}), got {entry.slots}")
         slots = self.sample.slots if self.sample is not None else None
-        if self.sample is not None and slots != self.sample.draws:  # the packed counts end positions at the draws
-            raise SchemaError(f"field sample.slots: format {self.format_version} stores as many slots as draws "
-                              f"({self.sample.draws}), got {slots}")
+        tail_draws = self.tail.draws if self.tail is not None else None
         for name, entry in self.datasets.items():
             where, d = f"field datasets.{name}", STORED[name]
-            dtype = counts_dtype(self.sample.draws) if d.dtype == "counts" and self.sample else d.dtype
-            shape = stored_shape(d, self.seq_len, self.k, self.vocab_size, slots)
+            draws = tail_draws if name in STORED_TAIL else slots
+            dtype = counts_dtype(draws) if d.dtype == "counts" and draws else d.dtype
+            shape = stored_shape(d, self.seq_len, self.k, self.vocab_size, slots, tail_draws)
             if entry.encoding != d.encoding:
                 raise SchemaError(f"{where}.encoding: expected {d.encoding!r}, got {entry.encoding!r}")
             if entry.dtype != dtype:

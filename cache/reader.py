@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from cache.encoding import DecodeError, decode, filter_pipeline, stored_filters
-from cache.format import MODE_DATASETS, file_sha256
+from cache.format import decoded_datasets, file_sha256
 from cache.manifest import Manifest, ShardEntry, load_manifest
 from common.cli import UserError
 
@@ -24,10 +24,11 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | None) -> str | None:
+def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | None,
+                  tail_draws: int | None = None) -> str | None:
     """What is wrong with one decoded block (None: nothing): ids outside [0, vocab_size), log-probs that are
-    positive or not finite, sample slots that are not −1 exactly where their count is 0, counts that do not
-    add up to the draws. Vectorised: a few passes over the block."""
+    positive or not finite, sample (or tail) slots that are not −1 exactly where their count is 0, counts that
+    do not add up to the draws. Vectorised: a few passes over the block."""
     for name in ("input_ids", "topk_ids"):
         if name in decoded:
             values = decoded[name]
@@ -43,18 +44,20 @@ def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | 
                 values = decoded[name].astype(np.float32)
                 bad = values[~(np.isfinite(values) & (values <= 0))]
                 return f"{name} not finite and ≤ 0 ({bad.size} values, e.g. {bad[0]})"
-    if "sample_ids" in decoded:
-        ids, counts = decoded["sample_ids"], decoded["sample_counts"]
+    for prefix, expected in (("sample", draws), ("tail", tail_draws)):
+        if f"{prefix}_ids" not in decoded:
+            continue
+        ids, counts = decoded[f"{prefix}_ids"], decoded[f"{prefix}_counts"]
         used, padding = counts > 0, ids == -1
         low, high = ids.min(), ids.max()
         if low < -1 or high >= vocab_size or np.any(padding & used):
             side = f"max {high}" if high >= vocab_size else f"min {min(low, -1)}"
-            return f"sample_ids outside [0, {vocab_size}) ({side})"
+            return f"{prefix}_ids outside [0, {vocab_size}) ({side})"
         if np.any(padding == used):  # drawn slots are in range: so some slot with a count of 0 is not -1
-            return "sample_ids not -1 where sample_counts is 0"
+            return f"{prefix}_ids not -1 where {prefix}_counts is 0"
         totals = counts.sum(axis=-1, dtype=np.int64)
-        if draws is not None and np.any(totals != draws):
-            return f"sample_counts add up to {totals[totals != draws][0]}, not the {draws} draws"
+        if expected is not None and np.any(totals != expected):
+            return f"{prefix}_counts add up to {totals[totals != expected][0]}, not the {expected} draws"
     return None
 
 
@@ -70,6 +73,7 @@ class CacheReader:
         self._datasets: dict[int, dict[str, h5py.Dataset]] = {}  # looking one up by name costs more than a read
         self._pid = os.getpid()
         self._draws = self.manifest.sample.draws if self.manifest.sample is not None else None
+        self._tail_draws = self.manifest.tail.draws if self.manifest.tail is not None else None
         for shard in self.shards:
             if not os.path.isfile(os.path.join(cache_dir, shard.file)):
                 raise UserError(f"cache {cache_dir} is missing shard {shard.file}")
@@ -92,7 +96,7 @@ class CacheReader:
 
     @property
     def dataset_names(self) -> tuple[str, ...]:
-        return MODE_DATASETS[self.mode]
+        return decoded_datasets(self.mode, self.manifest.tail is not None)
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -143,7 +147,7 @@ class CacheReader:
             raise self._damaged(shard, str(err), block) from None
         except (OSError, RuntimeError, KeyError, ValueError) as err:  # h5py's errors of a damaged chunk
             raise self._damaged(shard, f"HDF5 read failed ({_one_line(err)})", block) from None
-        problem = block_problem(decoded, self.vocab_size, self._draws)
+        problem = block_problem(decoded, self.vocab_size, self._draws, self._tail_draws)
         if problem:
             raise self._damaged(shard, problem, block)
         return {name: decoded[name] for name in names or self.dataset_names}

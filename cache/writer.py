@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from cache.encoding import encode, h5_create_kwargs
-from cache.format import MANIFEST, MODE_DATASETS, CacheMode, file_sha256, shard_name
+from cache.format import MANIFEST, STORED_TAIL, CacheMode, decoded_datasets, file_sha256, shard_name
 from cache.lock import LOCK_FILE, CacheLock
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
@@ -363,7 +363,8 @@ class ShardWriter:
     def __init__(self, directory: str, mode: CacheMode, datasets: dict[str, DatasetEntry], queue_size: int = 8,
                  on_complete: Optional[Callable[[ShardRecord], None]] = None) -> None:
         self.directory = directory
-        self.decoded = MODE_DATASETS[mode]  # the names put; `datasets` are the stored ones (cache/encoding.py)
+        # the names put; `datasets` are the stored ones (cache/encoding.py)
+        self.decoded = decoded_datasets(mode, STORED_TAIL[0] in datasets)
         self.datasets = datasets
         self.on_complete = on_complete  # called in the writer thread after each shard's record is written
         self.write_seconds = 0.0
@@ -547,7 +548,7 @@ class CacheWriter:
     def put(self, arrays: dict[str, np.ndarray]) -> None:
         """Queue the next consecutive blocks (every dataset of the layout, same leading size)."""
         sizes = {len(a) for a in arrays.values()}
-        decoded = MODE_DATASETS[self.layout.mode]  # what is put; layout.datasets are what is stored
+        decoded = self._shards.decoded  # what is put; layout.datasets are what is stored
         if set(arrays) != set(decoded) or len(sizes) != 1:
             raise ValueError(f"expected datasets {sorted(decoded)} of equal length")
         count = sizes.pop()

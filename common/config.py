@@ -91,8 +91,14 @@ class CacheConfig:
                                       "log-probs, every log-prob, or sampled tokens and their counts")
     k: int = setting(64, "topk mode: ids per position")
     draws: int = setting(50, "sample mode: tokens drawn per position, with replacement")
-    sample_temperature: float = setting(1.0, "sample mode: temperature of the teacher distribution drawn from")
-    seed: int = setting(0, "sample mode: seed of the on-device generator")
+    tail_draws: int = setting(0, "topk mode: tokens drawn per position from the teacher outside its top k, with "
+                                 "replacement; stage two's target is then the top-k probabilities plus r·count/t on "
+                                 "the drawn ids (r the missing mass), an unbiased estimate of the teacher; 0 = none "
+                                 "(the missing mass is one bucket)")
+    sample_temperature: float = setting(1.0, "sample mode and tail draws: temperature of the teacher distribution "
+                                             "drawn from (a tail cache's top-k log-probs are at it too); stage two's "
+                                             "train.temperature must equal it")
+    seed: int = setting(0, "sample mode and tail draws: seed of the generator (each block's draws from its own)")
     quantize: bool = setting(False, "topk mode: store the log-probs on a grid of √(p / p_max) (each probability "
                                     "within 1/1024, the k ids' mass kept) instead of lossless fp16: fewer bytes")
     shard_blocks: int = setting(512, "blocks per HDF5 shard")

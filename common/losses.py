@@ -10,9 +10,15 @@ Every KD mode is reduced to a pair of log-distributions on a common support of S
   topk, tail "renormalize"          S = k+1  the teacher renormalized over its k ids (rest = 0); the
                                              student keeps its full-vocabulary probabilities
   sample                            S = m    the empirical distribution c_i / N of the draws
+  topk + tail draws                 S = k+t  the exact top-k probabilities plus r·c_i / t on the t tail draws'
+                                             unique ids (r = 1 − Σ p_topk): an unbiased estimate of the
+                                             teacher, so the forward KL and its gradient are unbiased; the
+                                             student's log-probs at those ids (no bucket)
 
 Temperature T divides the teacher's log-probs (then renormalized over the support) and the student's
-logits; every KD loss is averaged over positions and multiplied by T², as in the original recipe.
+logits; every KD loss is averaged over positions and multiplied by T², as in the original recipe. Draws
+(sample mode, tail draws) are made at T already (stage two checks that T is the cache's sample temperature),
+and a tail cache's top-k log-probs are stored at that T: they are used as they are.
 
 Cost. The student's logits z are [P, V] (P positions, V ≈ 152k): every pass over them costs about what
 the whole loss costs on the small supports, and every fresh tensor of their size costs its page faults,
@@ -52,12 +58,20 @@ class TeacherTargets:
     kind: CacheMode
     values: torch.Tensor  # full/topk: log-probs [B, L, S]; sample: counts [B, L, m]
     ids: torch.Tensor | None = None  # [B, L, S] token ids (sample: -1 = empty slot)
+    tail_ids: torch.Tensor | None = None  # topk with tail draws: [B, L, t] drawn ids outside the top k (-1 = empty)
+    tail_counts: torch.Tensor | None = None  # [B, L, t] their counts, adding up to t
 
     def flatten(self, length: int) -> "TeacherTargets":
         """First `length` positions of each sequence, flattened to [B*length, S]."""
         def flat(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[:, :length].reshape(-1, t.size(-1))
-        return TeacherTargets(self.kind, flat(self.values), flat(self.ids))
+        return TeacherTargets(self.kind, flat(self.values), flat(self.ids), flat(self.tail_ids),
+                              flat(self.tail_counts))
+
+    def support_ids(self) -> torch.Tensor:
+        """[P, S] the ids of a sparse support (empty slots: id 0, with teacher probability 0)."""
+        ids = self.ids if self.tail_ids is None else torch.cat([self.ids, self.tail_ids.to(self.ids.dtype)], dim=-1)
+        return ids.long().clamp(min=0)
 
 
 # --- divergences on a common support: log_p (teacher), log_q (student), both [P, S] ------------------
@@ -126,6 +140,10 @@ def teacher_support(teacher: TeacherTargets, temperature: float, tail: TopkTail)
         counts = teacher.values.float()
         return torch.log(counts / counts.sum(-1, keepdim=True))  # empty slots: log 0 = −inf
     logprobs = teacher.values.float()
+    if teacher.tail_counts is not None:  # at T already; the rest r spread as r·c_i/t over the drawn ids
+        counts = teacher.tail_counts.float()
+        tail = _log_rest(logprobs) + torch.log(counts / counts.sum(-1, keepdim=True))  # empty slots: −inf
+        return torch.cat([logprobs, tail], dim=-1)
     if tail == "renormalize":
         log_p = torch.log_softmax(_scaled(logprobs, temperature), dim=-1)
         return torch.cat([log_p, torch.full_like(log_p[:, :1], -math.inf)], dim=-1)
@@ -133,9 +151,10 @@ def teacher_support(teacher: TeacherTargets, temperature: float, tail: TopkTail)
     return torch.log_softmax(_scaled(bucketed, temperature), dim=-1)
 
 
-def student_support(log_q_ids: torch.Tensor, kind: CacheMode) -> torch.Tensor:
-    """log_q [P, S] from the student's log-probs at the cached ids (a top-k support adds the rest bucket)."""
-    if kind == "sample":
+def student_support(log_q_ids: torch.Tensor, teacher: TeacherTargets) -> torch.Tensor:
+    """log_q [P, S] from the student's log-probs at the cached ids (a top-k support without tail draws adds the
+    rest bucket)."""
+    if teacher.kind == "sample" or teacher.tail_counts is not None:
         return log_q_ids
     return torch.cat([log_q_ids, _log_rest(log_q_ids)], dim=-1)
 
@@ -311,10 +330,10 @@ class _Terms:
             total = torch.zeros((), device=device)
             kd = hard = torch.zeros((), device=device)
             if self.targets is not None:
-                ids = self.targets.ids.long().clamp(min=0)  # sample padding (−1) has p = 0: no value, no gradient
+                ids = self.targets.support_ids()  # padding (−1) has p = 0: no value, no gradient
                 z_ids = z.gather(1, ids).float().requires_grad_(grad is not None)
                 leaves.append(z_ids)
-                log_q = student_support(_scaled(z_ids, T) - lse[T][:, None], self.targets.kind)
+                log_q = student_support(_scaled(z_ids, T) - lse[T][:, None], self.targets)
                 log_p = teacher_support(self.targets, T, self.tail)
                 kd = LOSSES[self.loss](log_p, log_q, beta=self.beta, alpha=self.alpha).sum() * (T * T / rows)
                 total = total + self.kd_weight * kd

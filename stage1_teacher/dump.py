@@ -52,11 +52,13 @@ from common.models import (
     tokenizer_hash,
 )
 from stage1_teacher.processes import Failure, LostContact, Processes, Stopped
-from stage1_teacher.targets import block_uniforms, full_targets, sample_targets, topk_targets
+from stage1_teacher.targets import block_uniforms, full_targets, sample_targets, topk_tail_targets, topk_targets
 
 # cache.* keys that say how the dump runs, not what the cache holds; and keys that only one mode uses
 OPERATIONAL_CACHE_KEYS = {"dir", "overwrite", "queue_size"}
-MODE_CACHE_KEYS = {"k": "topk", "draws": "sample", "sample_temperature": "sample", "seed": "sample"}
+MODE_CACHE_KEYS = {"k": "topk", "tail_draws": "topk", "draws": "sample", "sample_temperature": "sample",
+                   "seed": "sample"}
+DRAW_KEYS = {"sample_temperature", "seed"}  # also a top-k cache's, when it has tail draws
 TEST_HOOK = "KD_STAGE1_TEST_HOOK"
 CONFIG_ERROR_TIMEOUT_S = 60.0  # N processes that all refuse their config wait this long for each other
 
@@ -84,8 +86,10 @@ def check_settings(cfg: PipelineConfig) -> None:
         raise UserError("cache.dir is empty")
     if cache.mode == "topk" and cache.k < 1:
         raise UserError(f"cache.k must be positive, got {cache.k}")
-    if cache.mode == "sample":
-        if not 1 <= cache.draws <= 0xFFFFFFFF:
+    if cache.mode == "topk" and not 0 <= cache.tail_draws <= 0xFFFFFFFF:
+        raise UserError(f"cache.tail_draws must be 0 or positive (and below 2^32), got {cache.tail_draws}")
+    if cache.mode == "sample" or (cache.mode == "topk" and cache.tail_draws):
+        if cache.mode == "sample" and not 1 <= cache.draws <= 0xFFFFFFFF:
             raise UserError(f"cache.draws must be positive (and below 2^32), got {cache.draws}")
         if not (math.isfinite(temperature) and temperature > 0):
             raise UserError(f"cache.sample_temperature must be a positive finite number, got {temperature}")
@@ -184,9 +188,13 @@ class TeacherDump:
                             f"{self.vocab_size} tokens")
         if cfg.cache.mode == "topk" and cfg.cache.k > self.vocab_size:
             raise UserError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {self.vocab_size}")
+        if cfg.cache.mode == "topk" and cfg.cache.tail_draws and cfg.cache.k >= self.vocab_size:
+            raise UserError(f"cache.k={cfg.cache.k} covers the whole vocabulary ({self.vocab_size}): there is no "
+                            "tail to draw from; set cache.tail_draws=0")
         self.new_stream()  # checks data.seq_len and data.max_blocks
         self.datasets = stored_datasets(cfg.cache.mode, cfg.data.seq_len, self.vocab_size, cfg.cache.k,
-                                        cfg.cache.draws, cfg.cache.quantize)
+                                        cfg.cache.draws, cfg.cache.quantize,
+                                        cfg.cache.tail_draws if cfg.cache.mode == "topk" else 0)
         self.staging = StagingDir(cfg.cache.dir)
         resume = Resume()
         if procs.main:  # one process prepares the staging directory, the others wait
@@ -210,8 +218,11 @@ class TeacherDump:
             return os.path.abspath(path) if path and os.path.exists(path) else path
 
         data = {f"data.{key}": local(value) if key == "local_dir" else value for key, value in vars(cfg.data).items()}
+        tail = cfg.cache.mode == "topk" and cfg.cache.tail_draws > 0
         cache = {f"cache.{key}": value for key, value in vars(cfg.cache).items()
-                 if key not in OPERATIONAL_CACHE_KEYS and MODE_CACHE_KEYS.get(key, cfg.cache.mode) == cfg.cache.mode}
+                 if key not in OPERATIONAL_CACHE_KEYS and (MODE_CACHE_KEYS.get(key, cfg.cache.mode) == cfg.cache.mode
+                                                           or (tail and key in DRAW_KEYS))
+                 and not (key == "tail_draws" and not tail)}  # a top-k cache without tail draws: as before them
         return {"format_version": FORMAT_VERSION,
                 "datasets": {name: dataclasses.asdict(entry) for name, entry in self.datasets.items()},
                 "teacher.model": local(cfg.teacher.model), "teacher.config_hash": model_config_hash(self.model_config),
@@ -341,6 +352,9 @@ class TeacherDump:
 
     def targets(self, logits: torch.Tensor, first_block: int) -> dict[str, torch.Tensor]:
         cache = self.cfg.cache
+        if cache.mode == "topk" and cache.tail_draws:
+            uniforms = block_uniforms(cache.seed, first_block, logits.size(0), logits.size(1), cache.tail_draws)
+            return topk_tail_targets(logits, self.vocab_size, cache.k, cache.sample_temperature, uniforms)
         if cache.mode == "topk":
             return topk_targets(logits, self.vocab_size, cache.k)
         if cache.mode == "full":
@@ -374,10 +388,14 @@ class TeacherDump:
         cfg, stats = self.cfg, self.stats
         sample = SampleEntry(draws=cfg.cache.draws, temperature=cfg.cache.sample_temperature, slots=cfg.cache.draws,
                              seed=cfg.cache.seed) if cfg.cache.mode == "sample" else None
+        tail = SampleEntry(draws=cfg.cache.tail_draws, temperature=cfg.cache.sample_temperature,
+                           slots=cfg.cache.tail_draws, seed=cfg.cache.seed) \
+            if cfg.cache.mode == "topk" and cfg.cache.tail_draws else None
+        at = f" at temperature {tail.temperature} (the tail draws')" if tail and tail.temperature != 1.0 else ""
         return Manifest(
             format=FORMAT_NAME, format_version=FORMAT_VERSION, mode=cfg.cache.mode, num_blocks=stats.num_blocks,
             seq_len=cfg.data.seq_len, vocab_size=self.vocab_size, value_dtype="float16",
-            values="log_softmax of the teacher's logits over the first vocab_size entries, in fp32",
+            values=f"log_softmax of the teacher's logits over the first vocab_size entries{at}, in fp32",
             k=cfg.cache.k if cfg.cache.mode == "topk" else None, datasets=self.datasets,
             teacher=TeacherEntry(model=cfg.teacher.model, config_hash=model_config_hash(self.model_config),
                                  padded_vocab_size=self.model_config.vocab_size, dtype=str(self.dtype)),
@@ -388,7 +406,7 @@ class TeacherDump:
                               fingerprint=stats.fingerprint, **source_settings(cfg.data),
                               read_files=stats.read_files),
             settings={"processes": self.procs.world, "device": str(self.device), "torch": torch.__version__},
-            sample=sample, shards=[r.entry() for r in records])
+            sample=sample, shards=[r.entry() for r in records], tail=tail)
 
     def summary(self, manifest: Manifest, computed_blocks: int) -> None:
         seconds, writer_busy = self.seconds, self.writer_busy

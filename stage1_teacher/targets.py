@@ -94,6 +94,38 @@ def topk_targets(logits: torch.Tensor, vocab_size: int, k: int) -> dict[str, tor
     return {"topk_ids": ids.view(*positions, k), "topk_logprobs": values.view(*positions, k)}
 
 
+def topk_tail_targets(logits: torch.Tensor, vocab_size: int, k: int, temperature: float,
+                      uniforms: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top-k plus tail draws (`cache.tail_draws`): the k most likely ids of the teacher at temperature T and
+    their log-probs at T, and one draw per uniform of `uniforms` [..., t] from the rest of that distribution,
+    p_i / r for the ids outside the k (r = 1 − Σ top-k p), stored as unique ids and counts as sample mode's.
+    With the exact top-k probabilities, r · count_i / t on the tail ids is an unbiased estimate of the whole
+    distribution at T (`docs/results.md`). The top-k set is the same at every T (the order of the logits).
+    A position whose rest underflows to 0 draws uniformly from the ids outside the k (its tail weighs 0)."""
+    positions, draws = logits.shape[:-1], uniforms.size(-1)
+    flat_uniforms = uniforms.reshape(-1, draws).to(logits.device)
+    ids = torch.empty(positions.numel(), k, dtype=torch.int32, device=logits.device)
+    values = torch.empty(positions.numel(), k, dtype=torch.float16, device=logits.device)
+    drawn = torch.empty(positions.numel(), draws, dtype=torch.int64, device=logits.device)
+    def work(rows: slice, chunk: torch.Tensor) -> None:
+        scaled = chunk[:, :vocab_size]
+        logprobs = vocab_logprobs(scaled if temperature == 1.0 else scaled.float() / temperature, vocab_size)
+        top_values, top_ids = select_topk(logprobs, k)
+        values[rows], ids[rows] = top_values, top_ids
+        rest = logprobs.exp_().scatter_(1, top_ids, 0.0)  # the tail's weights: p outside the top k
+        empty = rest.sum(-1) == 0
+        if empty.any():
+            rest[empty] = 1.0
+            rest[empty] = rest[empty].scatter_(1, top_ids[empty], 0.0)
+        drawn[rows] = inverse_transform(rest, flat_uniforms[rows])
+
+    _each_chunk(logits, work)
+    tail_ids, tail_counts = unique_counts(drawn)
+    return {"topk_ids": ids.view(*positions, k), "topk_logprobs": values.view(*positions, k),
+            "tail_ids": tail_ids.to(torch.int32).reshape(*positions, draws),
+            "tail_counts": tail_counts.to(getattr(torch, counts_dtype(draws))).reshape(*positions, draws)}
+
+
 def full_targets(logits: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
     """Every log-prob over the truncated vocabulary, in fp16."""
     positions = logits.shape[:-1]

@@ -96,8 +96,9 @@ def epoch_loader(dataset: CachedBlocks, collate: Callable[[list], dict], *, epoc
 def collate_cached(items: list[dict[str, np.ndarray]]) -> dict[str, dict[str, torch.Tensor]]:
     stacked = {name: torch.from_numpy(np.stack([item[name] for item in items])) for name in items[0]}
     input_ids = stacked.pop("input_ids").long()
-    if "sample_counts" in stacked:  # torch has few kernels for uint16/uint32
-        stacked["sample_counts"] = stacked["sample_counts"].to(torch.int32)
+    for name in ("sample_counts", "tail_counts"):  # torch has few kernels for uint16/uint32
+        if name in stacked:
+            stacked[name] = stacked[name].to(torch.int32)
     return {"student": {"input_ids": input_ids}, "teacher": {"input_ids": input_ids}, "teacher_cache": stacked}
 
 
@@ -113,5 +114,6 @@ def cached_targets(cache: dict[str, torch.Tensor]) -> TeacherTargets:
     if "logprobs" in cache:
         return TeacherTargets("full", cache["logprobs"])
     if "topk_ids" in cache:
-        return TeacherTargets("topk", cache["topk_logprobs"], cache["topk_ids"])
+        return TeacherTargets("topk", cache["topk_logprobs"], cache["topk_ids"], cache.get("tail_ids"),
+                              cache.get("tail_counts"))
     return TeacherTargets("sample", cache["sample_counts"], cache["sample_ids"])

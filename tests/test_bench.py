@@ -10,12 +10,11 @@ import pytest
 from tests.conftest import run_cli
 
 # Far below --quick: the cost is almost all interpreter start-up (one process per cache and per run), so
-# one run per kind of row: hard labels, full cache, live teacher, top-k, sample. The teacher is trained and
-# the lr high enough that two student steps move the student far more than the cache/live tolerance.
-SMOKE_RUNS = ["hard labels (CE)", "full KD (cache)", "full KD (live teacher)", "top-12, tail bucket",
-              "sample, 50 draws"]
+# one row per kind: hard labels, full cache, top-k bucket, top-k + tail draws, sample; two seeds (an interval).
+# The teacher is trained and the lr high enough that two student steps move the student.
+SMOKE_RUNS = ["hard labels (CE)", "full KD", "top-12, tail bucket", "top-12 + 8 tail draws", "sample, 12 draws"]
 SMOKE_SCALE = {"vocab": 320, "seq_len": 32, "teacher_steps": 30, "max_blocks": 16, "student_steps": 2, "lr": 0.05,
-               "eval_stride": 32, "data_lines": 300, "eval_lines": 60, "runs": SMOKE_RUNS,
+               "seeds": 2, "eval_stride": 32, "data_lines": 300, "eval_lines": 60, "runs": SMOKE_RUNS,
                "teacher": {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
                            "tie_word_embeddings": False},
                "student": {"hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 32,
@@ -46,30 +45,45 @@ def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     result = run_cli("bench.quality", "--out", out, "--data-dir", wiki_dir, "--scale-json", json.dumps(SMOKE_SCALE))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = table_rows((out / "results.md").read_text(encoding="utf-8"))
+    results = (out / "results.md").read_text(encoding="utf-8")
+    rows = table_rows(results)
     assert [row[0] for row in rows] == ["teacher", "untrained student", *SMOKE_RUNS]
-    assert sorted(p.name for p in (out / "cache").iterdir()) == ["full", "sample50", "topk12"]  # only those used
-    perplexities = [float(row[4]) for row in rows]
-    assert all(math.isfinite(p) and p > 1 for p in perplexities), perplexities
-    scores = json.loads((out / "summary.json").read_text())["scores"]
-    cached, live = scores["full KD (cache)"], scores["full KD (live teacher)"]
-    assert cached["perplexity"] == pytest.approx(live["perplexity"], rel=1e-3)
-    assert cached["accuracy"] == pytest.approx(live["accuracy"], abs=1e-3)
-    # not trivially equal: distillation moved the student well beyond that tolerance
-    assert cached["perplexity"] != pytest.approx(scores["untrained student"]["perplexity"], rel=2e-2)
+    assert sorted(p.name for p in (out / "cache").iterdir()) == [  # only those used; draws: one cache per seed
+        "full", "sample12_s0", "sample12_s1", "topk12", "topk12_tail8_s0", "topk12_tail8_s1"]
+    assert (out / "quality_vs_bytes.png").stat().st_size > 1000
+    info = json.loads((out / "summary.json").read_text())
+    scores = info["scores"]
+    assert scores["teacher"]["kl_to_teacher"] == pytest.approx(0, abs=1e-5)  # the teacher against itself
+    assert scores["teacher"]["top1_agreement"] == 1.0
+    for record in info["summary"]:  # mean ± t-interval of the two seeds' scores, recomputed here
+        seeds = [scores[r["name"]]["nll"] for r in info["runs"] if r["label"] == record["label"]]
+        assert len(seeds) == 2 and all(math.isfinite(v) for v in seeds)
+        mean, half = sum(seeds) / 2, 12.706 * abs(seeds[0] - seeds[1]) / 2  # s = |a − b|/√2, /√2 again, t(1 df)
+        assert record["nats"] == pytest.approx([mean, half], rel=1e-9, abs=1e-12)
+    full = {r["seed"]: scores[r["name"]]["nll"] for r in info["runs"] if r["label"] == "full KD"}
+    tail = {r["seed"]: scores[r["name"]]["nll"] for r in info["runs"] if r["label"] == "top-12 + 8 tail draws"}
+    paired = next(r for r in info["summary"] if r["label"] == "top-12 + 8 tail draws")["vs full KD"]
+    assert paired[0] == pytest.approx((tail[0] - full[0] + tail[1] - full[1]) / 2, rel=1e-9)
+    hard = [scores[r["name"]]["nll"] for r in info["runs"] if r["label"] == "hard labels (CE)"]
+    assert all(nll < scores["untrained student"]["nll"] - 0.05 for nll in hard)  # the students were trained
+    assert "paired difference to full KD" in results
 
 
-def test_quality_refuses_a_missing_data_dir_an_unknown_run_and_two_scales(wiki_dir, tmp_path):
+def test_quality_refuses_a_missing_data_dir_an_unknown_run_one_seed_and_two_scales(wiki_dir, tmp_path):
     missing = run_cli("bench.quality", "--out", tmp_path / "out", "--data-dir", tmp_path / "nowhere")
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'} has no wiki.valid.raw or "
                                                    "wiki.test.raw; pass --data-dir with the WikiText-2 raw files"]
     unknown = run_cli("bench.quality", "--out", tmp_path / "out", "--data-dir", wiki_dir,
-                      "--scale-json", json.dumps({"runs": ["full KD (cache)", "top-13"]}))
+                      "--scale-json", json.dumps({"runs": ["full KD", "top-13"]}))
     assert unknown.returncode == 2
     assert unknown.stderr.strip().splitlines() == ["error: no student run is labelled 'top-13'"]
+    one = run_cli("bench.quality", "--out", tmp_path / "out", "--data-dir", wiki_dir,
+                  "--scale-json", json.dumps({"seeds": 1}))
+    assert one.returncode == 2 and one.stderr.strip().splitlines() == ["error: an interval needs at least 2 seeds, "
+                                                                       "got seeds=1"]
     assert not (tmp_path / "out").exists()  # refused before anything was written
-    both = run_cli("bench.quality", "--quick", "--large", "--out", tmp_path / "out")
+    both = run_cli("bench.quality", "--quick", "--scale-json", "{}", "--out", tmp_path / "out")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cache.encoding import DecodeError, decode, decode_sample, encode, stored_datasets
+from cache.encoding import DecodeError, decode, decode_draws, encode, stored_datasets
 from cache.format import SQRT_GRID, STORED_SCHEMES
 from cache.manifest import SampleEntry
 from cache.reader import CacheDataError, CacheReader, block_problem, verify_cache
@@ -220,7 +220,7 @@ def test_encode_refuses_what_it_cannot_store():
 def test_decode_refuses_packed_counts_no_encoder_writes():
     counts = np.array([2, 2, 1, 3, 0, 0, 0, 0], np.uint8)  # 2 positions × 4 draws: 2+2 | 1+3
     gaps = np.array([5, 1, 9, 2, 0, 0, 0, 0], np.uint32)
-    ids, got = decode_sample(gaps, counts, 2)
+    ids, got = decode_draws(gaps, counts, 2)
     np.testing.assert_array_equal(ids, [[5, 6, -1, -1], [11, 9, -1, -1]])
     np.testing.assert_array_equal(got, [[2, 2, 0, 0], [3, 1, 0, 0]])
     for bad in ([2, 3, 1, 2, 0, 0, 0, 0],  # a position straddles the boundary
@@ -228,7 +228,7 @@ def test_decode_refuses_packed_counts_no_encoder_writes():
                 [2, 2, 1, 0, 0, 0, 0, 0],  # too few draws
                 [0] * 8):
         with pytest.raises(DecodeError):
-            decode_sample(gaps, np.array(bad, np.uint8), 2)
+            decode_draws(gaps, np.array(bad, np.uint8), 2)
 
 
 def test_block_problem_names_what_is_wrong():
@@ -255,12 +255,14 @@ L = 16
 FULL_VOCAB = 500  # a full cache stores every log-prob: keep its vocabulary small
 
 
-def cache_arrays(mode: str, n: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+def cache_arrays(mode: str, n: int = 5, seed: int = 0, tail_draws: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     vocab = FULL_VOCAB if mode == "full" else QWEN2_VOCAB
     arrays = {"input_ids": rng.integers(0, vocab, (n, L), dtype=np.int32)}
     if mode == "topk":
         arrays["topk_ids"], arrays["topk_logprobs"] = topk_case(rng, n, L, 64, vocab, "adversarial")
+        if tail_draws:
+            arrays["tail_ids"], arrays["tail_counts"] = sample_case(rng, n, L, tail_draws, vocab)
     elif mode == "sample":
         arrays["sample_ids"], arrays["sample_counts"] = sample_case(rng, n, L, 50, vocab)
     else:
@@ -269,13 +271,16 @@ def cache_arrays(mode: str, n: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write_cache_of_mode(cache_dir: Path, mode: str, arrays: dict[str, np.ndarray], quantize: bool = False) -> None:
+def write_cache_of_mode(cache_dir: Path, mode: str, arrays: dict[str, np.ndarray], quantize: bool = False,
+                        tail_draws: int = 0) -> None:
     """A format-2 cache of `arrays` through the project's writer (2 blocks per shard)."""
     vocab = FULL_VOCAB if mode == "full" else QWEN2_VOCAB
-    layout = CacheLayout(mode, len(arrays["input_ids"]), L, stored_datasets(mode, L, vocab, 64, 50, quantize), 2)
+    datasets = stored_datasets(mode, L, vocab, 64, 50, quantize, tail_draws)
+    layout = CacheLayout(mode, len(arrays["input_ids"]), L, datasets, 2)
     manifest = dataclasses.replace(manifest_for(layout), mode=mode, seq_len=L, vocab_size=vocab,
                                    k=64 if mode == "topk" else None,
-                                   sample=SampleEntry(50, 1.0, 50, 0) if mode == "sample" else None)
+                                   sample=SampleEntry(50, 1.0, 50, 0) if mode == "sample" else None,
+                                   tail=SampleEntry(tail_draws, 1.0, tail_draws, 0) if tail_draws else None)
 
     def run():
         writer = CacheWriter(str(cache_dir), layout, queue_size=2)
@@ -294,18 +299,21 @@ def readme_decoder():
     return namespace["read_block"]
 
 
-CACHES = {"topk": ("topk", False), "topk quantized": ("topk", True), "sample": ("sample", False),
-          "full": ("full", False)}
+CACHES = {"topk": ("topk", False, 0), "topk quantized": ("topk", True, 0), "sample": ("sample", False, 0),
+          "full": ("full", False, 0), "topk + tail": ("topk", False, 32), "topk quantized + tail": ("topk", True, 300)}
 
 
 @pytest.mark.parametrize("case", list(CACHES))
 def test_cache_round_trip_and_the_readme_decoder(tmp_path, case):
-    mode, quantize = CACHES[case]
-    arrays = cache_arrays(mode)
+    mode, quantize, tail_draws = CACHES[case]
+    arrays = cache_arrays(mode, tail_draws=tail_draws)
     cache_dir = tmp_path / "cache"
-    write_cache_of_mode(cache_dir, mode, arrays, quantize)
+    write_cache_of_mode(cache_dir, mode, arrays, quantize, tail_draws)
     manifest = json.loads((cache_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and list(manifest["datasets"]) == list(STORED_SCHEMES[mode][int(quantize)])
+    scheme = STORED_SCHEMES[mode][int(quantize) + 2 * bool(tail_draws)]
+    assert manifest["format_version"] == 2 and list(manifest["datasets"]) == list(scheme)
+    if tail_draws:  # counts in the smallest type that holds the draws
+        assert manifest["datasets"]["tail_counts_by_id"]["dtype"] == ("uint8" if tail_draws < 256 else "uint16")
     reader, read_block = CacheReader(str(cache_dir)), readme_decoder()
     try:
         for b in range(len(arrays["input_ids"])):
@@ -622,34 +630,6 @@ def test_bench_cache_size_smoke(tiny, tmp_path, monkeypatch):
     smoke = scale_from_json(Scale, json.dumps(scale))
     teacher, info = build_teacher(str(out), str(tiny / "teacher"), str(data), smoke)
     assert Path(teacher).parent == out and info == summary["teacher"]  # reused: its key is the same, not trained again
-
-
-def test_bench_quality_quantized_run_beside_the_lossless_one_and_the_noise(tmp_path, monkeypatch):
-    """bench.quality's quantized top-64 student, its lossless twin and the twin with another seed, far below --quick;
-    the results say how far apart the first two are against the noise of the last two."""
-    from bench.quality import NOISE_RUN, QUANTIZED_RUN
-    from tests.conftest import run_cli
-    from tests.test_bench import SMOKE_SCALE, table_rows
-    from tiny_world.corpus import build_corpus
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    corpus, data = build_corpus(), tmp_path / "wiki"
-    data.mkdir()
-    for name, split, lines in (("wiki.valid.raw", "valid", 400), ("wiki.test.raw", "test", 100)):
-        (data / name).write_text("".join(corpus[split].splitlines(keepends=True)[:lines]), encoding="utf-8")
-    runs = ["top-64, tail bucket", NOISE_RUN, QUANTIZED_RUN]
-    out = tmp_path / "out"
-    result = run_cli("bench.quality", "--out", out, "--data-dir", data,
-                     "--scale-json", json.dumps({**SMOKE_SCALE, "runs": runs}))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(p.name for p in (out / "cache").iterdir()) == ["topk64", "topk64q"]
-    results = (out / "results.md").read_text(encoding="utf-8")
-    rows = {row[0]: row for row in table_rows(results)}
-    assert rows[QUANTIZED_RUN][1] == "topk, k=64, quantized" and rows[runs[0]][1] == "topk, k=64"
-    scores = json.loads((out / "summary.json").read_text())["scores"]
-    gap = abs(scores[QUANTIZED_RUN]["perplexity"] - scores[runs[0]]["perplexity"])
-    noise = abs(scores[NOISE_RUN]["perplexity"] - scores[runs[0]]["perplexity"])
-    assert f"a difference of {gap:.2f}" in results and f"the noise: {noise:.2f} between two lossless runs" in results
 
 
 def test_a_format_2_sample_manifest_needs_as_many_slots_as_draws(tmp_path):

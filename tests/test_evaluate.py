@@ -52,13 +52,27 @@ def test_scorer_against_a_hand_computed_case():
     logprobs = probs.log().float()
     scorer.add(logprobs[:2], labels[:2])  # statistics accumulate over calls
     scorer.add(logprobs[2:], labels[2:])
-    score = scorer.result("hand", windows=1)
+    score = scorer.result("hand", windows=1, text_bytes=12, with_teacher=False)
     nll = -(math.log(0.90) + math.log(0.20) + math.log(0.64) + math.log(0.68) + math.log(0.10)) / 5
     assert score.ece == pytest.approx(0.216, abs=1e-6)
     assert score.accuracy == pytest.approx(3 / 5)
     assert score.nll == pytest.approx(nll, rel=1e-6)
     assert score.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
     assert (score.tokens, score.windows) == (5, 1)
+    assert score.bits_per_byte == pytest.approx(5 * nll / math.log(2) / 12, rel=1e-6)  # 5 tokens over 12 bytes
+    assert score.kl_to_teacher is None and score.top1_agreement is None
+
+
+def test_scorer_fidelity_to_a_teacher_against_a_hand_computed_case():
+    """Two tokens; the teacher's argmax agrees on the first only. KL(p ‖ q) = Σ p log(p / q), by hand."""
+    student = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]], dtype=torch.float64)
+    teacher = torch.tensor([[0.6, 0.2, 0.2], [0.7, 0.2, 0.1]], dtype=torch.float64)
+    scorer = Scorer()
+    scorer.add(student.log().float(), torch.tensor([0, 1]), teacher.log().float())
+    score = scorer.result("hand", windows=1, text_bytes=4, with_teacher=True)
+    kl = sum(p * math.log(p / q) for pt, qt in zip(teacher.tolist(), student.tolist()) for p, q in zip(pt, qt)) / 2
+    assert score.kl_to_teacher == pytest.approx(kl, rel=1e-5)
+    assert score.top1_agreement == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("overrides, scored_dtype", [

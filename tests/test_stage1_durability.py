@@ -68,25 +68,31 @@ def staging_of(cache: Path) -> Path:
     return cache.parent / f"{cache.name}.partial"
 
 
+# the caches compared: by name, their settings (tail: top-k with tail draws, keyed by block as sample mode's)
+MODES = {"topk": {"cache.mode": "topk"}, "sample": {"cache.mode": "sample"},
+         "tail": {"cache.mode": "topk", "cache.tail_draws": 16}}
+
+
 @pytest.fixture(scope="module")
 def clean(tiny, tmp_path_factory) -> dict[str, Path]:
     """Uninterrupted dumps to compare with."""
     root = tmp_path_factory.mktemp("clean")
     out = {}
-    for mode in ("topk", "sample"):
+    for mode, settings in MODES.items():
         out[mode] = root / mode
-        dump_main(args_for(tiny, out[mode], **{"cache.mode": mode}))
+        dump_main(args_for(tiny, out[mode], **settings))
     return out
 
 
 @pytest.mark.parametrize("mode, point, complete", [
     ("topk", "shard-0", 1),  # killed after the first shard was complete
     ("sample", "shard-1", 2),  # draws keyed by block: the resumed shards draw as the first run would have
+    ("tail", "shard-1", 2),  # and so do the tail draws
     ("topk", "publish", SHARDS),  # killed with the manifest written, before the swap
 ])
 def test_killed_dump_resumes_to_the_same_cache(tiny, clean, tmp_path, capsys, mode, point, complete):
     cache = tmp_path / "cache"
-    args = args_for(tiny, cache, **{"cache.mode": mode})
+    args = args_for(tiny, cache, **MODES[mode])
     killed = dump_cli(*args, hook=f"exit@{point}")
     assert killed.returncode == 137, killed.stderr[-2000:]
     staging = staging_of(cache)

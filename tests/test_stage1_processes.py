@@ -72,20 +72,25 @@ def contents(cache: Path) -> dict[str, list]:
         reader.close()
 
 
+# the caches compared: by name, their settings (tail: top-k with tail draws, keyed by block as sample mode's)
+MODES = {"topk": {"cache.mode": "topk"}, "sample": {"cache.mode": "sample"},
+         "tail": {"cache.mode": "topk", "cache.tail_draws": 16}}
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("one")
     out = {}
-    for mode in ("topk", "sample"):
+    for mode, settings in MODES.items():
         out[mode] = root / mode
-        single_threaded(lambda: dump_main(args_for(tiny, out[mode], **{"cache.mode": mode, "cache.seed": 3})))
+        single_threaded(lambda: dump_main(args_for(tiny, out[mode], **settings, **{"cache.seed": 3})))
     return out
 
 
-@pytest.mark.parametrize("launcher, mode", [("torchrun", "topk"), ("accelerate", "sample")])
+@pytest.mark.parametrize("launcher, mode", [("torchrun", "topk"), ("accelerate", "sample"), ("torchrun", "tail")])
 def test_two_processes_write_the_cache_one_process_writes(tiny, one_process, tmp_path, launcher, mode):
     cache = tmp_path / "cache"
-    result = launch(launcher, *args_for(tiny, cache, **{"cache.mode": mode, "cache.seed": 3}))
+    result = launch(launcher, *args_for(tiny, cache, **MODES[mode], **{"cache.seed": 3}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[stage1] 12 blocks, 1536 tokens, 3 shards" in result.stdout and "on 2 processes" in result.stdout
     summary = parse_stage1(result.stdout)  # the line bench/gpu_check.py reads
