@@ -424,6 +424,24 @@ def verdicts(summary: list[dict]) -> tuple[list[str], str | None]:
     return lines, choice
 
 
+def which_cache(summary: list[dict]) -> str:
+    """The "Which cache?" table: the settings no cheaper setting beats (lower mean test nats/token), cheapest
+    first, each with its bytes per token and its paired difference to full KD."""
+    cached = sorted((r for r in summary if r["bytes_per_token"] is not None and f"vs {FULL}" in r),
+                    key=lambda r: r["bytes_per_token"])
+    lines = ["| budget (cache B / token) | setting | Δ test nats / token vs full KD (paired, 95 %) |",
+             "|---|---|---:|"]
+    best = float("inf")
+    for r in cached:
+        if r["nats"][0] < best:
+            best = r["nats"][0]
+            lines.append(f"| ≥ {r['bytes_per_token']:,.0f} | {r['label']} | {fmt(r[f'vs {FULL}'])} |")
+    full = next((r for r in summary if r["label"] == FULL), None)
+    if full is not None:
+        lines.append(f"| ≥ {full['bytes_per_token']:,.0f} | {FULL} | 0 |")
+    return "\n".join(lines)
+
+
 def table(summary: list[dict], scores: dict[str, dict]) -> str:
     head = ("| run | cache B / token | teacher ids / position | test nats / token | bits / byte | "
             "KL(teacher ‖ student) | top-1 agreement | ECE | s / step | Δ nats vs full KD | Δ nats vs hard labels |\n"
@@ -489,6 +507,8 @@ def write_results(path: str, command: str, info: dict[str, Any]) -> None:
              + (f"The cheapest setting (cache bytes/token) whose mean lies within full KD's interval and below hard "
                 f"labels' interval: **{choice}**.\n\n" if choice else
                 "No setting's mean lies both within full KD's interval and below hard labels' interval.\n\n")
+             + "**Which cache?** Each setting that no cheaper one beats, with its gap to full KD:\n\n"
+             + which_cache(info["summary"]) + "\n\n"
              + f"Scale: tokenizer {info['models']['tokenizer_size']} BPE tokens; training text "
              f"{info['models']['train_tokens']:,} tokens ({info['models']['train_blocks']} blocks of {sc['seq_len']}), "
              f"of which {distilled} are dumped and distilled on; teacher {t['params'] / 1e6:.2f} M params "
@@ -517,7 +537,11 @@ def main(argv: Sequence[str]) -> int:
                         "and wiki.test.raw (default: ../shared/data/wikitext-2-raw-v1 next to the repository)")
     parser.add_argument("--results", default=None, help="markdown file for the table (default: docs/results.md, "
                         "or <out>/results.md with --quick); the picture is written beside it")
+    parser.add_argument("--render", metavar="SUMMARY", help="only write the table and the picture again from an "
+                        "earlier run's summary.json (after a change to how they are written)")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render, args.results or "docs/results.md")
     scale = Scale.quick() if args.quick else scale_from_json(Scale, args.scale_json) if args.scale_json else Scale()
     if args.jobs < 1:
         raise UserError(f"--jobs must be positive, got {args.jobs}")
@@ -562,13 +586,34 @@ def main(argv: Sequence[str]) -> int:
     # the study's own record is docs/results.md; a smaller scale must not overwrite it by default
     full_study = not (args.quick or args.scale_json)
     results = args.results or ("docs/results.md" if full_study else os.path.join(out, "results.md"))
-    write_results(results, command, info)
-    picture(summary, os.path.join(os.path.dirname(os.path.abspath(results)), PICTURE),
-            f"{models['teacher']['params'] / 1e6:.1f} M teacher → {models['student']['params'] / 1e6:.1f} M student, "
-            f"WikiText-2, {scale.seeds} seeds, 95 % t-intervals")
-    print(info["table"])
-    print("\n".join(lines))
+    publish(results, info)
     log(f"done in {info['wall_seconds'] / 60:.1f} min; wrote {results}, its picture and {out}/summary.json")
+    return 0
+
+
+def publish(results: str, info: dict[str, Any]) -> None:
+    """The results block and the picture beside it, from the run's record."""
+    write_results(results, info["command"], info)
+    models = info["models"]
+    picture(info["summary"], os.path.join(os.path.dirname(os.path.abspath(results)), PICTURE),
+            f"{models['teacher']['params'] / 1e6:.1f} M teacher → {models['student']['params'] / 1e6:.1f} M student, "
+            f"WikiText-2, {info['scale']['seeds']} seeds, 95 % t-intervals")
+    print(info["table"])
+    print("\n".join(info["verdicts"]))
+
+
+def render(summary_path: str, results: str) -> int:
+    """`--render`: the table, verdicts and picture again from a summary.json, without training anything."""
+    try:
+        with open(summary_path) as fh:
+            info = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--render: cannot read {summary_path}: {err}") from None
+    rows = [next(r for r in ROWS if r.label == s["label"]) for s in info["summary"]]
+    info["summary"] = summarize(rows, info["runs"], info["caches"], info["scores"])
+    info["verdicts"], info["choice"] = verdicts(info["summary"])
+    info["table"] = table(info["summary"], info["scores"])
+    publish(results, info)
     return 0
 
 

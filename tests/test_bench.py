@@ -66,7 +66,11 @@ def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
     assert paired[0] == pytest.approx((tail[0] - full[0] + tail[1] - full[1]) / 2, rel=1e-9)
     hard = [scores[r["name"]]["nll"] for r in info["runs"] if r["label"] == "hard labels (CE)"]
     assert all(nll < scores["untrained student"]["nll"] - 0.05 for nll in hard)  # the students were trained
-    assert "paired difference to full KD" in results
+    assert "paired difference to full KD" in results and "**Which cache?**" in results
+    again = run_cli("bench.quality", "--render", out / "summary.json", "--results", tmp_path / "again.md")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "again.md").read_text(encoding="utf-8") == results  # the same block from the record alone
+    assert (tmp_path / "quality_vs_bytes.png").is_file()
 
 
 def test_quality_refuses_a_missing_data_dir_an_unknown_run_one_seed_and_two_scales(wiki_dir, tmp_path):

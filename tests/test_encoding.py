@@ -247,6 +247,12 @@ def test_block_problem_names_what_is_wrong():
     assert "not -1" in block_problem(dict(sample, sample_ids=np.array([[3, 4, 5]], np.int32)), 10, 3)
     assert "outside" in block_problem(dict(sample, sample_ids=np.array([[3, -1, -1]], np.int32)), 10, 3)
     assert "add up to 4" in block_problem(dict(sample, sample_counts=np.array([[2, 2, 0]], np.uint8)), 10, 3)
+    tail = {**ok, "tail_ids": np.array([[3, 4, -1]], np.int32), "tail_counts": np.array([[2, 1, 0]], np.uint8)}
+    assert block_problem(tail, 10, None, 3) is None
+    assert block_problem(dict(tail, tail_ids=np.array([[3, 12, -1]], np.int32)), 10, None, 3) == \
+        "tail_ids outside [0, 10) (max 12)"
+    assert block_problem(dict(tail, tail_counts=np.array([[2, 2, 0]], np.uint8)), 10, None, 3) == \
+        "tail_counts add up to 4, not the 3 draws"
 
 
 # --- caches through the writer and the reader ----------------------------------------------------------------
