@@ -233,6 +233,28 @@ def test_files_we_did_not_write_are_never_deleted(tiny, cache_dir, dropout_stude
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 
+def test_overwrite_refuses_files_we_did_not_write_at_any_depth(tiny, cache_dir, dropout_student, reference,
+                                                              tmp_path):
+    """Inside a complete checkpoint (what its trainer state does not list), one being written (what neither
+    accelerate nor we write) and the final model's staging directory: named, and nothing is deleted."""
+    out = copy_of(reference, tmp_path)
+    (out / "checkpoints" / "step-6" / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "step-4" / "mine").mkdir()
+    partial = out / "checkpoints" / "step-8.tmp"
+    partial.mkdir()
+    (partial / "optimizer.bin").write_bytes(b"")  # ours, by accelerate's name
+    (partial / "keep.me").write_text("mine")
+    (out / "model.tmp").mkdir()
+    (out / "model.tmp" / "config.json").write_text("{}")
+    (out / "model.tmp" / "draft.md").write_text("mine")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(UserError, match=r"holds files this tool did not write \(checkpoints/step-4/mine, "
+                                        r"checkpoints/step-6/notes\.txt, checkpoints/step-8\.tmp/keep\.me, "
+                                        r"model\.tmp/draft\.md\); nothing was deleted"):
+        train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.overwrite": True}))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
 def test_a_finished_run_is_replaced_only_with_overwrite(tiny, cache_dir, dropout_student, reference, tmp_path):
     out = copy_of(reference, tmp_path)
     with pytest.raises(UserError, match=r"holds a finished run \(6 steps\); pass train.overwrite=true"):
