@@ -26,6 +26,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from cache.lock import close_lock_descriptor, lock_descriptor
 from common.cli import UserError
 from common.fsutil import publish_directory, write_json_atomic
 
@@ -183,7 +184,8 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[st
 
 
 class DirectoryLock:
-    """An exclusive flock on the output directory itself (no lock file is added to it): one run per directory."""
+    """An exclusive flock on the output directory itself (no lock file is added to it): one run per directory.
+    Held by this process alone: a forked child (a DataLoader worker) closes its copy (cache.lock)."""
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -195,10 +197,11 @@ class DirectoryLock:
                 raise UserError(f"train.output_dir {path} is in use by another stage-two run; wait for it to "
                                 f"finish or choose another directory") from None
             raise UserError(f"cannot lock train.output_dir {path}: {err.strerror}") from None
+        lock_descriptor(self.fd)
 
     def release(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # closing the descriptor releases the flock
+            close_lock_descriptor(self.fd)
             self.fd = -1
 
 
