@@ -278,9 +278,33 @@ def last_checkpoint_note(out: str) -> str:
     return f"the last complete checkpoint {os.path.join(out, CHECKPOINTS, os.path.basename(found[-1][1]))} is intact"
 
 
+PROBE_BYTES = 1 << 20
+
+
+def os_reason(directory: str) -> str | None:
+    """Why writing in `directory` fails, as the OS says it (`No space left on device`, `File too large`), found
+    by writing and syncing a probe file of PROBE_BYTES there; None if that succeeds."""
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(bytes(PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    finally:
+        if os.path.lexists(probe):
+            os.remove(probe)
+    return None
+
+
 def write_failure(what: str, path: str, err: BaseException, out: str) -> UserError:
-    """One line for a write that failed (disk full, file size limit, permissions), naming what is still intact."""
+    """One line for a write that failed (disk full, file size limit, permissions), naming what is still intact.
+    torch's own file writer does not say why (`[enforce fail at inline_container.cc:…] unexpected pos …`): then
+    the OS is asked, by a probe written into `path` (a directory, to be removed with what failed)."""
     detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not isinstance(err, OSError) and os.path.isdir(path):
+        detail = os_reason(path) or detail
     return UserError(f"cannot write {what} {path}: {detail}; {last_checkpoint_note(out)} (free space and rerun "
                      f"the same command to resume)")
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -202,6 +203,19 @@ def test_disk_full_at_the_final_save(tiny, cache_dir, dropout_student, reference
     assert_same_run(out, reference)
 
 
+def test_disk_full_in_torch_save_at_a_checkpoint_says_why(tiny, cache_dir, dropout_student, tmp_path):
+    """torch.save (the optimizer's state) reports a failed write only as `[enforce fail at inline_container.cc]
+    unexpected pos`: the line gives the OS's reason instead (here EFBIG; on a full disk ENOSPC)."""
+    out = tmp_path / "out"
+    model_bytes = (tiny / "student" / "model.safetensors").stat().st_size
+    result = hooked(f"file-size-limit-at-checkpoint={model_bytes + 65536}", "--",
+                    *train_args(tiny, cache_dir, dropout_student, out))  # the weights fit, the optimizer not
+    line = assert_one_error_line(result, f"cannot write checkpoint {out}/checkpoints/step-2.tmp: File too large; "
+                                         "no checkpoint was completed yet")
+    assert "enforce fail" not in line and "unexpected pos" not in line
+    assert not (out / "checkpoints" / "step-2.tmp").exists()
+
+
 # -- the output directory ------------------------------------------------------------------------------------
 
 def test_overwrite_killed_over_a_finished_run_leaves_no_mix(tiny, cache_dir, dropout_student, reference, tmp_path):
@@ -286,6 +300,32 @@ def test_one_run_at_a_time_per_output_directory(tiny, cache_dir, tmp_path):
         result = finish(process, tmp_path / "gate")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
+
+
+def test_sigterm_is_one_line_and_the_rerun_finishes(tiny, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    process = paused_run(tiny, cache_dir, out, tmp_path / "gate", step=1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "terminated (SIGTERM)" and error_lines(stderr) == []
+    result = run_cli("stage2_student.train", *train_args(tiny, cache_dir, tiny / "student", out))
+    assert result.returncode == 0, result.stderr[-3000:]  # unlocked; stopped before a checkpoint: starts again
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
+
+
+def test_ctrl_c_while_stage_two_loads_is_one_line(tiny, cache_dir, tmp_path):
+    """In its first second stage two is importing torch and transformers: a Ctrl-C there is `interrupted`,
+    status 130, not a traceback from the middle of an import."""
+    process = subprocess.Popen([sys.executable, "-m", "stage2_student.train",
+                                *train_args(tiny, cache_dir, tiny / "student", tmp_path / "out")], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "interrupted"
 
 
 def test_evaluate_refuses_checkpoints_without_a_model(tiny, cache_dir, killed_run, tmp_path):
@@ -453,6 +493,18 @@ def test_a_manifest_changed_between_epochs_stops_the_run(tiny, cache_dir, tmp_pa
         result = finish(process, tmp_path / "gate")
     assert_one_error_line(result, f"cache {copy} changed during the run", "checkpoints/step-2 is intact")
     assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+def test_a_staging_directory_is_refused_as_a_cache(tiny, cache_dir, tmp_path):
+    """`<cache.dir>.partial` holding a complete cache that stage one has not published (its swap was refused,
+    or it has not happened yet) is not read."""
+    staging = tmp_path / "cache.partial"
+    shutil.copytree(cache_dir, staging)
+    with pytest.raises(UserError, match=f"^{staging}/ is stage one's staging directory, not a published cache; "
+                                        f"rerun stage one's command to finish and publish it as {tmp_path}/cache, "
+                                        "and read that$"):
+        train_main(train_args(tiny, staging, tiny / "student", tmp_path / "out") + ["--cache", f"{staging}/"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_cache_being_written_by_stage_one_is_refused(tiny, cache_dir, tmp_path):
