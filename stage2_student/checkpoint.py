@@ -290,6 +290,8 @@ def os_reason(directory: str) -> str | None:
             fh.write(bytes(PROBE_BYTES))
             fh.flush()
             os.fsync(fh.fileno())
+    except FileNotFoundError:
+        return None  # `directory` went meanwhile (another process removed what failed)
     except OSError as err:
         return err.strerror or type(err).__name__
     finally:
