@@ -4,6 +4,7 @@ not write is deleted; bad settings, a damaged or changing cache, a NaN loss and 
 line, a non-zero status and the last good checkpoint intact."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -326,6 +327,31 @@ def test_ctrl_c_while_stage_two_loads_is_one_line(tiny, cache_dir, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.splitlines()[-1] == "interrupted"
+
+
+def test_kill_9_with_dataloader_workers_frees_the_directory_at_once(tiny, cache_dir, tmp_path):
+    """The main process killed mid-run with train.num_workers=2: its workers live on for a few seconds (until
+    they notice), but hold neither the output directory's lock nor the cache's, so a restart is not refused."""
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    args = train_args(tiny, cache_dir, tiny / "student", out, **{"train.num_workers": 2})
+    process = subprocess.Popen([sys.executable, "-m", "tests.stage2_hooks", f"pause-after-step=1:{gate}", "--",
+                                *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})  # no pipe for the orphans to hold
+    wait_for(Path(f"{gate}.ready"), process)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    process.kill()
+    process.wait()
+    try:
+        assert len(workers) == 2 and not any("State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+                                             for pid in workers)  # still alive, orphaned
+        from stage2_student.checkpoint import DirectoryLock
+
+        DirectoryLock(str(out)).release()
+        CacheLock(str(cache_dir), exclusive=True).acquire().release()
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def test_evaluate_refuses_checkpoints_without_a_model(tiny, cache_dir, killed_run, tmp_path):
