@@ -8,6 +8,11 @@ stage one publishes it, so it is listed nowhere but is always allowed (`LOCK_FIL
 
 Locks are advisory and local to one machine's kernel (or an NFS server that supports flock); they guard
 against our own processes, not against `rm -rf`.
+
+A flock belongs to the open file, which a forked child (a DataLoader worker) shares through its copy of the
+descriptor: an orphan of a killed run would hold the lock until it noticed and exited, and a rerun would be
+refused meanwhile. A forked child never uses a lock, so it closes its copies at once (`lock_descriptor`);
+the lock then lives exactly as long as the process that took it.
 """
 from __future__ import annotations
 
@@ -18,6 +23,35 @@ import os
 from common.cli import UserError
 
 LOCK_FILE = "kd-cache.lock"
+
+_held: set[int] = set()  # the lock descriptors this process holds
+
+
+def lock_descriptor(fd: int) -> int:
+    """Register `fd`, on which this process holds a flock, to be closed in any child forked from now on."""
+    _held.add(fd)
+    return fd
+
+
+def close_lock_descriptor(fd: int) -> None:
+    """Close a descriptor registered with `lock_descriptor` (closing it releases the flock); in a forked child,
+    which closed its copy at the fork, nothing."""
+    if fd in _held:
+        _held.discard(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _close_in_forked_child() -> None:
+    for fd in _held:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
 class CacheLock:
@@ -50,7 +84,7 @@ class CacheLock:
             except FileNotFoundError:
                 same = False
             if same:
-                self._fd = fd
+                self._fd = lock_descriptor(fd)
                 return self
             os.close(fd)  # the directory was replaced while we waited: lock the new one
 
@@ -65,10 +99,17 @@ class CacheLock:
                     return None  # a read-only cache of an earlier release, without a lock file
             raise UserError(f"cannot create the lock file {self.path}: {err.strerror}") from None
 
+    def check_can_lock(self) -> None:
+        """Refuse now, in the line `acquire` would give, a lock file that cannot be created or opened (a
+        writer finds out before its expensive work, not at the end); whether the lock is free is `acquire`'s
+        question, asked when the lock is needed."""
+        fd = self._open()
+        if fd is not None:
+            os.close(fd)
+
     def release(self) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            close_lock_descriptor(self._fd)
             self._fd = None
 
     @property

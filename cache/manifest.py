@@ -18,6 +18,7 @@ from cache.format import (
     FORMAT_NAME,
     MANIFEST,
     MODE_DATASETS,
+    STAGING_SUFFIX,
     STORED,
     STORED_SCHEMES,
     STORED_TAIL,
@@ -233,6 +234,16 @@ class Manifest:
 
 def manifest_path(cache_dir: str) -> str:
     return os.path.join(cache_dir, MANIFEST)
+
+
+def check_published(cache_dir: str) -> None:
+    """Refuse stage one's staging directory as a cache to train from: even with its manifest written it is not
+    published (the swap was refused or has not happened yet), and a rerun of stage one resumes, restarts or
+    replaces it."""
+    path = os.path.normpath(cache_dir)
+    if path.endswith(STAGING_SUFFIX):
+        raise UserError(f"{cache_dir} is stage one's staging directory, not a published cache; rerun stage one's "
+                        f"command to finish and publish it as {path.removesuffix(STAGING_SUFFIX)}, and read that")
 
 
 def load_manifest(cache_dir: str) -> Manifest:

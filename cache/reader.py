@@ -200,6 +200,8 @@ def verify_cache(cache_dir: str, every_block: bool = False) -> list[str]:
         path = os.path.join(cache_dir, shard.file)
         if not os.path.isfile(path):
             problems.append(f"{shard.file}: missing")
+        elif (size := os.path.getsize(path)) < shard.bytes:
+            problems.append(f"{shard.file}: truncated ({size} of the {shard.bytes} bytes the manifest records)")
         elif file_sha256(path) != shard.sha256:
             problems.append(f"{shard.file}: sha256 mismatch")
         else:

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from cache.encoding import encode, h5_create_kwargs
-from cache.format import MANIFEST, STORED_TAIL, CacheMode, decoded_datasets, file_sha256, shard_name
+from cache.format import MANIFEST, STAGING_SUFFIX, STORED_TAIL, CacheMode, decoded_datasets, file_sha256, shard_name
 from cache.lock import LOCK_FILE, CacheLock
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
@@ -100,7 +100,8 @@ def write_failed(what: str, err: BaseException) -> UserError:
 
 def check_destination(final_dir: str, overwrite: bool) -> None:
     """Refuse, before any expensive work, a destination that finishing would wrongly replace: anything but an
-    absent or empty directory, or with overwrite a cache of ours holding nothing but its listed files."""
+    absent or empty directory, or with overwrite a cache of ours holding nothing but its listed files; and one
+    whose lock, which the swap takes, cannot be made (whether a reader holds it is asked at the swap)."""
     if not final_dir.strip():
         raise UserError("cache.dir is empty")
     if not os.path.lexists(final_dir):
@@ -108,8 +109,12 @@ def check_destination(final_dir: str, overwrite: bool) -> None:
     if not os.path.isdir(final_dir) or os.path.islink(final_dir):  # a link would be replaced, not what it points to
         raise UserError(f"cache.dir exists and is not a directory (a file or a symbolic link): {final_dir}")
     entries = set(os.listdir(final_dir)) - {LOCK_FILE}
-    if not entries:
-        return
+    if entries:
+        _check_replaceable(final_dir, entries, overwrite)
+    CacheLock(final_dir, exclusive=True).check_can_lock()
+
+
+def _check_replaceable(final_dir: str, entries: set[str], overwrite: bool) -> None:
     if MANIFEST not in entries:
         raise UserError(f"cache.dir {final_dir} exists, is not empty and is not a cache (no {MANIFEST}); "
                         "refusing to touch it")
@@ -148,7 +153,7 @@ class StagingDir:
 
     def __init__(self, final_dir: str) -> None:
         self.final_dir = final_dir
-        self.path = f"{os.path.normpath(final_dir)}.partial"
+        self.path = f"{os.path.normpath(final_dir)}{STAGING_SUFFIX}"
         self.contents: Optional[dict[str, Any]] = None
         self._lock = CacheLock(self.path, exclusive=True)
 

@@ -6,11 +6,18 @@ into one line on stderr and exit status 2, never a traceback.
 Under a launcher (torchrun, accelerate launch) every process runs `run_main`. One failure is reported
 once: the first process to fail claims the report in the run's rendezvous store and prints its line; the
 others, which meet the same error or only lose contact with the failed process, exit quietly with status 1.
+
+A Ctrl-C or SIGTERM of a process run on its own ends it with one line too (`interrupted`, status 130;
+`terminated (SIGTERM)`, status 143), raised as an exception so that what the run holds is released on the
+way out; during an entry point's imports, before anything is held, it exits at once
+(`stop_quietly_while_loading`). Under a launcher, the launcher stops its processes and reports.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 FAILURE_KEY = "offline-kd/first-failure"
@@ -21,6 +28,49 @@ _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line and exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as a Ctrl-C raises KeyboardInterrupt."""
+
+
+_STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}  # the line; status 128 + signal
+
+
+def _launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started this process as one of several."""
+    return os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def _stop_at_once(signum, frame) -> None:
+    print(_STOPPED[signum], file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def stop_quietly_while_loading() -> None:
+    """For an entry point run as __main__, before its heavy imports (torch, transformers: seconds) while nothing
+    is held yet: a Ctrl-C or SIGTERM meanwhile exits at once with the line `run_main` prints, not a traceback
+    from the middle of an import. `run_main` replaces these handlers. A signal ignored by the parent stays so."""
+    if _launched():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _stop_at_once)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop_at_once)
+
+
+def _raise_on_signals() -> None:
+    """From here on a Ctrl-C raises KeyboardInterrupt and a SIGTERM Terminated (one process, main thread)."""
+    if _launched() or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is _stop_at_once:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _stop_at_once):
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def _distributed():
@@ -58,6 +108,7 @@ def _lost_peer(err: BaseException) -> bool:
 
 def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _raise_on_signals()
     try:
         status = main(argv) or 0
     except UserError as err:
@@ -65,8 +116,11 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
             print(f"{_fresh_line()}error: {err}", file=sys.stderr)
         status = 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        status = 130
+        print(_STOPPED[signal.SIGINT], file=sys.stderr)
+        status = 128 + signal.SIGINT
+    except Terminated:
+        print(_STOPPED[signal.SIGTERM], file=sys.stderr)
+        status = 128 + signal.SIGTERM
     except Exception as err:
         if _distributed() is None:
             raise

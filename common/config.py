@@ -274,7 +274,22 @@ def load_config(path: str | None = DEFAULT_CONFIG, overrides: Sequence[str] = ()
         if not sep or not dot or not key:
             raise UserError(f"override must look like section.key=value, got {item!r}")
         _apply(cfg, section, key, _parse_override_value(text, _field_type(cfg, section, key)))
+    check_loss(cfg.train)
     return cfg
+
+
+def check_loss(train: TrainConfig) -> None:
+    """A KD divergence that is identically 0 at its β or α cannot train, as kd_weight=0 with hard_weight=0
+    cannot: refused when the config loads. (With train.kd_weight=0 the KD term is left out: nothing to refuse.)"""
+    if train.kd_weight == 0:
+        return
+    if train.loss == "jsd" and train.loss_beta in (0, 1):
+        mixture = "student" if train.loss_beta == 0 else "teacher"
+        raise UserError(f"train.loss=jsd with train.loss_beta={train.loss_beta:g} is identically 0 (the mixture is the "
+                        f"{mixture} itself) and trains nothing: use a β strictly between 0 and 1")
+    if train.loss == "skew_kl" and train.loss_alpha == 1:
+        raise UserError("train.loss=skew_kl with train.loss_alpha=1 is identically 0 (the skewed student is the "
+                        "teacher itself) and trains nothing: use an α below 1")
 
 
 # --- the keys' documentation, from the schema ------------------------------------------------------------

@@ -5,8 +5,8 @@ Where a split's text comes from (`TextSource`):
 - `data.local_dir`: WikiText in the upstream layout (`wiki.{train,valid,test}.raw`), read as the hub has
   it: one row per line keeping its newline, a blank line (" ") as "";
 - `data.files`: local `.txt`, `.jsonl` or `.parquet` files (paths or globs; `{split}` stands for the split
-  name), in the order given (a glob's matches sorted), streamed through `load_dataset`'s `text`, `json`
-  and `parquet` builders.
+  name), in the order given (a glob's matches sorted): `.txt` and `.jsonl` read here a line at a time,
+  `.parquet` streamed through `load_dataset`'s `parquet` builder.
 
 How rows become one token stream (`data.rows`, `auto` by default):
 - `lines` (WikiText, `.txt` files, hub datasets): rows are the lines of one text and are joined with
@@ -24,6 +24,11 @@ byte-level BPE tokenizers of Qwen2, GPT-2 and Llama 3 that is most line breaks (
 next to a blank line or before an indented one). The tokens are checked across each boundary too, and a
 tokenizer that merges across one is refused in one line; text with no such line break in 64 chunks'
 worth is refused rather than held in memory.
+
+No row (a line, or a document) may be longer than `MAX_ROW_CHARS` (4 Mi characters): the limit is enforced
+while reading, so a file with no line break is refused after reading that much of it, not once it is all in
+memory (`.txt` and WikiText lines are read at most that many characters at a time, a `.jsonl` line at most
+`MAX_JSON_LINE_BYTES`; Parquet and hub rows, stored in Arrow, are checked as they come).
 """
 from __future__ import annotations
 
@@ -47,7 +52,10 @@ FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}  # dat
 DOCUMENT_FILES = (".jsonl", ".parquet")  # data.rows=auto reads these as documents
 SPLIT_PLACEHOLDER = "{split}"
 ROW_BATCH = 1024  # rows taken from the dataset per call, and read from a Parquet file at a time
-READ_BYTES = 1 << 20  # what the text and json builders read at a time (their 10 MB default spiked 70 MiB)
+READ_BYTES = 1 << 20  # text read per batch of rows (the text builder's 10 MB default spiked 70 MiB)
+MAX_ROW_CHARS = 1 << 22  # 4 Mi characters: a longer line or document is refused while it is read
+# a .jsonl line holding a document of MAX_ROW_CHARS characters, each written as a \uXXXX escape (json.dumps)
+MAX_JSON_LINE_BYTES = 6 * MAX_ROW_CHARS
 
 
 def local_split_path(local_dir: str, split: str) -> str:
@@ -148,7 +156,9 @@ def _first_columns(path: str) -> list[str] | None:
 
             return pq.read_schema(path).names
         with open(path, "rb") as fh:
-            for line in fh:
+            while line := fh.readline(MAX_JSON_LINE_BYTES + 1):
+                if len(line) > MAX_JSON_LINE_BYTES:
+                    return None  # the reader refuses it
                 if line.strip():
                     record = json.loads(line)
                     return list(record) if isinstance(record, dict) else None
@@ -195,6 +205,10 @@ class TextSource:
                     if not isinstance(text, str):
                         kind = "null" if text is None else type(text).__name__
                         raise UserError(f"{self.description}: row {count} has {kind} in column {column!r}, not text")
+                    if len(text) > MAX_ROW_CHARS:
+                        raise UserError(f"{self.description}: row {count} ({self.rows[:-1]}) is longer than "
+                                        f"{MAX_ROW_CHARS} characters, the limit per row that keeps memory bounded; "
+                                        "split it")
                     count += 1
                     yield text
         except (OSError, ValueError) as err:  # unreadable files: bad encoding, broken JSON/Parquet (Arrow errors)
@@ -207,23 +221,22 @@ class TextSource:
 
         if self.data.files is not None:
             suffix = files_suffix([f.path for f in self.files])
-            paths = [f.path for f in self.files if f.bytes > 0]  # an empty file has no rows (the json builder fails)
+            paths = [f.path for f in self.files if f.bytes > 0]  # an empty file has no rows (the parquet builder fails)
             if not paths:
                 return
-            for builder in ("json", "parquet"):  # they log a bad file before raising; the error is reported once
-                logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
-            options = {".txt": {"keep_linebreaks": True, "chunksize": READ_BYTES}, ".jsonl": {"chunksize": READ_BYTES},
-                       ".parquet": {"batch_size": ROW_BATCH, "columns": [self.data.text_column]}}[suffix]
-            try:
-                rows = load_dataset(FILE_BUILDERS[suffix], data_files={"rows": paths}, split="rows", streaming=True,
-                                    **options)
-            except StopIteration:  # the json builder found no record to infer the columns from
+            if suffix == ".txt":
+                yield from text_lines(paths)
                 return
+            if suffix == ".jsonl":
+                yield from self._json_documents(paths)
+                return
+            # the builder logs a bad file before raising; the error is reported once
+            logging.getLogger("datasets.packaged_modules.parquet.parquet").setLevel(logging.CRITICAL)
+            rows = load_dataset("parquet", data_files={"rows": paths}, split="rows", streaming=True,
+                                batch_size=ROW_BATCH, columns=[self.data.text_column])
             yield from rows.iter(batch_size=ROW_BATCH)
         elif self.data.local_dir is not None:
-            rows = load_dataset("text", data_files={"rows": self.files[0].path}, split="rows", keep_linebreaks=True,
-                                chunksize=READ_BYTES, streaming=True)
-            for batch in rows.iter(batch_size=ROW_BATCH):
+            for batch in text_lines([self.files[0].path]):
                 yield {"text": hub_rows(batch["text"])}
         else:
             try:
@@ -233,6 +246,57 @@ class TextSource:
                 raise UserError(f"cannot load dataset {self.data.dataset}/{self.data.subset} split {self.split}: "
                                 f"{_one_line(err)}") from None
             yield from rows.iter(batch_size=ROW_BATCH)
+
+    def _json_documents(self, paths: list[str]) -> Iterator[dict[str, list]]:
+        """The text column of JSON Lines files, a batch of rows at a time; a line is read at most
+        MAX_JSON_LINE_BYTES at a time (a longer one is refused), blank lines are skipped, a missing column is
+        null."""
+        column = self.data.text_column
+        for path in paths:
+            with open(path, "rb") as fh:
+                batch: list = []
+                size = number = 0
+                while line := fh.readline(MAX_JSON_LINE_BYTES + 1):
+                    number += 1
+                    if len(line) > MAX_JSON_LINE_BYTES:
+                        raise UserError(f"{self.description}: line {number} of {path} is longer than "
+                                        f"{MAX_JSON_LINE_BYTES} bytes, more than a document of the {MAX_ROW_CHARS} "
+                                        "characters per row that keep memory bounded; split it")
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n"))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"line {number} of {path} is not JSON: {err.msg} (column {err.colno})") \
+                            from None
+                    if not isinstance(record, dict):
+                        raise ValueError(f"line {number} of {path} is not a JSON object")
+                    batch.append(record.get(column))
+                    size += len(line)
+                    if len(batch) == ROW_BATCH or size >= READ_BYTES:
+                        yield {column: batch}
+                        batch, size = [], 0
+                if batch:
+                    yield {column: batch}
+
+
+def text_lines(paths: list[str]) -> Iterator[dict[str, list]]:
+    """The lines of text files in the `text` column, as `load_dataset("text", keep_linebreaks=True)` reads
+    them (Python's universal newlines; a file's last line without a line break is a row of its own), a
+    batch at a time. A line is read at most MAX_ROW_CHARS + 1 characters at a time: a longer one reaches
+    the row check after that much, however long it is."""
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            batch: list[str] = []
+            size = 0
+            while line := fh.readline(MAX_ROW_CHARS + 1):
+                batch.append(line)
+                size += len(line)
+                if len(batch) == ROW_BATCH or size >= READ_BYTES:
+                    yield {"text": batch}
+                    batch, size = [], 0
+            if batch:
+                yield {"text": batch}
 
 
 def iter_rows(data: DataConfig, split: str) -> Iterator[str]:
@@ -281,6 +345,7 @@ def tokenize_stream(tokenizer, rows: list[str], rows_kind: RowKind = "lines") ->
 # 64 KiB (94 MiB of it the `datasets` import) and 140 MiB with 16 KiB, at the same speed.
 CHUNK_CHARS = 1 << 16
 MAX_CHUNK_FACTOR = 64  # lines with no chunk boundary for this many chunks' worth of text (4 Mi characters) are refused
+assert MAX_ROW_CHARS == MAX_CHUNK_FACTOR * CHUNK_CHARS, "one row is at most what a chunk of lines may grow to"
 
 
 def iter_token_chunks(tokenizer, rows: Iterable[str], rows_kind: RowKind = "lines",

@@ -30,16 +30,19 @@ def publish_directory(staging: str, final: str) -> None:
     """Rename the finished directory `staging` to `final`, replacing whatever `final` was.
 
     `staging` must be complete (its own "done" marker written) and on the same file system as `final`.
-    A directory already at `final` is renamed aside to `<final>.old-<pid>` first and removed only after the
-    swap, so at every moment `final` is the old directory, the new one, or (between the two renames)
-    absent: never a mix. The caller decides whether `final` may be replaced; this function does not ask.
+    A directory already at `final` is renamed aside to `<final>.old-<pid>` first (digits appended while that
+    name is taken: whatever is there is not ours to replace) and removed only after the swap, so at every
+    moment `final` is the old directory, the new one, or (between the two renames) absent: never a mix. Only
+    that directory, moved aside by this call, is removed. The caller decides whether `final` may be replaced;
+    this function does not ask.
     """
     final = final.rstrip(os.sep)  # "cache/x/" must be moved aside as "cache/x.old-…", not inside itself
+    if not os.path.lexists(final):
+        os.replace(staging, final)
+        return
     old = f"{final}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)  # only a publish that crashed under a reused pid of ours leaves one
-    moved_aside = os.path.lexists(final)
-    if moved_aside:
-        os.replace(final, old)
+    while os.path.lexists(old):
+        old += "0"
+    os.replace(final, old)
     os.replace(staging, final)
-    if moved_aside:  # the swap is done: a failure to delete leaves only wasted space, not a wrong `final`
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # the swap is done: a failure leaves only wasted space, not a wrong `final`

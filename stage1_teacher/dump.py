@@ -14,6 +14,11 @@ was started with, and re-reads the data first to check that the kept shards hold
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C or SIGTERM meanwhile ends in one line too
+    from common.cli import stop_quietly_while_loading
+
+    stop_quietly_while_loading()
+
 import dataclasses
 import math
 import os
@@ -27,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from cache.encoding import stored_datasets
-from cache.format import FORMAT_NAME, FORMAT_VERSION
+from cache.format import FORMAT_NAME, FORMAT_VERSION, STAGING_SUFFIX
 from cache.manifest import DataEntry, Manifest, SampleEntry, TeacherEntry, TokenizerEntry
 from cache.writer import (
     Resume,
@@ -84,6 +89,9 @@ def check_settings(cfg: PipelineConfig) -> None:
     temperature = cache.sample_temperature
     if not cache.dir.strip():
         raise UserError("cache.dir is empty")
+    if os.path.normpath(cache.dir).endswith(STAGING_SUFFIX):
+        raise UserError(f"cache.dir {cache.dir} ends with {STAGING_SUFFIX}, the name of stage one's staging "
+                        "directories; choose another name")
     if cache.mode == "topk" and cache.k < 1:
         raise UserError(f"cache.k must be positive, got {cache.k}")
     if cache.mode == "topk" and not 0 <= cache.tail_draws <= 0xFFFFFFFF:

@@ -10,8 +10,10 @@
     model.tmp/               the final model being saved; its files then move up and run.json lists them
     config.json, model.safetensors, tokenizer files …   the final model (`from_pretrained(output_dir)`)
 
-Only these names, and the files run.json lists, are ever deleted: a directory holding anything else is
-refused, naming it. `check_finished_model` is what evaluation asks of a directory before loading it.
+Only these names, and the files run.json lists, are ever deleted, at any depth: inside a checkpoint the
+files its trainer_state.json lists (one still being written: accelerate's and our names), inside model.tmp
+save_pretrained's names. A directory holding anything else is refused, naming it.
+`check_finished_model` is what evaluation asks of a directory before loading it.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+from cache.lock import close_lock_descriptor, lock_descriptor
 from common.cli import UserError
 from common.fsutil import publish_directory, write_json_atomic
 
@@ -55,6 +58,12 @@ _SAVED_MODEL_FILE = re.compile(r"config\.json|generation_config\.json|model(-\d{
                                r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
                                r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.json|"
                                r"merges\.txt")
+# what accelerate's save_state and seal_checkpoint write into a checkpoint that has no trainer state listing
+# its files yet (being written); FSDP's sharded state is a directory of .distcp files
+_CHECKPOINT_FILE = re.compile(r"(model|pytorch_model|optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\."
+                              r"(bin|safetensors)|random_states_\d+\.pkl|scaler\.pt|custom_checkpoint_\d+\.pkl|"
+                              r"(pytorch_model_fsdp|optimizer)_\d+/(__\d+_\d+\.distcp|\.metadata)|"
+                              r"trainer_state\.json(\.tmp)?|metrics\.jsonl")
 
 
 def read_run_record(directory: str) -> dict[str, Any] | None:
@@ -110,18 +119,59 @@ def newest_checkpoint(out: str) -> Checkpoint | None:
 
 
 def foreign_entries(out: str, record: dict[str, Any] | None) -> list[str]:
-    """Names in `out` that this tool did not write (and so must never delete)."""
+    """Paths in `out`, at any depth, that this tool did not write (and so must never delete)."""
     listed = set(record.get("files", [])) if record else set()
     names = set(os.listdir(out))
     foreign = [name for name in names if name not in OWN_NAMES and name not in listed]
     if RUN_RECORD in names and record is None:
         foreign.append(f"{RUN_RECORD} (not a stage-two run record of this release)")
     root = os.path.join(out, CHECKPOINTS)
-    if os.path.isdir(root):
-        foreign += [f"{CHECKPOINTS}/{name}" for name in os.listdir(root) if not _STEP_DIR.fullmatch(name)]
+    if os.path.isdir(root) and not os.path.islink(root):
+        for name in os.listdir(root):
+            if _STEP_DIR.fullmatch(name) and _is_directory(path := os.path.join(root, name)):
+                foreign += _unknown_files(path, f"{CHECKPOINTS}/{name}", _checkpoint_owns(path))
+            else:
+                foreign.append(f"{CHECKPOINTS}/{name}")
     elif os.path.lexists(root):
         foreign.append(CHECKPOINTS)
+    staging = os.path.join(out, MODEL_STAGING)
+    if _is_directory(staging):
+        foreign += _unknown_files(staging, MODEL_STAGING, _SAVED_MODEL_FILE.fullmatch)
+    elif os.path.lexists(staging):
+        foreign.append(MODEL_STAGING)
     return sorted(foreign)
+
+
+def _is_directory(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _checkpoint_owns(checkpoint: str) -> Callable[[str], bool]:
+    """Which paths in a checkpoint directory are ours: those its trainer state lists (and that file); in one
+    still being written (no trainer state of ours yet), the names save_state and we write."""
+    try:
+        state = read_json(os.path.join(checkpoint, TRAINER_STATE), "the checkpoint's trainer state")
+    except UserError:
+        state = {}
+    if state.get("format") == CHECKPOINT_FORMAT and isinstance(state.get("files"), dict):
+        return (set(state["files"]) | {TRAINER_STATE}).__contains__
+    return lambda path: _CHECKPOINT_FILE.fullmatch(path) is not None
+
+
+def _unknown_files(directory: str, shown: str, ours: Callable[[str], Any]) -> list[str]:
+    """Everything under `directory` (named `shown/…`) whose path relative to it `ours` does not accept: files,
+    links, and directories holding none of ours (named once, not their contents)."""
+    unknown = []
+    for folder, subfolders, files in os.walk(directory):
+        prefix = os.path.relpath(folder, directory) + "/" if folder != directory else ""
+        unknown += [f"{shown}/{prefix}{name}" for name in files if not ours(prefix + name)]
+        for name in list(subfolders):
+            path = os.path.join(folder, name)
+            inside = [os.path.relpath(os.path.join(f, n), directory) for f, _, names in os.walk(path) for n in names]
+            if os.path.islink(path) or not any(ours(file) for file in inside):
+                unknown.append(f"{shown}/{prefix}{name}")
+                subfolders.remove(name)  # named once, as a whole
+    return unknown
 
 
 def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
@@ -134,7 +184,8 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[st
 
 
 class DirectoryLock:
-    """An exclusive flock on the output directory itself (no lock file is added to it): one run per directory."""
+    """An exclusive flock on the output directory itself (no lock file is added to it): one run per directory.
+    Held by this process alone: a forked child (a DataLoader worker) closes its copy (cache.lock)."""
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -146,10 +197,11 @@ class DirectoryLock:
                 raise UserError(f"train.output_dir {path} is in use by another stage-two run; wait for it to "
                                 f"finish or choose another directory") from None
             raise UserError(f"cannot lock train.output_dir {path}: {err.strerror}") from None
+        lock_descriptor(self.fd)
 
     def release(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # closing the descriptor releases the flock
+            close_lock_descriptor(self.fd)
             self.fd = -1
 
 
@@ -226,9 +278,35 @@ def last_checkpoint_note(out: str) -> str:
     return f"the last complete checkpoint {os.path.join(out, CHECKPOINTS, os.path.basename(found[-1][1]))} is intact"
 
 
+PROBE_BYTES = 1 << 20
+
+
+def os_reason(directory: str) -> str | None:
+    """Why writing in `directory` fails, as the OS says it (`No space left on device`, `File too large`), found
+    by writing and syncing a probe file of PROBE_BYTES there; None if that succeeds."""
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(bytes(PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except FileNotFoundError:
+        return None  # `directory` went meanwhile (another process removed what failed)
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    finally:
+        if os.path.lexists(probe):
+            os.remove(probe)
+    return None
+
+
 def write_failure(what: str, path: str, err: BaseException, out: str) -> UserError:
-    """One line for a write that failed (disk full, file size limit, permissions), naming what is still intact."""
+    """One line for a write that failed (disk full, file size limit, permissions), naming what is still intact.
+    torch's own file writer does not say why (`[enforce fail at inline_container.cc:…] unexpected pos …`): then
+    the OS is asked, by a probe written into `path` (a directory, to be removed with what failed)."""
     detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not isinstance(err, OSError) and os.path.isdir(path):
+        detail = os_reason(path) or detail
     return UserError(f"cannot write {what} {path}: {detail}; {last_checkpoint_note(out)} (free space and rerun "
                      f"the same command to resume)")
 

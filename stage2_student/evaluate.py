@@ -10,6 +10,11 @@ Probabilities are taken over the real vocabulary (len(tokenizer)), not the padde
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C or SIGTERM meanwhile ends in one line too
+    from common.cli import stop_quietly_while_loading
+
+    stop_quietly_while_loading()
+
 import dataclasses
 import json
 import math

@@ -9,6 +9,11 @@ ends with the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C or SIGTERM meanwhile ends in one line too
+    from common.cli import stop_quietly_while_loading
+
+    stop_quietly_while_loading()
+
 import datetime
 import json
 import logging
@@ -29,7 +34,7 @@ from tqdm import tqdm
 from cache.compat import Consumer, check_compatible
 from cache.format import file_sha256
 from cache.lock import CacheLock
-from cache.manifest import load_manifest, manifest_path
+from cache.manifest import check_published, load_manifest, manifest_path
 from cache.reader import CacheReader, verify_cache
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, Precision, TrainConfig, config_arg_parser, parse_args
@@ -247,6 +252,7 @@ class DistillRecipe:
         self.accelerator = acc = make_accelerator(cfg.train)
         self.device = acc.device
         self.main = acc.is_main_process
+        check_published(self.cache_dir)
         load_manifest(self.cache_dir)  # a directory that is not a complete cache gets no lock file
         self.cache_lock = CacheLock(self.cache_dir, exclusive=False).acquire()  # held until close()
         self.reader = CacheReader(self.cache_dir)  # the manifest read again, under the lock
@@ -531,9 +537,10 @@ class DistillRecipe:
             with quiet_logger("accelerate.utils.other"):  # "Removed shared tensor …": tied weights, re-tied on load
                 acc.save_state(tmp, safe_serialization=True)
         except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports a full disk as RuntimeError
+            failure = write_failure("checkpoint", tmp, err, self.out)  # (it may probe the disk in tmp: first)
             if self.main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise write_failure("checkpoint", tmp, err, self.out) from None
+            raise failure from None
         acc.wait_for_everyone()
         if self.main:
             state = {"step": self.step, "epoch": epoch, "micro_batch": position, "tokens": self.tokens,

@@ -5,6 +5,7 @@ reproduce failures at a chosen moment (also under torchrun: `torchrun … -m tes
   pause-after-step=N:PATH      after step N, create PATH.ready and wait until PATH exists
   file-size-limit-at-save=B    from the final save on, files are limited to B bytes (RLIMIT_FSIZE, SIGXFSZ
                                ignored, so a write fails with EFBIG as on a full disk)
+  file-size-limit-at-checkpoint=B   the same from the first checkpoint on
   fail-at-step=N:RANK          process RANK raises a UserError as step N starts
 """
 from __future__ import annotations
@@ -37,15 +38,16 @@ def install(hook: str) -> None:
                 time.sleep(0.05)
 
         recipe.end_step = after_step
-    elif name == "file-size-limit-at-save":
-        save = recipe.save
+    elif name in ("file-size-limit-at-save", "file-size-limit-at-checkpoint"):
+        method = "save" if name == "file-size-limit-at-save" else "save_checkpoint"
+        save = getattr(recipe, method)
 
-        def limited_save(self):
+        def limited_save(self, *args):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(value), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-            return save(self)
+            return save(self, *args)
 
-        recipe.save = limited_save
+        setattr(recipe, method, limited_save)
     elif name == "fail-at-step":
         step_text, _, rank = value.partition(":")
         optimizer_step = recipe.optimizer_step

@@ -200,6 +200,31 @@ def test_closed_set_is_checked_at_parse_time(override, allowed):
     assert value in message and "\n" not in message
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.loss=jsd", "train.loss_beta=0"], "train.loss=jsd with train.loss_beta=0 is identically 0 (the mixture "
+                                              "is the student itself) and trains nothing: use a β strictly between "
+                                              "0 and 1"),
+    (["train.loss=jsd", "train.loss_beta=1"], "train.loss=jsd with train.loss_beta=1 is identically 0 (the mixture "
+                                              "is the teacher itself) and trains nothing: use a β strictly between "
+                                              "0 and 1"),
+    (["train.loss=skew_kl", "train.loss_alpha=1.0"], "train.loss=skew_kl with train.loss_alpha=1 is identically 0 "
+                                                     "(the skewed student is the teacher itself) and trains nothing: "
+                                                     "use an α below 1"),
+])
+def test_a_kd_loss_that_is_identically_zero_is_refused_when_the_config_loads(tmp_path, overrides, message):
+    with pytest.raises(UserError) as info:
+        load_config(None, overrides)
+    assert str(info.value) == message
+    path = tmp_path / "p.yaml"  # from a file too
+    path.write_text(yaml.safe_dump({"train": {k.split(".")[1]: yaml.safe_load(v) for k, v in
+                                              (o.split("=") for o in overrides)}}))
+    with pytest.raises(UserError, match="is identically 0"):
+        load_config(str(path))
+    # the same divergence left out (train.kd_weight=0: a hard-label run), or at another β / α, is fine
+    load_config(None, [*overrides, "train.kd_weight=0", "train.hard_weight=1"])
+    load_config(None, [*overrides, "train.loss_beta=0.5", "train.loss_alpha=0.5"])
+
+
 def test_closed_set_is_checked_in_yaml_files(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("train:\n  precision: bf61\n")

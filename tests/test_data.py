@@ -525,8 +525,8 @@ ERRORS = {
     "empty txt": "split train of data.files ({tmp}/empty.txt) has no rows",
     "shorter than a block": "split train of data.files ({tmp}/docs.jsonl) has {tokens} tokens, fewer than one "
                             "block of data.seq_len=4096",
-    "broken json": "cannot read split train of data.files ({tmp}/broken.jsonl): JSON parse error: Invalid value. "
-                   "in row 1",
+    "broken json": "cannot read split train of data.files ({tmp}/broken.jsonl): line 2 of {tmp}/broken.jsonl is not "
+                   "JSON: Expecting value (column 10)",
     "not utf-8": "cannot read split train of data.files ({tmp}/latin1.txt): 'utf-8' codec can't decode byte 0xe9 in "
                  "position 3: invalid continuation byte",
     "broken parquet": "cannot read {tmp}/broken.parquet: Parquet magic bytes not found in footer. Either the file "
@@ -549,6 +549,65 @@ def test_data_errors_are_one_line_naming_the_problem(tmp_path, offline, files_to
         list(BlockStream(data, tokenizer, "h", split))
     tokens = sum(len(raw.encode(d, add_special_tokens=False).ids) + 1 for d in ("one document", "another one"))
     assert str(info.value) == ERRORS[case].format(tmp=tmp_path, tokens=tokens)
+
+
+# --- a row longer than MAX_ROW_CHARS: refused while it is read, memory bounded ------------------------------
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_row_past_the_limit_is_refused_even_before_a_short_one(tmp_path, offline, files_tokenizer, suffix):
+    """5 M characters with no line break, then a short row: refused (the chunking check alone would have let a
+    row with a line break at its end through); a row of exactly the limit is read."""
+    from common.data import MAX_ROW_CHARS, BlockStream, TextSource
+
+    path = tmp_path / f"big{suffix}"
+    if suffix == ".txt":
+        path.write_text("a short line\n" + "x" * 5_000_000 + "\nthe next line\n")
+        limit = "x" * (MAX_ROW_CHARS - 1) + "\n"
+    else:
+        write_documents(path, ["a document", "x" * (MAX_ROW_CHARS + 1), "the next one"])
+        limit = "x" * MAX_ROW_CHARS
+    data = DataConfig(files=[str(path)], seq_len=4, max_blocks=None)
+    with pytest.raises(UserError) as info:
+        list(BlockStream(data, files_tokenizer[1], "h"))
+    kind = "line" if suffix == ".txt" else "document"
+    assert str(info.value) == (f"split train of data.files ({path}): row 1 ({kind}) is longer than {MAX_ROW_CHARS} "
+                               "characters, the limit per row that keeps memory bounded; split it")
+    ok = tmp_path / f"ok{suffix}"
+    if suffix == ".txt":
+        ok.write_text(limit)
+    else:
+        write_documents(ok, [limit])
+    assert [len(row) for row in TextSource(DataConfig(files=[str(ok)]), "train")] == [MAX_ROW_CHARS]
+
+
+HUGE_ROW_CHARS = 33_000_000
+HUGE_ROW_RSS_LIMIT = 1500 * 2**20  # a normal dump peaks near 0.6 GB; the 33 M-character row took 6.3 GB before
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_stage_one_refuses_a_33m_character_row_in_bounded_memory(tiny, tmp_path, suffix):
+    """One line (or document) of 33 M characters with no line break: one line, status 2, no cache, and the
+    process's peak RSS (its own rusage, from wait4) far below what reading the row whole would take."""
+    path = tmp_path / f"huge{suffix}"
+    with open(path, "w") as fh:
+        fh.write('{"text": "' if suffix == ".jsonl" else "")
+        for _ in range(HUGE_ROW_CHARS // 1_000_000):
+            fh.write("word " * 200_000)
+        fh.write('"}\n' if suffix == ".jsonl" else "")
+    cache = tmp_path / "cache"
+    args = tiny_overrides(tiny, cache, **{"data.local_dir": None, "data.files": path, "data.max_blocks": 50})
+    proc = subprocess.Popen([sys.executable, "-m", "stage1_teacher.dump", *args], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.splitlines()[-1].startswith(f"error: split train of data.files "
+                                                                            f"({path}): ")
+    assert "characters, the limit per row" in stderr or "bytes, more than a document" in stderr, stderr[-3000:]
+    assert usage.ru_maxrss * 1024 < HUGE_ROW_RSS_LIMIT, f"peak RSS {usage.ru_maxrss / 2**10:.0f} MiB"
+    assert not cache.exists()
 
 
 def test_documents_need_an_eos_token(tmp_path, offline):

@@ -21,6 +21,7 @@ from cache.manifest import SampleEntry
 from cache.reader import CacheDataError, CacheReader, block_problem, verify_cache
 from cache.writer import CacheLayout, CacheWriter
 from common.cli import UserError
+from tests.conftest import run_cli
 from tests.test_cache import call_with_timeout, canonical_topk, manifest_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -373,14 +374,17 @@ def topk_cache(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
 def test_a_shard_truncated_to_half_is_one_line(topk_cache):
     cache_dir, arrays = topk_cache
     shard = cache_dir / "shard-00001.h5"  # blocks 2 and 3
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    full = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: full // 2])
     message = read_error(cache_dir, 3)
     assert message.startswith(f"{cache_dir}: shard-00001.h5") and "HDF5" in message, message
     reader = CacheReader(str(cache_dir))  # the other shards still read
     assert_identical(reader.block(4), {name: a[4] for name, a in arrays.items()})
     reader.close()
     problems = verify_cache(str(cache_dir))
-    assert problems == ["shard-00001.h5: sha256 mismatch"]
+    assert problems == [f"shard-00001.h5: truncated ({full // 2} of the {full} bytes the manifest records)"]
+    result = run_cli("cache.verify", cache_dir)  # the command says so too
+    assert result.returncode == 1 and result.stdout.splitlines() == [f"FAIL {problems[0]}"]
     reseal(cache_dir)
     assert [p.split(":")[0] for p in verify_cache(str(cache_dir))] == ["shard-00001.h5"]
 
@@ -447,9 +451,19 @@ def test_a_stored_dataset_unlike_the_manifest_is_one_line(topk_cache):
     assert verify_cache(str(cache_dir)) == [message.removeprefix(f"{cache_dir}: ")]
 
 
-def test_verify_command_reports_a_damaged_block(topk_cache):
-    from tests.conftest import run_cli
+def test_verify_command_names_files_the_manifest_does_not_list(topk_cache):
+    cache_dir, _ = topk_cache
+    (cache_dir / "notes.txt").write_text("mine")
+    (cache_dir / "shard-00009.h5").write_bytes(b"")
+    result = run_cli("cache.verify", cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "EXTRA notes.txt: not listed in the manifest", "EXTRA shard-00009.h5: not listed in the manifest",
+        f"OK {cache_dir}: topk cache, 5 blocks in 3 shards, checksums match; 2 files the manifest does not list "
+        "(EXTRA)"]
 
+
+def test_verify_command_reports_a_damaged_block(topk_cache):
     cache_dir, _ = topk_cache
     with h5py.File(cache_dir / "shard-00001.h5", "r+") as h5:
         h5["topk_id_gaps"][0, 0, 0] = 0xFFFFFFF0

@@ -22,13 +22,22 @@ def test_publish_directory_creates_then_replaces_and_removes_the_old_one(tmp_pat
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging renamed, old copy gone
 
 
-def test_publish_directory_with_a_trailing_slash_and_a_stale_aside_copy(tmp_path):
+def test_publish_directory_with_a_trailing_slash_leaves_a_directory_it_did_not_create(tmp_path):
+    """A directory already named `<final>.old-<pid>` (ours from a crashed publish, or anyone's) was not moved
+    aside by this publish: it is left as it is, and the old `final` goes aside under another name."""
     final = tmp_path / "out"
     _staging(tmp_path, "out", "old")
-    stale = _staging(tmp_path, f"out.old-{os.getpid()}", "crashed")  # a crashed publish under our pid
+    aside = _staging(tmp_path, f"out.old-{os.getpid()}", "not this publish's")
     publish_directory(str(_staging(tmp_path, "out.tmp", "new")), f"{final}{os.sep}")
     assert (final / "version").read_text() == "new"
-    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (aside / "version").read_text() == "not this publish's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", aside.name]
+
+
+def test_publish_directory_with_nothing_to_replace_touches_nothing_else(tmp_path):
+    aside = _staging(tmp_path, f"out.old-{os.getpid()}", "mine")
+    publish_directory(str(_staging(tmp_path, "out.tmp", "new")), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "version").read_text() == "new" and (aside / "version").read_text() == "mine"
 
 
 def test_write_json_atomic_leaves_only_the_file(tmp_path):

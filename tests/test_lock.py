@@ -1,7 +1,9 @@
 """Cache locks across processes: readers share, a writer excludes, a swapped directory is re-locked."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +84,47 @@ def test_read_only_cache_without_lock_file_can_be_read(tmp_path, monkeypatch):
         assert not lock.held
     with pytest.raises(UserError, match="cannot create the lock file .*Read-only file system"):
         CacheLock(str(tmp_path), exclusive=True).acquire()
+
+
+# A process that takes both kinds of lock (the cache's, and stage two's on its output directory), then forks a
+# child that keeps running, as a DataLoader worker does, and waits; its stdout gives the child's pid.
+LOCKS_THEN_FORK = """
+import os, sys, time
+from cache.lock import CacheLock
+from stage2_student.checkpoint import DirectoryLock
+cache_lock = CacheLock(sys.argv[1], exclusive=True).acquire()
+out_lock = DirectoryLock(sys.argv[2])
+worker = os.fork()
+if worker == 0:
+    time.sleep(120)
+    os._exit(0)
+print(worker, flush=True)
+time.sleep(120)
+"""
+
+
+def test_kill_9_releases_the_locks_at_once_although_a_forked_child_lives_on(tmp_path):
+    """The holder is killed; its forked child (an orphaned DataLoader worker) is still running, yet the cache
+    lock and the output-directory lock are free at once: the child closed its copies when it was forked."""
+    from stage2_student.checkpoint import DirectoryLock
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cache.mkdir()
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", LOCKS_THEN_FORK, str(cache), str(out)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(UserError, match="is in use by"):
+            CacheLock(str(cache), exclusive=False).acquire()  # held while the holder lives
+        holder.kill()
+        holder.wait()
+        os.kill(worker, 0)  # the orphan is still alive
+        with CacheLock(str(cache), exclusive=True) as lock:
+            assert lock.held
+        DirectoryLock(str(out)).release()
+    finally:
+        holder.kill()
+        holder.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)

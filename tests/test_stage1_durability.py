@@ -191,6 +191,34 @@ def test_two_dumps_on_one_cache_dir_then_kill_9_and_rerun(tiny, clean, tmp_path,
     assert fingerprint(cache) == fingerprint(clean["topk"])
 
 
+def test_sigterm_is_one_line_and_the_rerun_finishes(tiny, clean, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = args_for(tiny, cache)
+    dump = dump_cli(*args, wait=False)
+    deadline = time.time() + 240
+    while not staging_of(cache).exists():  # made after the settings are checked, before the teacher pass
+        assert dump.poll() is None and time.time() < deadline, dump.stderr.read() if dump.poll() else "slow"
+        time.sleep(0.05)
+    dump.send_signal(signal.SIGTERM)
+    _, stderr = dump.communicate(timeout=120)
+    assert dump.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "terminated (SIGTERM)"
+    dump_main(args)  # the lock was released; the same command finishes the cache
+    assert fingerprint(cache) == fingerprint(clean["topk"])
+
+
+def test_overwrite_checks_the_destination_lock_before_the_teacher_pass(tiny, clean, tmp_path):
+    """The swap needs the destination's lock file: one that cannot be made (here a directory holds its name) is
+    refused at the start, before the staging directory or the teacher, not after the whole pass."""
+    cache = tmp_path / "cache"
+    shutil.copytree(clean["topk"], cache)
+    (cache / LOCK_FILE).unlink(missing_ok=True)
+    (cache / LOCK_FILE).mkdir()
+    with pytest.raises(UserError, match=f"^cannot create the lock file {cache / LOCK_FILE}: Is a directory$"):
+        dump_main(args_for(tiny, cache, **{"cache.k": 8, "cache.overwrite": "true"}))
+    assert not staging_of(cache).exists()
+
+
 def test_overwrite_refuses_what_is_not_ours(tiny, clean, tmp_path):
     """cache.overwrite=true replaces only a cache of ours holding nothing but its files; a foreign manifest,
     an unexpected file, or foreign files in the staging directory are refused, each in one line, and kept."""
@@ -280,6 +308,7 @@ def test_disk_full_is_one_line_and_the_rerun_finishes(tiny, tmp_path):
     ("teacher.batch_size=0", "teacher.batch_size must be positive, got 0"),
     ("teacher.sync_timeout=nan", "teacher.sync_timeout must be a positive finite number of seconds, got nan"),
     ("data.seq_len=1", "data.seq_len must be at least 2, got 1"),
+    ("cache.dir=c.partial/", "cache.dir c.partial/ ends with .partial, the name of stage one's staging directories"),
 ])
 def test_bad_settings_are_refused_before_anything_is_touched(tiny, tmp_path, monkeypatch, override, message):
     import stage1_teacher.dump

@@ -4,10 +4,12 @@ not write is deleted; bad settings, a damaged or changing cache, a NaN loss and 
 line, a non-zero status and the last good checkpoint intact."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -202,6 +204,19 @@ def test_disk_full_at_the_final_save(tiny, cache_dir, dropout_student, reference
     assert_same_run(out, reference)
 
 
+def test_disk_full_in_torch_save_at_a_checkpoint_says_why(tiny, cache_dir, dropout_student, tmp_path):
+    """torch.save (the optimizer's state) reports a failed write only as `[enforce fail at inline_container.cc]
+    unexpected pos`: the line gives the OS's reason instead (here EFBIG; on a full disk ENOSPC)."""
+    out = tmp_path / "out"
+    model_bytes = (tiny / "student" / "model.safetensors").stat().st_size
+    result = hooked(f"file-size-limit-at-checkpoint={model_bytes + 65536}", "--",
+                    *train_args(tiny, cache_dir, dropout_student, out))  # the weights fit, the optimizer not
+    line = assert_one_error_line(result, f"cannot write checkpoint {out}/checkpoints/step-2.tmp: File too large; "
+                                         "no checkpoint was completed yet")
+    assert "enforce fail" not in line and "unexpected pos" not in line
+    assert not (out / "checkpoints" / "step-2.tmp").exists()
+
+
 # -- the output directory ------------------------------------------------------------------------------------
 
 def test_overwrite_killed_over_a_finished_run_leaves_no_mix(tiny, cache_dir, dropout_student, reference, tmp_path):
@@ -230,6 +245,28 @@ def test_files_we_did_not_write_are_never_deleted(tiny, cache_dir, dropout_stude
     with pytest.raises(UserError, match=r"holds files this tool did not write \(checkpoints/my-best, notes\.txt\); "
                                         r"nothing was deleted"):
         train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.overwrite": overwrite}))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+def test_overwrite_refuses_files_we_did_not_write_at_any_depth(tiny, cache_dir, dropout_student, reference,
+                                                              tmp_path):
+    """Inside a complete checkpoint (what its trainer state does not list), one being written (what neither
+    accelerate nor we write) and the final model's staging directory: named, and nothing is deleted."""
+    out = copy_of(reference, tmp_path)
+    (out / "checkpoints" / "step-6" / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "step-4" / "mine").mkdir()
+    partial = out / "checkpoints" / "step-8.tmp"
+    partial.mkdir()
+    (partial / "optimizer.bin").write_bytes(b"")  # ours, by accelerate's name
+    (partial / "keep.me").write_text("mine")
+    (out / "model.tmp").mkdir()
+    (out / "model.tmp" / "config.json").write_text("{}")
+    (out / "model.tmp" / "draft.md").write_text("mine")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(UserError, match=r"holds files this tool did not write \(checkpoints/step-4/mine, "
+                                        r"checkpoints/step-6/notes\.txt, checkpoints/step-8\.tmp/keep\.me, "
+                                        r"model\.tmp/draft\.md\); nothing was deleted"):
+        train_main(train_args(tiny, cache_dir, dropout_student, out, **{"train.overwrite": True}))
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 
@@ -266,6 +303,57 @@ def test_one_run_at_a_time_per_output_directory(tiny, cache_dir, tmp_path):
     assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
 
 
+def test_sigterm_is_one_line_and_the_rerun_finishes(tiny, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    process = paused_run(tiny, cache_dir, out, tmp_path / "gate", step=1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "terminated (SIGTERM)" and error_lines(stderr) == []
+    result = run_cli("stage2_student.train", *train_args(tiny, cache_dir, tiny / "student", out))
+    assert result.returncode == 0, result.stderr[-3000:]  # unlocked; stopped before a checkpoint: starts again
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
+
+
+def test_ctrl_c_while_stage_two_loads_is_one_line(tiny, cache_dir, tmp_path):
+    """In its first second stage two is importing torch and transformers: a Ctrl-C there is `interrupted`,
+    status 130, not a traceback from the middle of an import."""
+    process = subprocess.Popen([sys.executable, "-m", "stage2_student.train",
+                                *train_args(tiny, cache_dir, tiny / "student", tmp_path / "out")], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "interrupted"
+
+
+def test_kill_9_with_dataloader_workers_frees_the_directory_at_once(tiny, cache_dir, tmp_path):
+    """The main process killed mid-run with train.num_workers=2: its workers live on for a few seconds (until
+    they notice), but hold neither the output directory's lock nor the cache's, so a restart is not refused."""
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    args = train_args(tiny, cache_dir, tiny / "student", out, **{"train.num_workers": 2})
+    process = subprocess.Popen([sys.executable, "-m", "tests.stage2_hooks", f"pause-after-step=1:{gate}", "--",
+                                *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})  # no pipe for the orphans to hold
+    wait_for(Path(f"{gate}.ready"), process)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    process.kill()
+    process.wait()
+    try:
+        assert len(workers) == 2 and not any("State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+                                             for pid in workers)  # still alive, orphaned
+        from stage2_student.checkpoint import DirectoryLock
+
+        DirectoryLock(str(out)).release()
+        CacheLock(str(cache_dir), exclusive=True).acquire().release()
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
 def test_evaluate_refuses_checkpoints_without_a_model(tiny, cache_dir, killed_run, tmp_path):
     out = copy_of(killed_run, tmp_path)
     (out / "run.json").unlink()
@@ -281,6 +369,9 @@ def test_evaluate_refuses_checkpoints_without_a_model(tiny, cache_dir, killed_ru
     ({"train.lr": "inf"}, "train.lr must be a finite number, got inf"),
     ({"train.lr": 0}, "train.lr must be positive, got 0.0"),
     ({"train.kd_weight": 0, "train.hard_weight": 0}, "train.kd_weight and train.hard_weight are both 0"),
+    ({"train.loss": "jsd", "train.loss_beta": 0}, "train.loss=jsd with train.loss_beta=0 is identically 0"),
+    ({"train.loss": "jsd", "train.loss_beta": 1}, "train.loss=jsd with train.loss_beta=1 is identically 0"),
+    ({"train.loss": "skew_kl", "train.loss_alpha": 1}, "train.loss=skew_kl with train.loss_alpha=1 is identically 0"),
     ({"train.hard_weight": -0.5}, "train.hard_weight must be 0 or more, got -0.5"),
     ({"train.warmup_ratio": 1.5}, r"train.warmup_ratio must be in [0, 1], got 1.5"),
     ({"train.warmup_ratio": -0.1}, r"train.warmup_ratio must be in [0, 1], got -0.1"),
@@ -428,6 +519,18 @@ def test_a_manifest_changed_between_epochs_stops_the_run(tiny, cache_dir, tmp_pa
         result = finish(process, tmp_path / "gate")
     assert_one_error_line(result, f"cache {copy} changed during the run", "checkpoints/step-2 is intact")
     assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+def test_a_staging_directory_is_refused_as_a_cache(tiny, cache_dir, tmp_path):
+    """`<cache.dir>.partial` holding a complete cache that stage one has not published (its swap was refused,
+    or it has not happened yet) is not read."""
+    staging = tmp_path / "cache.partial"
+    shutil.copytree(cache_dir, staging)
+    with pytest.raises(UserError, match=f"^{staging}/ is stage one's staging directory, not a published cache; "
+                                        f"rerun stage one's command to finish and publish it as {tmp_path}/cache, "
+                                        "and read that$"):
+        train_main(train_args(tiny, staging, tiny / "student", tmp_path / "out") + ["--cache", f"{staging}/"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_cache_being_written_by_stage_one_is_refused(tiny, cache_dir, tmp_path):
