@@ -95,9 +95,9 @@ class CacheConfig:
                                  "replacement; stage two's target is then the top-k probabilities plus r·count/t on "
                                  "the drawn ids (r the missing mass), an unbiased estimate of the teacher; 0 = none "
                                  "(the missing mass is one bucket)")
-    sample_temperature: float = setting(1.0, "sample mode and tail draws: temperature of the teacher distribution "
-                                             "drawn from (a tail cache's top-k log-probs are at it too); stage two's "
-                                             "train.temperature must equal it")
+    sample_temperature: Optional[float] = setting(
+        None, "sample mode and tail draws: temperature of the teacher distribution drawn from (a tail cache's "
+              "top-k log-probs are at it too); stage two must train at it; null = train.temperature of the same config")
     seed: int = setting(0, "sample mode and tail draws: seed of the generator (each block's draws from its own)")
     quantize: bool = setting(False, "topk mode: store the log-probs on a grid of √(p / p_max) (each probability "
                                     "within 1/1024, the k ids' mass kept) instead of lossless fp16: fewer bytes")
@@ -168,6 +168,12 @@ class EvalConfig:
     output: Optional[str] = setting(None, "JSON results; null = `<train.log_dir>/eval_<split>.json`")
     dtype: DTypeName = setting("auto", "weights of every scored model; `auto` = the dtype each model was saved "
                                        "in (its config.json), as `from_pretrained(dtype=\"auto\")`")
+
+
+def draw_temperature(cache: "CacheConfig", train: "TrainConfig") -> float:
+    """The temperature stage one draws at: cache.sample_temperature, or by default the train.temperature that
+    stage two will train at (the draws estimate the teacher at that temperature only)."""
+    return train.temperature if cache.sample_temperature is None else cache.sample_temperature
 
 
 @dataclass

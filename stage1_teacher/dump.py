@@ -45,7 +45,7 @@ from cache.writer import (
 )
 from common.alignment import AlignmentLog, truncate_vocab
 from common.cli import UserError, run_main
-from common.config import PipelineConfig, config_arg_parser, parse_args
+from common.config import PipelineConfig, config_arg_parser, draw_temperature, parse_args
 from common.data import BlockStream, source_settings
 from common.models import (
     load_causal_lm,
@@ -86,7 +86,7 @@ def test_hook(event: str) -> None:
 def check_settings(cfg: PipelineConfig) -> None:
     """Refuse, before anything is read or loaded, settings that cannot make a cache."""
     cache, teacher = cfg.cache, cfg.teacher
-    temperature = cache.sample_temperature
+    temperature = draw_temperature(cache, cfg.train)
     if not cache.dir.strip():
         raise UserError("cache.dir is empty")
     if os.path.normpath(cache.dir).endswith(STAGING_SUFFIX):
@@ -231,6 +231,8 @@ class TeacherDump:
                  if key not in OPERATIONAL_CACHE_KEYS and (MODE_CACHE_KEYS.get(key, cfg.cache.mode) == cfg.cache.mode
                                                            or (tail and key in DRAW_KEYS))
                  and not (key == "tail_draws" and not tail)}  # a top-k cache without tail draws: as before them
+        if "cache.sample_temperature" in cache:  # the temperature drawn at, whichever key set it
+            cache["cache.sample_temperature"] = draw_temperature(cfg.cache, cfg.train)
         return {"format_version": FORMAT_VERSION,
                 "datasets": {name: dataclasses.asdict(entry) for name, entry in self.datasets.items()},
                 "teacher.model": local(cfg.teacher.model), "teacher.config_hash": model_config_hash(self.model_config),
@@ -362,13 +364,14 @@ class TeacherDump:
         cache = self.cfg.cache
         if cache.mode == "topk" and cache.tail_draws:
             uniforms = block_uniforms(cache.seed, first_block, logits.size(0), logits.size(1), cache.tail_draws)
-            return topk_tail_targets(logits, self.vocab_size, cache.k, cache.sample_temperature, uniforms)
+            return topk_tail_targets(logits, self.vocab_size, cache.k, draw_temperature(cache, self.cfg.train),
+                                     uniforms)
         if cache.mode == "topk":
             return topk_targets(logits, self.vocab_size, cache.k)
         if cache.mode == "full":
             return full_targets(logits, self.vocab_size)
         uniforms = block_uniforms(cache.seed, first_block, logits.size(0), logits.size(1), cache.draws)
-        return sample_targets(logits, self.vocab_size, cache.sample_temperature, uniforms)
+        return sample_targets(logits, self.vocab_size, draw_temperature(cache, self.cfg.train), uniforms)
 
     # -- finish --------------------------------------------------------------------------------------------
     def finish(self) -> Manifest:
@@ -394,9 +397,10 @@ class TeacherDump:
 
     def manifest(self, records: list[ShardRecord]) -> Manifest:
         cfg, stats = self.cfg, self.stats
-        sample = SampleEntry(draws=cfg.cache.draws, temperature=cfg.cache.sample_temperature, slots=cfg.cache.draws,
+        temperature = draw_temperature(cfg.cache, cfg.train)
+        sample = SampleEntry(draws=cfg.cache.draws, temperature=temperature, slots=cfg.cache.draws,
                              seed=cfg.cache.seed) if cfg.cache.mode == "sample" else None
-        tail = SampleEntry(draws=cfg.cache.tail_draws, temperature=cfg.cache.sample_temperature,
+        tail = SampleEntry(draws=cfg.cache.tail_draws, temperature=temperature,
                            slots=cfg.cache.tail_draws, seed=cfg.cache.seed) \
             if cfg.cache.mode == "topk" and cfg.cache.tail_draws else None
         at = f" at temperature {tail.temperature} (the tail draws')" if tail and tail.temperature != 1.0 else ""

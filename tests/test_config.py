@@ -93,7 +93,7 @@ def non_default(dotted: str, default, hint):
     if hint is int:
         return 7 if default is None else default + 3
     if hint is float:
-        return default + 0.25
+        return 1.25 if default is None else default + 0.25
     return f"{dotted}-set"
 
 

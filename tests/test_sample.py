@@ -126,7 +126,8 @@ def test_draws_are_keyed_by_block_not_by_batch_or_stream():
 def sample_caches(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     for name in ("a", "b"):
-        dump_main(tiny_overrides(tiny, root / name, **{"cache.mode": "sample", "cache.draws": 50, "cache.seed": 5}))
+        dump_main(tiny_overrides(tiny, root / name, **{"cache.mode": "sample", "cache.draws": 50, "cache.seed": 5,
+                                                        "train.temperature": 1.0}))  # drawn at train.temperature
     return root
 
 

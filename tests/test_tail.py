@@ -16,7 +16,7 @@ from common.losses import KDLoss, TeacherTargets, student_losses
 from stage1_teacher.dump import main as dump_main
 from stage1_teacher.targets import block_uniforms, topk_tail_targets, topk_targets
 from stage2_student.train import main as train_main
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import REPO, run_cli, tiny_overrides
 
 
 def uniforms_for(shape: tuple[int, ...], draws: int, seed: int) -> torch.Tensor:
@@ -118,6 +118,15 @@ def test_tail_gradient_is_unbiased_and_the_bucket_gradient_is_not(temperature):
     assert ((biased - exact).abs() > 4.5 * se + 1e-7).any()  # the test has power: the bucket fails it
 
 
+def test_draws_are_made_at_the_training_temperature_unless_set():
+    from common.config import draw_temperature, load_config
+
+    for overrides, expected in (([], 2.0), (["train.temperature=1.0"], 1.0),
+                                (["train.temperature=1.0", "cache.sample_temperature=1.5"], 1.5)):
+        cfg = load_config(str(REPO / "pipeline.yaml"), overrides)  # the recipe's T = 2 unless overridden
+        assert draw_temperature(cfg.cache, cfg.train) == expected, overrides
+
+
 def test_tail_draws_are_keyed_by_block():
     torch.manual_seed(1)
     logits = torch.randn(4, 6, 300) * 2
@@ -130,7 +139,8 @@ def test_tail_draws_are_keyed_by_block():
 @pytest.fixture(scope="module")
 def tail_caches(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("tail")
-    common = {"cache.mode": "topk", "cache.k": 8, "cache.tail_draws": 16, "cache.seed": 5}
+    # drawn at train.temperature (cache.sample_temperature null, the default)
+    common = {"cache.mode": "topk", "cache.k": 8, "cache.tail_draws": 16, "cache.seed": 5, "train.temperature": 1.0}
     dump_main(tiny_overrides(tiny, root / "a", **common))
     dump_main(tiny_overrides(tiny, root / "b", **common, **{"teacher.batch_size": 3, "cache.shard_blocks": 4}))
     dump_main(tiny_overrides(tiny, root / "q", **common, **{"cache.quantize": "true"}))
