@@ -2,10 +2,7 @@
 between sessions, and helpers to drive the real entry points."""
 from __future__ import annotations
 
-import ast
 import fcntl
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -24,54 +21,6 @@ TEST_BLOCKS = 12
 BUILD_CACHE = REPO / ".cache"  # git-ignored: tiny builds, one directory per build key
 
 
-def _project_file(module: str) -> Path | None:
-    """The file of `module` if it is part of this repository (not a library), else None."""
-    path = REPO.joinpath(*module.split("."))
-    return next((f for f in (path.with_suffix(".py"), path / "__init__.py") if f.is_file()), None)
-
-
-def build_sources(package: str = "tiny_world") -> list[Path]:
-    """The files of `package` and every project file they import, transitively (imports inside functions
-    too, read from the source: a build may run code that was not imported yet when the key is computed)."""
-    todo, seen = sorted((REPO / package).glob("*.py")), set()
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom):
-                assert node.level == 0, f"{path}: relative imports are not followed here"
-                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            for name in names:
-                parts = name.split(".")
-                for depth in range(1, len(parts) + 1):  # importing a.b runs a/__init__.py first
-                    if (found := _project_file(".".join(parts[:depth]))) is not None:
-                        todo.append(found)
-    return sorted(seen)
-
-
-def tiny_build_key(seed: int, teacher_steps: int) -> str:
-    """Changes whenever the build could: its source, its settings or the libraries that compute it."""
-    import numpy
-    import tokenizers
-    import torch
-    import transformers
-
-    digest = hashlib.sha256()
-    for path in build_sources():
-        digest.update(f"{path.relative_to(REPO).as_posix()}\0".encode() + path.read_bytes() + b"\0")
-    settings = {"seed": seed, "teacher_steps": teacher_steps, "torch": torch.__version__,
-                "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-                "numpy": numpy.__version__}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
 def _file_states(root: Path) -> dict[str, tuple[int, int]]:
     return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
@@ -79,10 +28,10 @@ def _file_states(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="session")
 def tiny() -> Path:
     """The quick tiny build, reused across sessions while its key holds; tests only read it."""
-    from tiny_world.build import build
+    from tiny_world.build import build, build_key
     from tiny_world.corpus import SEED
 
-    out = BUILD_CACHE / f"tiny-{tiny_build_key(SEED, TEST_TEACHER_STEPS)}"
+    out = BUILD_CACHE / f"tiny-{build_key(SEED, TEST_TEACHER_STEPS)}"
     BUILD_CACHE.mkdir(exist_ok=True)
     with open(BUILD_CACHE / "tiny.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent session waits for this build instead of replacing it
