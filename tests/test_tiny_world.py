@@ -72,7 +72,6 @@ def test_two_fresh_builds_are_byte_identical(tmp_path):
     same bytes: corpus, tokenizer, teacher and student; an unseeded generator anywhere in the build fails this."""
     import hashlib
 
-
     digests = []
     for name, threads in (("a", "2"), ("b", "1")):
         code = f"import tiny_world.build as b; b.build({str(tmp_path / name)!r}, teacher_steps=12)"
