@@ -6,7 +6,7 @@ The writer calls `encode` on decoded arrays of n blocks and writes the result in
 (`h5_create_kwargs` gives each one's filters); the reader calls `decode` on what it read. Consumers never see
 the stored form: `CacheReader.block(i)` returns the decoded names for every format version.
 
-Format 2, per mode (the README's "The cache format" decodes a block in a dozen lines of numpy):
+Format 2, per mode (docs/cache-format.md decodes a block in a dozen lines of numpy):
 - top-k: each position's ids sorted ascending and stored as gaps (`id-gaps`; the entropy coder then spends
   about the bits the gaps need, not 32), their log-probs in that same order, fp16 as computed (`by-id`,
   lossless) or, with `cache.quantize`, q = round(√(p / p_max) · grid) (`sqrt-grid`) plus one float32 per

@@ -1,6 +1,6 @@
 """The on-disk cache format: names, the per-block datasets and their meaning. Readable with `json`, `h5py`
 and `hdf5plugin` (for the zstd filter). This module is the one definition of the dataset tables (the
-README's copies are checked against them by tests/test_manifest.py); the manifest's fields are defined in
+copies in docs/cache-format.md are checked against them by tests/test_manifest.py); the manifest's fields are defined in
 `cache/manifest.py`, the encodings in `cache/encoding.py`.
 
 <dir>/manifest.json        written last; a directory without it is an incomplete cache
@@ -67,7 +67,7 @@ def decoded_datasets(mode: str, tail: bool) -> tuple[str, ...]:
 
 
 def dataset_table_markdown() -> str:
-    """The dataset table as the README shows it."""
+    """The dataset table as docs/cache-format.md shows it."""
     rows = ["| dataset | shape | dtype | mode | meaning |", "| --- | --- | --- | --- | --- |"]
     for d in DATASETS:
         modes = "all" if d.modes == MODES else ", ".join(d.modes) + (" + tail" if d.name in TAIL_DATASETS else "")
@@ -142,7 +142,7 @@ def stored_shape(d: StoredDef, seq_len: int, k: int | None, vocab_size: int, slo
 
 
 def stored_table_markdown() -> str:
-    """The format-2 stored datasets as the README shows them."""
+    """The format-2 stored datasets as docs/cache-format.md shows them."""
     rows = ["| stored dataset | shape | dtype | encoding | gives | meaning |", "| --- | --- | --- | --- | --- | --- |"]
     for d in STORED_DATASETS:
         shape = "[n, " + ", ".join(s.replace("*", "·") for s in d.shape) + "]"

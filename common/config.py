@@ -2,7 +2,7 @@
 
 The schema is the dataclasses below: each key's type, default and help text. A key that is not a field,
 or a value of the wrong type or outside a closed set of names (`Literal`), is a `UserError` naming it.
-`python -m common.config --markdown` prints the README's table of keys from this schema; every command's
+`python -m common.config --markdown` prints docs/configuration.md's table of keys from this schema; every command's
 `--help` lists them too.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ DeviceMapName = Literal["auto"]  # accelerate's big-model dispatch of one model 
 
 
 def setting(default: Any, doc: str) -> Any:
-    """A config key: its default and the help text that --help and the README table show."""
+    """A config key: its default and the help text that --help and the docs' key table show."""
     return field(default=default, metadata={"help": doc})
 
 
@@ -134,7 +134,7 @@ class TrainConfig:
     loss_alpha: float = setting(0.1, "`skew_kl`: α, the teacher's weight in the skewed student")
     loss_chunk: int = setting(128, "positions per loss chunk where the loss needs a temporary of the "
                                    "vocabulary's size (full distributions, bf16 logits): bounds its memory "
-                                   "(`docs/benchmarks.md`)")
+                                   "(`docs/performance.md`)")
     precision: Precision = setting("auto", "autocast's compute mode, not a weight dtype (that is student.dtype): "
                                            "`auto` = bf16 on a GPU that has it, else off; `fp32` = off")
     gradient_checkpointing: bool = setting(False, "recompute the student's activations in the backward pass")
@@ -337,7 +337,7 @@ def key_docs() -> Iterator[KeyDoc]:
 
 
 def config_keys_markdown() -> str:
-    """The README's table of keys."""
+    """docs/configuration.md's table of keys."""
     def code(words: list[str]) -> str:
         return ", ".join(w if w in _TYPE_WORDS.values() else f"`{w}`" for w in words)
 
@@ -376,7 +376,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[ar
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m common.config",
                                      description="Print every config key: default, allowed values, help.")
-    parser.add_argument("--markdown", action="store_true", help="as the README's table")
+    parser.add_argument("--markdown", action="store_true", help="as docs/configuration.md's table")
     args = parser.parse_args(argv)
     sys.stdout.write(config_keys_markdown() if args.markdown else config_keys_text())
     return 0

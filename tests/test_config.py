@@ -323,7 +323,7 @@ def test_cli_user_error_is_one_line_and_status_2(cli_results, case):
 
 # --- the keys' documentation: one source, the schema ----------------------------------------------------
 
-README = REPO_ROOT / "README.md"
+KEYS_PAGE = REPO_ROOT / "docs" / "configuration.md"
 TABLE_BEGIN, TABLE_END = "<!-- BEGIN config keys -->\n", "<!-- END config keys -->"
 
 
@@ -353,12 +353,13 @@ def test_key_table_lists_every_key():
     assert rows["train.lr"][1:3] == ["`2e-05`", "number"]
 
 
-def test_readme_key_table_is_generated_from_the_schema():
-    readme = README.read_text(encoding="utf-8")
+def test_the_docs_key_table_is_generated_from_the_schema():
+    readme = KEYS_PAGE.read_text(encoding="utf-8")
     assert readme.count(TABLE_BEGIN) == 1 and readme.count(TABLE_END) == 1
     table = readme[readme.index(TABLE_BEGIN) + len(TABLE_BEGIN): readme.index(TABLE_END)]
     assert table == config_keys_markdown(), \
-        "README.md's key table differs from the schema: paste `python -m common.config --markdown` between the markers"
+        "docs/configuration.md's key table differs from the schema: paste `python -m common.config --markdown` " \
+        "between the markers"
 
 
 def test_markdown_command_prints_the_table(capsys):

@@ -1,5 +1,5 @@
 """Format 2's encodings: every one round-trips (lossless ones bit-exact, the quantized one within its bound
-with the mass kept) on random and adversarial data; the README's numpy decoder agrees with the reader; a
+with the mass kept) on random and adversarial data; the numpy decoder of docs/cache-format.md agrees with the reader; a
 format-1 cache written here with plain h5py + json reads identically and still trains; the reader hands
 out no damaged block (one line naming the shard and block), and stage one prints the bytes per token."""
 from __future__ import annotations
@@ -297,12 +297,12 @@ def write_cache_of_mode(cache_dir: Path, mode: str, arrays: dict[str, np.ndarray
 
 
 def readme_decoder():
-    """The README's numpy decoder, executed as written."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    """The numpy decoder of docs/cache-format.md, executed as written."""
+    readme = (REPO / "docs" / "cache-format.md").read_text(encoding="utf-8")
     code = re.search(r"<!-- BEGIN decode example -->\n```python\n(.*?)```\n<!-- END decode example -->", readme, re.S)
-    assert code, "README lacks the decode example"
+    assert code, "docs/cache-format.md lacks the decode example"
     namespace: dict = {}
-    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    exec(compile(code.group(1), "docs/cache-format.md", "exec"), namespace)
     return namespace["read_block"]
 
 

@@ -1,5 +1,5 @@
 """bench/gpu_check.py's own arithmetic and refusals; its run on a GPU is not part of the suite (no GPU here),
-its whole path on the CPU is `python -m bench.gpu_check --smoke --device cpu` (docs/benchmarks.md)."""
+its whole path on the CPU is `python -m bench.gpu_check --smoke --device cpu` (docs/performance.md)."""
 from __future__ import annotations
 
 import pytest

@@ -92,10 +92,10 @@ def test_supported_versions_are_the_written_one_and_older():
 
 @pytest.mark.parametrize("table, generate", [("dataset table", dataset_table_markdown),
                                              ("stored table", stored_table_markdown)])
-def test_readme_tables_are_the_format_definition(table, generate):
-    readme = (REPO / "README.md").read_text()
-    match = re.search(rf"<!-- BEGIN {table} -->\n(.*?)\n<!-- END {table} -->", readme, re.S)
-    assert match, f"README lacks the {table} markers"
+def test_the_docs_tables_are_the_format_definition(table, generate):
+    page = (REPO / "docs" / "cache-format.md").read_text()
+    match = re.search(rf"<!-- BEGIN {table} -->\n(.*?)\n<!-- END {table} -->", page, re.S)
+    assert match, f"docs/cache-format.md lacks the {table} markers"
     assert match.group(1).strip() == generate()
 
 
