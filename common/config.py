@@ -172,8 +172,8 @@ class EvalConfig:
                                               "length (its config), at most 2048")
     stride: Optional[int] = setting(None, "`strided`: sliding-window stride in tokens; null = data.seq_len / 2")
     batch_size: int = setting(8, "windows per forward")
-    max_windows: Optional[int] = setting(None, "score only the first windows (`strided`), documents (`lm-eval`), "
-                                               "and blocks of the `--cache` teacher; null = all")
+    max_windows: Optional[int] = setting(None, "score only the first windows (`strided`) or documents (`lm-eval`); "
+                                               "null = all")
     output: Optional[str] = setting(None, "JSON results; null = `<train.log_dir>/eval_<split>.json`")
     dtype: DTypeName = setting("auto", "weights of every scored model; `auto` = the dtype each model was saved "
                                        "in (its config.json), as `from_pretrained(dtype=\"auto\")`")

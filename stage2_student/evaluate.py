@@ -162,8 +162,7 @@ def evaluate_model(model_dir: str, text: list[str] | list[Document], cfg: Pipeli
     if fidelity is not None:
         score = dataclasses.replace(score, **asdict(fidelity.result()), fidelity_positions=fidelity.positions)
     if cache is not None:
-        result, positions = cache_fidelity(model, cache, device, cfg.eval.batch_size, cfg.eval.max_windows,
-                                           cfg.cache.k)
+        result, positions = cache_fidelity(model, cache, device, cfg.eval.batch_size, cfg.cache.k)
         score = dataclasses.replace(score, **asdict(result), fidelity_positions=positions)
     return score
 

@@ -47,6 +47,16 @@ def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
 
+def top_k_mask(log_p: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, V] True at each row's k most likely ids, ties by ascending id (as stage one's top-k ids)."""
+    k = min(k, log_p.size(-1))
+    threshold = log_p.topk(k, dim=-1).values[:, -1:]
+    above = log_p > threshold
+    at = log_p == threshold
+    room = k - above.sum(-1, keepdim=True)  # how many of the ids at the threshold are in, the lowest ids first
+    return above | (at & (at.cumsum(-1) <= room))
+
+
 class Fidelity:
     """Sums over positions; `result()` the means. Model log-probs `q` are [N, V] fp32 over the real vocabulary."""
 
@@ -71,8 +81,10 @@ class Fidelity:
         self.kl += torch.sum(log_p.exp() * (log_p - q), dim=-1, dtype=torch.float64).sum().item()
         self._agreement(q, log_p.argmax(-1))
         if self.k:
-            top_p, top_ids = log_p.topk(min(self.k, log_p.size(-1)), dim=-1)
-            self._mass(q, top_ids, top_p)
+            top = top_k_mask(log_p, self.k)
+            self.has_mass = True
+            self.model_mass += torch.sum(q.exp() * top, dtype=torch.float64).item()
+            self.teacher_mass += torch.sum(log_p.exp() * top, dtype=torch.float64).item()
 
     def add_topk(self, q: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor,
                  tail_ids: torch.Tensor | None = None, tail_counts: torch.Tensor | None = None) -> None:
@@ -127,13 +139,13 @@ def cache_estimator(manifest: Manifest) -> str:
 
 @torch.inference_mode()
 def cache_fidelity(model: torch.nn.Module, reader: CacheReader, device: torch.device, batch_size: int,
-                   max_blocks: int | None, k: int) -> tuple[FidelityScore, int]:
-    """The fidelity of `model` on the cache's positions (all L of each block: position t holds the teacher's
-    distribution of token t+1 given the block's tokens up to t); and the number of positions."""
+                   k: int) -> tuple[FidelityScore, int]:
+    """The fidelity of `model` on every position of the cache (all L of each block: position t holds the
+    teacher's distribution of token t+1 given the block's tokens up to t); and the number of positions."""
     manifest = reader.manifest
     temperature, vocab = cache_temperature(manifest), manifest.vocab_size
     fidelity = Fidelity(k if manifest.mode == "full" else manifest.k)
-    blocks = list(range(min(reader.num_blocks, max_blocks or reader.num_blocks)))
+    blocks = list(range(reader.num_blocks))
     for start in range(0, len(blocks), batch_size):
         items = [reader.block(i) for i in blocks[start:start + batch_size]]
         batch = {name: torch.from_numpy(np.stack([item[name] for item in items])) for name in items[0]}

@@ -127,3 +127,23 @@ def test_evaluate_on_the_data_a_cache_was_made_from(tiny, tmp_path):
                                                              "eval.output": from_cache})])
     a, b = (json.loads(p.read_text()) for p in (direct, from_cache))
     assert b["seq_len"] == 64 and a["results"][0]["perplexity"] == b["results"][0]["perplexity"]
+    # a cache of another split than eval.split gives the data settings only, no teacher fidelity
+    assert b["fidelity"] is None and b["results"][0]["kl_to_teacher"] is None
+
+
+def test_a_live_teacher_against_itself(tiny, tmp_path):
+    """eval.protocol=lm-eval with --teacher: KL 0, full agreement, the teacher's whole top-k mass, on every token
+    the documents' rolling windows score."""
+    output = tmp_path / "eval.json"
+    evaluate_main(["--model", str(tiny / "teacher"), "--model", str(tiny / "student"),
+                   "--teacher", str(tiny / "teacher"),
+                   *tiny_overrides(tiny, tmp_path / "unused", **{"eval.split": "test", "eval.max_windows": 3,
+                                                                  "eval.max_length": 64, "eval.output": output})])
+    report = json.loads(output.read_text())
+    teacher, student = report["results"]
+    assert report["protocol"] == "lm-eval" and report["fidelity"]["source"] == "teacher"
+    assert teacher["fidelity_positions"] == teacher["tokens"] and teacher["windows"] > 3
+    assert abs(teacher["kl_to_teacher"]) < 1e-6 and teacher["top1_agreement"] == 1.0
+    assert teacher["topk_mass_share"] == pytest.approx(1.0)
+    assert student["kl_to_teacher"] > 0.1 and student["top1_agreement"] < 1.0
+    assert teacher["word_perplexity"] > teacher["byte_perplexity"] > 1.0
