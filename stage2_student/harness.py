@@ -140,6 +140,9 @@ def load_documents(data: DataConfig, split: str, limit: int | None = None) -> tu
     if limit is not None:
         documents = documents[:limit]
         how += f", the first {len(documents)} scored"
+    if not any(doc.text for doc in documents):
+        raise UserError(f"{source.description} has no document to score"
+                        + (f" in its first {limit} (eval.max_windows)" if limit is not None else ""))
     return documents, how
 
 
