@@ -330,8 +330,9 @@ def evaluate(out: str, models: list[tuple[str, str]], local_dir: str, scale: Sca
         output = os.path.join(out, f"eval_test_{index}.json")
         args = [a for name, path in group for a in ("--model", path, "--name", name)]
         args += ["--teacher", os.path.join(out, "teacher")]
+        # the study's numbers are strided token perplexities (docs/results.md): not the lm-eval default protocol
         args += overrides({"data.local_dir": local_dir, "data.seq_len": scale.seq_len, "eval.split": "test",
-                           "eval.stride": scale.eval_stride, "eval.output": output})
+                           "eval.protocol": "strided", "eval.stride": scale.eval_stride, "eval.output": output})
         run_cli("stage2_student.evaluate", args, os.path.join(out, "logs", f"evaluate_{index}.log"),
                 threads=1 if jobs > 1 else None)
         with open(output) as fh:

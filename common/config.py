@@ -33,6 +33,7 @@ ResumeMode = Literal["auto", "never"]  # what stage two does with the checkpoint
 RowKind = Literal["lines", "documents"]  # how a split's rows become one token stream (common.data)
 DataRows = Literal["auto", RowKind]
 DeviceMapName = Literal["auto"]  # accelerate's big-model dispatch of one model over every visible device
+EvalProtocol = Literal["lm-eval", "strided"]  # how stage2_student.evaluate scores a split
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -162,9 +163,17 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     split: str = setting("test", "split to score")
-    stride: Optional[int] = setting(None, "sliding-window stride in tokens; null = data.seq_len / 2")
+    protocol: EvalProtocol = setting("lm-eval", "`lm-eval`: lm-evaluation-harness's `wikitext` task: each document "
+                                                "(WikiText article, or row of `.jsonl`/`.parquet` files) scored on "
+                                                "its own with rolling windows of eval.max_length tokens; word and "
+                                                "byte perplexity, bits per byte (`docs/evaluation.md`); `strided`: "
+                                                "one token stream, windows of data.seq_len every eval.stride tokens")
+    max_length: Optional[int] = setting(None, "`lm-eval`: tokens per rolling window; null = the model's context "
+                                              "length (its config), at most 2048")
+    stride: Optional[int] = setting(None, "`strided`: sliding-window stride in tokens; null = data.seq_len / 2")
     batch_size: int = setting(8, "windows per forward")
-    max_windows: Optional[int] = setting(None, "score only the first windows; null = all")
+    max_windows: Optional[int] = setting(None, "score only the first windows (`strided`) or documents (`lm-eval`); "
+                                               "null = all")
     output: Optional[str] = setting(None, "JSON results; null = `<train.log_dir>/eval_<split>.json`")
     dtype: DTypeName = setting("auto", "weights of every scored model; `auto` = the dtype each model was saved "
                                        "in (its config.json), as `from_pretrained(dtype=\"auto\")`")

@@ -1,12 +1,21 @@
-"""`python -m stage2_student.evaluate --model DIR [--model DIR …] [--name LABEL …] [--teacher DIR] [key=value …]`
+"""`python -m stage2_student.evaluate --model DIR [--model DIR …] [--name LABEL …] [--teacher DIR | --cache DIR] …`
 
 Perplexity (and next-token calibration error) of any causal LM — teacher, student before, student
-after — on a WikiText-2 split, with the standard sliding-window method: windows of data.seq_len tokens
-every eval.stride tokens (default seq_len/2), each token scored once, with as much left context as the
-window gives. Bits per byte are the scored tokens' NLL in bits over their text's UTF-8 bytes.
-With `--teacher`, also the fidelity to that teacher on the same windows: the mean KL(teacher ‖ model) per
-scored token and the share of tokens whose most likely next token is the teacher's (same tokenizer needed).
-Probabilities are taken over the real vocabulary (len(tokenizer)), not the padded embedding rows.
+after — on a split (eval.split), by one of two protocols (eval.protocol):
+
+- `lm-eval` (default): lm-evaluation-harness's `wikitext` task (stage2_student/harness.py): each document
+  (a WikiText article, detokenized; a row of `.jsonl`/`.parquet` files) scored on its own with the
+  harness's rolling windows of eval.max_length tokens; word perplexity, byte perplexity and bits per byte
+  as the harness computes them, numbers that compare across tokenizers and with published ones, and the
+  token perplexity beside them.
+- `strided`: one token stream, windows of data.seq_len tokens every eval.stride tokens (default
+  seq_len/2), each token scored once, with as much left context as the window gives. Bits per byte are
+  the scored tokens' NLL in bits over their text's UTF-8 bytes. Probabilities over the real vocabulary.
+
+Teacher fidelity (stage2_student/fidelity.py): with `--teacher`, on the scored positions, exactly; with
+`--cache` of the evaluated split, on the cache's positions against the distributions it holds (exact for a
+full cache, estimated for sparse ones): mean KL(teacher ‖ model) per position, top-1 agreement and the
+share of the teacher's top-k mass the model puts on the same ids. Same tokenizer needed.
 """
 from __future__ import annotations
 
@@ -26,12 +35,24 @@ import numpy as np
 import torch
 
 from cache.manifest import Manifest, load_manifest
+from cache.reader import CacheReader
 from common.alignment import vocab_logprobs
 from common.cli import UserError, run_main
 from common.config import DataConfig, PipelineConfig, config_arg_parser, parse_args
 from common.data import load_rows, row_kind, tokenize_stream
 from common.models import DTYPES, load_causal_lm, load_tokenizer, resolve_device, tokenizer_hash
 from stage2_student.checkpoint import check_finished_model
+from stage2_student.fidelity import Fidelity, cache_estimator, cache_fidelity, cache_temperature
+from stage2_student.harness import (
+    Document,
+    context_length,
+    encode,
+    harness_metrics,
+    load_documents,
+    max_length_for,
+    prefix_token_id,
+    rolling_windows,
+)
 
 ECE_BINS = 15
 
@@ -59,15 +80,24 @@ def sliding_windows(num_tokens: int, length: int, stride: int) -> list[Window]:
 @dataclass
 class Score:
     model: str
-    perplexity: float
-    nll: float
+    perplexity: float  # per token of the model's tokenizer
+    nll: float  # nats per token
     ece: float
     accuracy: float
     tokens: int
     windows: int
-    bits_per_byte: float
-    kl_to_teacher: float | None = None  # with --teacher: mean KL(teacher ‖ model) per scored token, nats
-    top1_agreement: float | None = None  # with --teacher: share of scored tokens with the teacher's argmax
+    bits_per_byte: float  # lm-eval: the harness's (Σ NLL over the documents' UTF-8 bytes); strided: see the docstring
+    word_perplexity: float | None = None  # lm-eval only
+    byte_perplexity: float | None = None  # lm-eval only
+    documents: int | None = None  # lm-eval only
+    words: int | None = None  # lm-eval only: the documents' words (re.split(r"\s+", page))
+    bytes: int | None = None  # the scored text's UTF-8 bytes
+    max_length: int | None = None  # lm-eval only: tokens per rolling window
+    kl_to_teacher: float | None = None  # with --teacher or --cache: mean KL(teacher ‖ model) per position, nats
+    top1_agreement: float | None = None  # share of positions with the teacher's most likely token
+    topk_mass_share: float | None = None  # the model's mass on the teacher's top-k ids over the teacher's
+    kl_lower_bound: float | None = None  # top-k caches: the k+1-bucket KL, a lower bound (stage2_student/fidelity.py)
+    fidelity_positions: int | None = None
 
 
 class Scorer:
@@ -75,17 +105,14 @@ class Scorer:
 
     def __init__(self) -> None:
         self.nll, self.count = 0.0, 0
-        self.kl, self.agree = 0.0, 0
         self.bin_conf = np.zeros(ECE_BINS)
         self.bin_correct = np.zeros(ECE_BINS)
         self.bin_count = np.zeros(ECE_BINS)
 
-    def add(self, logprobs: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None) -> None:
-        """logprobs [N, V] fp32 for the next token, labels [N]; `teacher`: its logprobs [N, V] there."""
-        if teacher is not None:
-            self.kl += (teacher.exp() * (teacher - logprobs)).sum().item()
-            self.agree += int((teacher.argmax(-1) == logprobs.argmax(-1)).sum())
-        self.nll -= logprobs.gather(-1, labels[:, None]).sum().item()
+    def add(self, logprobs: torch.Tensor, labels: torch.Tensor) -> float:
+        """logprobs [N, V] fp32 for the next token, labels [N]; returns their log-likelihood (nats, ≤ 0)."""
+        loglikelihood = logprobs.gather(-1, labels[:, None]).sum(dtype=torch.float64).item()
+        self.nll -= loglikelihood
         self.count += labels.numel()
         conf, pred = logprobs.max(-1)
         conf = conf.exp().cpu().numpy()
@@ -94,20 +121,21 @@ class Scorer:
         np.add.at(self.bin_conf, bins, conf)
         np.add.at(self.bin_correct, bins, correct)
         np.add.at(self.bin_count, bins, 1)
+        return loglikelihood
 
-    def result(self, model: str, windows: int, text_bytes: int, with_teacher: bool) -> Score:
+    def result(self, model: str, windows: int, text_bytes: int) -> Score:
         nll = self.nll / self.count
         ece = float(np.abs(self.bin_correct - self.bin_conf).sum() / self.count)
-        fidelity = (self.kl / self.count, self.agree / self.count) if with_teacher else (None, None)
         return Score(model, math.exp(nll), nll, ece, float(self.bin_correct.sum() / self.count), self.count, windows,
-                     self.nll / math.log(2) / max(text_bytes, 1), *fidelity)
+                     self.nll / math.log(2) / max(text_bytes, 1), bytes=text_bytes)
 
 
 @dataclass
 class Teacher:
-    """The model others are compared with (`--teacher`), and its tokenizer's hash."""
+    """The model others are compared with (`--teacher`), its tokenizer's hash and its context length."""
     model: torch.nn.Module
     tokenizer_hash: str
+    context: int
 
 
 def load_model(model_dir: str, cfg: PipelineConfig, device: torch.device) -> torch.nn.Module:
@@ -115,14 +143,37 @@ def load_model(model_dir: str, cfg: PipelineConfig, device: torch.device) -> tor
     return load_causal_lm(model_dir, "model", device, dtype).eval()
 
 
+def _forward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
 @torch.inference_mode()
-def evaluate_model(model_dir: str, rows: list[str], cfg: PipelineConfig, device: torch.device,
-                   teacher: Teacher | None = None) -> Score:
-    """Each model is scored on the rows as its own tokenizer splits them, in its own dtype (eval.dtype)."""
+def evaluate_model(model_dir: str, text: list[str] | list[Document], cfg: PipelineConfig, device: torch.device,
+                   teacher: Teacher | None = None, cache: CacheReader | None = None) -> Score:
+    """Each model is scored on the text (strided: rows; lm-eval: documents) as its own tokenizer splits it, in
+    its own dtype (eval.dtype); with `teacher` or `cache`, its fidelity to that teacher too."""
     tokenizer = load_tokenizer(model_dir, "tokenizer")
     if teacher is not None and tokenizer_hash(tokenizer) != teacher.tokenizer_hash:
         raise UserError(f"{model_dir} has another tokenizer than --teacher: KL and agreement need the same tokens")
+    if cache is not None and tokenizer_hash(tokenizer) != cache.manifest.tokenizer.hash:
+        raise UserError(f"{model_dir} has another tokenizer than the cache {cache.dir}: KL and agreement need the "
+                        "same tokens")
     model = load_model(model_dir, cfg, device)
+    fidelity = Fidelity(cfg.cache.k) if teacher is not None else None
+    if cfg.eval.protocol == "strided":
+        score = _strided(model, tokenizer, text, cfg, device, teacher, fidelity, model_dir)
+    else:
+        score = _rolling(model, tokenizer, text, cfg, device, teacher, fidelity, model_dir)
+    if fidelity is not None:
+        score = dataclasses.replace(score, **asdict(fidelity.result()), fidelity_positions=fidelity.positions)
+    if cache is not None:
+        result, positions = cache_fidelity(model, cache, device, cfg.eval.batch_size, cfg.cache.k)
+        score = dataclasses.replace(score, **asdict(result), fidelity_positions=positions)
+    return score
+
+
+def _strided(model, tokenizer, rows: list[str], cfg: PipelineConfig, device: torch.device, teacher: Teacher | None,
+             fidelity: Fidelity | None, model_dir: str) -> Score:
     stream = tokenize_stream(tokenizer, rows, row_kind(cfg.data))
     length = cfg.data.seq_len
     windows = sliding_windows(len(stream), length, eval_stride(cfg))
@@ -133,17 +184,54 @@ def evaluate_model(model_dir: str, rows: list[str], cfg: PipelineConfig, device:
     for i in range(0, len(windows), cfg.eval.batch_size):
         for same in _by_length(windows[i:i + cfg.eval.batch_size]):
             ids = torch.from_numpy(np.stack([stream[w.begin:w.end] for w in same])).to(device, torch.long)
-            logprobs = vocab_logprobs(model(input_ids=ids, use_cache=False).logits[:, :-1], vocab)
-            reference = None if teacher is None else \
-                vocab_logprobs(teacher.model(input_ids=ids, use_cache=False).logits[:, :-1], vocab)
+            logprobs = vocab_logprobs(_forward(model, ids)[:, :-1], vocab)
+            reference = None if teacher is None else vocab_logprobs(_forward(teacher.model, ids)[:, :-1], vocab)
             for row, window in enumerate(same):
                 first = max(ids.size(1) - 1 - window.scored, 0)  # the first token has no prediction
-                scorer.add(logprobs[row, first:], ids[row, first + 1:],
-                           None if reference is None else reference[row, first:])
+                scorer.add(logprobs[row, first:], ids[row, first + 1:])
+                if fidelity is not None:
+                    fidelity.add_full(logprobs[row, first:], reference[row, first:])
                 scored.append(ids[row, first + 1:].cpu())
     # the scored tokens follow each other in the stream: their text is one decode
     text_bytes = len(tokenizer.decode(torch.cat(scored).tolist()).encode("utf-8"))
-    return scorer.result(model_dir, len(windows), text_bytes, teacher is not None)
+    return scorer.result(model_dir, len(windows), text_bytes)
+
+
+def _rolling(model, tokenizer, documents: list[Document], cfg: PipelineConfig, device: torch.device,
+             teacher: Teacher | None, fidelity: Fidelity | None, model_dir: str) -> Score:
+    """lm-evaluation-harness's rolling log-likelihood of each document (stage2_student/harness.py)."""
+    prefix = prefix_token_id(tokenizer)
+    max_length = max_length_for(model.config, tokenizer, cfg.eval.max_length, model_dir)
+    if teacher is not None and teacher.context < max_length:
+        raise UserError(f"--teacher's context ({teacher.context} tokens) is shorter than the windows of {model_dir} "
+                        f"({max_length}): set eval.max_length")
+    sequences = [torch.tensor([prefix] + encode(tokenizer, doc.text, prefix)) for doc in documents]
+    windows = [(d, w) for d, seq in enumerate(sequences) for w in rolling_windows(len(seq) - 1, max_length)]
+    windows.sort(key=lambda item: item[1].begin - item[1].end)  # longest first, as the harness batches them
+    vocab, scorer = len(tokenizer), Scorer()
+    loglikelihood = [0.0] * len(documents)
+    for i in range(0, len(windows), cfg.eval.batch_size):
+        batch = windows[i:i + cfg.eval.batch_size]
+        width = max(w.end - w.begin for _, w in batch)
+        ids = torch.full((len(batch), width), prefix, dtype=torch.long)  # padded on the right: causal, unseen
+        for row, (d, w) in enumerate(batch):
+            ids[row, : w.end - w.begin] = sequences[d][w.begin:w.end]
+        ids = ids.to(device)
+        logits = _forward(model, ids)
+        reference = None if teacher is None else _forward(teacher.model, ids)
+        for row, (d, w) in enumerate(batch):
+            first, last = w.end - w.begin - w.scored, w.end - w.begin
+            labels = sequences[d][w.begin + 1 + first: w.end + 1].to(device)
+            # over every logit the model computes, as the harness
+            loglikelihood[d] += scorer.add(torch.log_softmax(logits[row, first:last].float(), dim=-1), labels)
+            if fidelity is not None:
+                fidelity.add_full(vocab_logprobs(logits[row, first:last], vocab),
+                                  vocab_logprobs(reference[row, first:last], vocab))
+    words, text_bytes = sum(doc.words for doc in documents), sum(doc.bytes for doc in documents)
+    metrics = harness_metrics(sum(loglikelihood), words, text_bytes)
+    return dataclasses.replace(scorer.result(model_dir, len(windows), text_bytes), bits_per_byte=metrics.bits_per_byte,
+                               word_perplexity=metrics.word_perplexity, byte_perplexity=metrics.byte_perplexity,
+                               documents=len(documents), words=words, max_length=max_length)
 
 
 def data_config_of(manifest: Manifest, data: DataConfig) -> DataConfig:
@@ -166,17 +254,39 @@ def _by_length(windows: list[Window]) -> list[list[Window]]:
     return list(groups.values())
 
 
+def _columns(scores: list[Score]) -> list[tuple[str, str, str]]:
+    """(header, Score field, format) of the table's columns: the protocol's, then the fidelity's if measured."""
+    columns = [("word ppl", "word_perplexity", ".3f"), ("byte ppl", "byte_perplexity", ".4f")] \
+        if scores[0].word_perplexity is not None else []
+    columns += [("bits/byte", "bits_per_byte", ".4f"), ("token ppl", "perplexity", ".3f"), ("ECE", "ece", ".4f"),
+                ("top-1 acc", "accuracy", ".4f"), ("tokens", "tokens", "d")]
+    if scores[0].kl_to_teacher is not None:
+        columns += [("KL to teacher", "kl_to_teacher", ".4f"), ("agreement", "top1_agreement", ".4f")]
+        if scores[0].topk_mass_share is not None:
+            columns.append(("top-k mass", "topk_mass_share", ".4f"))
+    return columns
+
+
 def print_table(scores: list[Score], names: list[str]) -> None:
-    fidelity = scores and scores[0].kl_to_teacher is not None
-    extra = f" {'KL to teacher':>13} | {'agreement':>9} |" if fidelity else ""
-    print(f"| {'model':<32} | {'perplexity':>10} | {'bits/byte':>9} | {'ECE':>6} | {'top-1 acc':>9} | "
-          f"{'tokens':>8} |{extra}")
-    print(f"|{'-' * 34}|{'-' * 12}|{'-' * 11}|{'-' * 8}|{'-' * 11}|{'-' * 10}|" + ("-" * 15 + "|" + "-" * 11 + "|")
-          * bool(fidelity))
-    for name, s in zip(names, scores):
-        extra = f" {s.kl_to_teacher:>13.4f} | {s.top1_agreement:>9.4f} |" if fidelity else ""
-        print(f"| {name:<32} | {s.perplexity:>10.3f} | {s.bits_per_byte:>9.4f} | {s.ece:>6.4f} | {s.accuracy:>9.4f} | "
-              f"{s.tokens:>8} |{extra}")
+    """One Markdown table, a row per model."""
+    columns = _columns(scores)
+    cells = [[format(getattr(score, key), spec) for _, key, spec in columns] for score in scores]
+    widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, (header, _, _) in enumerate(columns)]
+    name_width = max([32] + [len(name) for name in names])
+    print(f"| {'model':<{name_width}} | " + " | ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths)) + " |")
+    print(f"|{'-' * (name_width + 2)}|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for name, row in zip(names, cells):
+        print(f"| {name:<{name_width}} | " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |")
+
+
+def fidelity_cache(path: str, manifest: Manifest, cfg: PipelineConfig) -> CacheReader | None:
+    """The `--cache` whose teacher distributions the models are compared with: a cache of the evaluated split
+    (a held-out split's cache); a cache of another split only gives the data settings."""
+    if manifest.dataset.split != cfg.eval.split:
+        print(f"[eval] the cache holds split {manifest.dataset.split}, not eval.split={cfg.eval.split}: its data "
+              f"settings are used, no teacher fidelity (dump a cache of split {cfg.eval.split} for it)")
+        return None
+    return CacheReader(path)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -185,33 +295,61 @@ def main(argv: Sequence[str]) -> int:
                         help="model directory or hub id; repeat for several")
     parser.add_argument("--name", action="append", default=None, help="label per --model, in order")
     parser.add_argument("--teacher", default=None, metavar="DIR",
-                        help="also report each model's KL(teacher ‖ model) and top-1 agreement with this model")
+                        help="also report each model's fidelity to this live teacher on the scored positions: "
+                             "KL(teacher ‖ model), top-1 agreement, top-k mass share")
     parser.add_argument("--cache", default=None, metavar="DIR",
-                        help="evaluate on the dataset and block length this stage-one cache was made from "
-                             "(its manifest's data settings replace data.*)")
+                        help="evaluate on the dataset this stage-one cache was made from (its manifest's data "
+                             "settings replace data.*); if it is a cache of eval.split, also report each model's "
+                             "fidelity to the teacher distributions it holds, on its positions")
     args, cfg = parse_args(parser, argv)
     names = args.name or args.model
     if len(names) != len(args.model):
         raise UserError(f"got {len(names)} --name for {len(args.model)} --model")
+    if args.teacher is not None and args.cache is not None:
+        raise UserError("--teacher and --cache both give a teacher to compare with; give one (set data.* for the "
+                        "data settings of a cache)")
     for model in args.model + ([args.teacher] if args.teacher else []):  # before any model or data is loaded
         check_finished_model(model)
+    cache = None
     if args.cache is not None:
-        cfg.data = data_config_of(load_manifest(args.cache), cfg.data)
+        manifest = load_manifest(args.cache)
+        cfg.data = data_config_of(manifest, cfg.data)
+        cache = fidelity_cache(args.cache, manifest, cfg)
     device = resolve_device(cfg.train.device)
-    rows = load_rows(cfg.data, cfg.eval.split)
-    teacher = None
+    if cfg.eval.protocol == "strided":
+        text, described = load_rows(cfg.data, cfg.eval.split), None
+        settings = {"seq_len": cfg.data.seq_len, "stride": eval_stride(cfg)}
+        print(f"[eval] split {cfg.eval.split}, strided: window {cfg.data.seq_len}, stride {eval_stride(cfg)}")
+    else:
+        text, described = load_documents(cfg.data, cfg.eval.split, cfg.eval.max_windows)
+        settings = {"documents": described}
+        print(f"[eval] split {cfg.eval.split}, lm-eval: {described}; rolling windows of "
+              f"{cfg.eval.max_length or 'each model’s context (at most 2048)'} tokens")
+    teacher, fidelity = None, None
     if args.teacher is not None:
         teacher_tokenizer = load_tokenizer(args.teacher, "teacher tokenizer")
-        teacher = Teacher(load_model(args.teacher, cfg, device), tokenizer_hash(teacher_tokenizer))
-    scores = [evaluate_model(model, rows, cfg, device, teacher) for model in args.model]
-    print(f"[eval] split {cfg.eval.split}, window {cfg.data.seq_len}, stride {eval_stride(cfg)}")
+        teacher_model = load_model(args.teacher, cfg, device)
+        teacher = Teacher(teacher_model, tokenizer_hash(teacher_tokenizer),
+                          context_length(teacher_model.config, teacher_tokenizer))
+        fidelity = {"source": "teacher", "teacher": args.teacher, "estimator": "exact", "k": cfg.cache.k,
+                    "positions": "the scored tokens"}
+    elif cache is not None:
+        m = cache.manifest
+        fidelity = {"source": "cache", "cache": args.cache, "mode": m.mode, "split": m.dataset.split,
+                    "k": m.k if m.mode == "topk" else (cfg.cache.k if m.mode == "full" else None),
+                    "temperature": cache_temperature(m), "estimator": cache_estimator(m),
+                    "positions": "every position of the cache's blocks"}
+    if fidelity is not None:
+        print(f"[eval] teacher fidelity from {fidelity.get('teacher') or fidelity['cache']}: "
+              f"KL {fidelity['estimator']}")
+    scores = [evaluate_model(model, text, cfg, device, teacher, cache) for model in args.model]
     print_table(scores, names)
     output = cfg.eval.output or os.path.join(cfg.train.log_dir, f"eval_{cfg.eval.split}.json")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     with open(output, "w") as fh:
-        json.dump({"split": cfg.eval.split, "seq_len": cfg.data.seq_len,
-                   "stride": eval_stride(cfg), "teacher": args.teacher,
-                   "results": [{"name": n, **asdict(s)} for n, s in zip(names, scores)]}, fh, indent=2)
+        json.dump({"split": cfg.eval.split, "protocol": cfg.eval.protocol, **settings, "teacher": args.teacher,
+                   "fidelity": fidelity, "results": [{"name": n, **asdict(s)} for n, s in zip(names, scores)]},
+                  fh, indent=2)
     print(f"[eval] wrote {output}")
     return 0
 

@@ -722,14 +722,20 @@ def test_evaluate_from_a_documents_cache_reads_the_same_files_for_its_split(tiny
     """--cache replaces data.files/text_column/rows by the manifest's; `{split}` then names the test file."""
     from stage2_student.evaluate import main as evaluate_main
 
-    output = tmp_path / "eval.json"
-    evaluate_main(["--model", str(tiny / "teacher"), "--cache", str(file_caches["jsonl"]),
-                   *tiny_overrides(tiny, file_caches["jsonl"], **{
-                       "data.local_dir": None, "data.files": tmp_path / "elsewhere.txt", "data.rows": "lines",
-                       "eval.split": "test", "eval.output": output})])
+    output, documents = tmp_path / "eval.json", tmp_path / "documents.json"
+    for protocol, path in (("strided", output), ("lm-eval", documents)):
+        evaluate_main(["--model", str(tiny / "teacher"), "--cache", str(file_caches["jsonl"]),
+                       *tiny_overrides(tiny, file_caches["jsonl"], **{
+                           "data.local_dir": None, "data.files": tmp_path / "elsewhere.txt", "data.rows": "lines",
+                           "eval.split": "test", "eval.protocol": protocol, "eval.output": path})])
     result = json.loads(output.read_text())
     assert result["seq_len"] == 64
     assert result["results"][0]["tokens"] == len(corpus_files["jsonl"]["test_tokens"]) - 1  # all but the first
+    # lm-eval: each row a document, scored on its own without the EOS that packing adds, its first token from EOS
+    result = json.loads(documents.read_text())["results"][0]
+    test_tokens = corpus_files["jsonl"]["test_tokens"]
+    eos = test_tokens[-1]
+    assert result["documents"] == test_tokens.count(eos) and result["tokens"] == len(test_tokens) - result["documents"]
 
 
 def test_the_tiny_qwen2_tokenizer_chunks_exactly(tiny, tmp_path, offline):

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stage2_student.evaluate import Scorer, main as evaluate_main, sliding_windows
+from stage2_student.fidelity import Fidelity
 from tests.conftest import tiny_overrides
 
 
@@ -52,7 +53,7 @@ def test_scorer_against_a_hand_computed_case():
     logprobs = probs.log().float()
     scorer.add(logprobs[:2], labels[:2])  # statistics accumulate over calls
     scorer.add(logprobs[2:], labels[2:])
-    score = scorer.result("hand", windows=1, text_bytes=12, with_teacher=False)
+    score = scorer.result("hand", windows=1, text_bytes=12)
     nll = -(math.log(0.90) + math.log(0.20) + math.log(0.64) + math.log(0.68) + math.log(0.10)) / 5
     assert score.ece == pytest.approx(0.216, abs=1e-6)
     assert score.accuracy == pytest.approx(3 / 5)
@@ -60,19 +61,22 @@ def test_scorer_against_a_hand_computed_case():
     assert score.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
     assert (score.tokens, score.windows) == (5, 1)
     assert score.bits_per_byte == pytest.approx(5 * nll / math.log(2) / 12, rel=1e-6)  # 5 tokens over 12 bytes
-    assert score.kl_to_teacher is None and score.top1_agreement is None
+    assert score.kl_to_teacher is None and score.top1_agreement is None and score.word_perplexity is None
 
 
 def test_scorer_fidelity_to_a_teacher_against_a_hand_computed_case():
-    """Two tokens; the teacher's argmax agrees on the first only. KL(p ‖ q) = Σ p log(p / q), by hand."""
+    """Two tokens; the teacher's argmax agrees on the first only. KL(p ‖ q) = Σ p log(p / q), by hand; the top-2
+    mass share: the student's mass on the teacher's two likeliest ids over the teacher's there."""
     student = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]], dtype=torch.float64)
-    teacher = torch.tensor([[0.6, 0.2, 0.2], [0.7, 0.2, 0.1]], dtype=torch.float64)
-    scorer = Scorer()
-    scorer.add(student.log().float(), torch.tensor([0, 1]), teacher.log().float())
-    score = scorer.result("hand", windows=1, text_bytes=4, with_teacher=True)
+    teacher = torch.tensor([[0.6, 0.3, 0.1], [0.7, 0.2, 0.1]], dtype=torch.float64)
+    fidelity = Fidelity(k=2)
+    fidelity.add_full(student.log().float(), teacher.log().float())
+    score = fidelity.result()
     kl = sum(p * math.log(p / q) for pt, qt in zip(teacher.tolist(), student.tolist()) for p, q in zip(pt, qt)) / 2
     assert score.kl_to_teacher == pytest.approx(kl, rel=1e-5)
     assert score.top1_agreement == pytest.approx(0.5)
+    assert score.topk_mass_share == pytest.approx((0.5 + 0.3 + 0.2 + 0.5) / (0.6 + 0.3 + 0.7 + 0.2), rel=1e-6)
+    assert score.kl_lower_bound is None  # exact
 
 
 @pytest.mark.parametrize("overrides, scored_dtype", [
@@ -85,7 +89,8 @@ def test_scores_equal_direct_computation(tiny, tmp_path, overrides, scored_dtype
     assert json.loads((tiny / "teacher" / "config.json").read_text())["dtype"] == "float32"  # as saved
     output = tmp_path / "eval.json"
     evaluate_main(["--model", str(tiny / "teacher"), "--name", "teacher",
-                   *tiny_overrides(tiny, tmp_path / "unused", **{"eval.split": "test", "eval.stride": 128,
+                   *tiny_overrides(tiny, tmp_path / "unused", **{"eval.split": "test", "eval.protocol": "strided",
+                                                                  "eval.stride": 128,
                                                                   "eval.max_windows": 5, "eval.output": output,
                                                                   **overrides})])
     result = json.loads(output.read_text())["results"][0]
@@ -114,7 +119,7 @@ def test_evaluate_on_the_data_a_cache_was_made_from(tiny, tmp_path):
     cache = tmp_path / "cache"
     dump_main(tiny_overrides(tiny, cache, **{"data.seq_len": 64, "data.max_blocks": 2}))
     direct, from_cache = tmp_path / "direct.json", tmp_path / "from_cache.json"
-    common = {"eval.split": "test", "eval.stride": 64, "eval.max_windows": 3}
+    common = {"eval.split": "test", "eval.protocol": "strided", "eval.stride": 64, "eval.max_windows": 3}
     evaluate_main(["--model", str(tiny / "teacher"),
                    *tiny_overrides(tiny, cache, **common, **{"data.seq_len": 64, "eval.output": direct})])
     evaluate_main(["--model", str(tiny / "teacher"), "--cache", str(cache),
@@ -122,3 +127,23 @@ def test_evaluate_on_the_data_a_cache_was_made_from(tiny, tmp_path):
                                                              "eval.output": from_cache})])
     a, b = (json.loads(p.read_text()) for p in (direct, from_cache))
     assert b["seq_len"] == 64 and a["results"][0]["perplexity"] == b["results"][0]["perplexity"]
+    # a cache of another split than eval.split gives the data settings only, no teacher fidelity
+    assert b["fidelity"] is None and b["results"][0]["kl_to_teacher"] is None
+
+
+def test_a_live_teacher_against_itself(tiny, tmp_path):
+    """eval.protocol=lm-eval with --teacher: KL 0, full agreement, the teacher's whole top-k mass, on every token
+    the documents' rolling windows score."""
+    output = tmp_path / "eval.json"
+    evaluate_main(["--model", str(tiny / "teacher"), "--model", str(tiny / "student"),
+                   "--teacher", str(tiny / "teacher"),
+                   *tiny_overrides(tiny, tmp_path / "unused", **{"eval.split": "test", "eval.max_windows": 3,
+                                                                  "eval.max_length": 64, "eval.output": output})])
+    report = json.loads(output.read_text())
+    teacher, student = report["results"]
+    assert report["protocol"] == "lm-eval" and report["fidelity"]["source"] == "teacher"
+    assert teacher["fidelity_positions"] == teacher["tokens"] and teacher["windows"] > 3
+    assert abs(teacher["kl_to_teacher"]) < 1e-6 and teacher["top1_agreement"] == 1.0
+    assert teacher["topk_mass_share"] == pytest.approx(1.0)
+    assert student["kl_to_teacher"] > 0.1 and student["top1_agreement"] < 1.0
+    assert teacher["word_perplexity"] > teacher["byte_perplexity"] > 1.0
