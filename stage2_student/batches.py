@@ -105,7 +105,9 @@ def collate_cached(items: list[dict[str, np.ndarray]]) -> dict[str, dict[str, to
             stacked[name] = stacked[name].to(torch.int32)
     if "loss_mask" not in stacked:
         return {"student": {"input_ids": input_ids}, "teacher": {"input_ids": input_ids}, "teacher_cache": stacked}
-    model_inputs = {"input_ids": input_ids, "position_ids": stacked.pop("position_ids").long()}
+    # no KV cache: transformers takes the packed-sequence route (restarting positions → a block-diagonal mask)
+    # only without one
+    model_inputs = {"input_ids": input_ids, "position_ids": stacked.pop("position_ids").long(), "use_cache": False}
     return {"student": model_inputs, "teacher": dict(model_inputs), "teacher_cache": stacked,
             "loss_mask": stacked.pop("loss_mask").bool()}
 

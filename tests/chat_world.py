@@ -32,9 +32,10 @@ def chat_models(tiny: Path, root: Path) -> tuple[Path, Path]:
     return with_template(tiny / "teacher", root / "teacher"), with_template(tiny / "student", root / "student")
 
 
-def conversations(tiny: Path, count: int, seed: int = 0, words: tuple[int, int] = (8, 30)) -> list[list[dict]]:
-    """`count` conversations of words from the tiny corpus: a system prompt sometimes, one to three exchanges,
-    each question about as long as its answer."""
+def conversations(tiny: Path, count: int, seed: int = 0, words: tuple[int, int] = (3, 12),
+                  exchanges: tuple[int, int] = (1, 2)) -> list[list[dict]]:
+    """`count` conversations of words from the tiny corpus: a system prompt sometimes, a few exchanges, each
+    question about as long as its answer."""
     vocabulary = (tiny / "data" / "wiki.train.raw").read_text(encoding="utf-8").split()[:20000]
     rng = random.Random(seed)
 
@@ -45,7 +46,7 @@ def conversations(tiny: Path, count: int, seed: int = 0, words: tuple[int, int] 
     out = []
     for _ in range(count):
         messages = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
-        for _ in range(rng.randint(1, 3)):
+        for _ in range(rng.randint(*exchanges)):
             messages += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
         out.append(messages)
     return out
