@@ -186,3 +186,32 @@ def test_a_student_template_that_renders_differently_is_refused(tiny, world, tmp
         "train.output_dir": tmp_path / "out", "train.log_dir": tmp_path / "logs"}))
     with DistillRecipe(cfg, str(world["cache"])) as recipe, pytest.raises(UserError, match="renders conversations"):
         recipe.setup()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": "hello"}, "has str in column 'messages', not a conversation"),
+    ({"messages": [{"role": "user"}]}, "message 0 of column 'messages' is not {role: text, content: text}"),
+    ({"text": "no conversation"}, "has null in column 'messages'"),
+])
+def test_rows_that_are_not_conversations_are_refused_in_one_line(tmp_path, row, message):
+    from common.data import iter_rows
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + json.dumps(row) + "\n")
+    cfg = load_config(None, [f"data.files={path}", "data.rows=chat"])
+    with pytest.raises(UserError, match="row 1") as err:
+        list(iter_rows(cfg.data, "train"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_manifest_ties_the_chat_datasets_to_chat_rows(world):
+    from cache.manifest import Manifest
+
+    data = json.loads((world["cache"] / "manifest.json").read_text())
+    data["dataset"]["rows"] = "documents"
+    with pytest.raises(UserError, match="loss_mask, position_ids are present exactly when dataset.rows is chat"):
+        Manifest.from_json(json.dumps(data))
+    data = json.loads((world["cache"] / "manifest.json").read_text())
+    del data["dataset"]["chat_template"]
+    with pytest.raises(UserError, match="a chat cache records train_on, chat_template"):
+        Manifest.from_json(json.dumps(data))
