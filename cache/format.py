@@ -53,17 +53,27 @@ DATASETS = (
                "drawn first (ties by ascending id), padded with −1"),
     DatasetDef("tail_counts", ("topk",), "[n, L, t]", "uint8/16/32",
                "`cache.tail_draws` > 0: how often each was drawn, padded with 0; they add up to t"),
+    DatasetDef("loss_mask", MODES, "[n, L]", "uint8",
+               "`data.rows=chat`: 1 where the position is trained (`data.train_on`: its next token is in an assistant "
+               "turn, or any next token of the same conversation), else 0; the teacher datasets hold placeholders "
+               "there (top-k: ids 0 with log-prob 0; draws: id 0 drawn every time; full: zeros)"),
+    DatasetDef("position_ids", MODES, "[n, L]", "int32",
+               "`data.rows=chat`: each token's position in its conversation, 0 where one begins (padding at a "
+               "block's end counts as one more): the packed conversations attend only to themselves"),
 )
 TAIL_DATASETS = ("tail_ids", "tail_counts")  # top-k mode with cache.tail_draws > 0 only
+CHAT_DATASETS = ("loss_mask", "position_ids")  # data.rows=chat only (decoded and stored alike, cache/chat.py)
 
 # mode → every dataset a shard of that mode holds, input_ids first (a top-k cache with tail draws adds TAIL_DATASETS)
 MODE_DATASETS: dict[str, tuple[str, ...]] = {
-    mode: tuple(d.name for d in DATASETS if mode in d.modes and d.name not in TAIL_DATASETS) for mode in MODES}
+    mode: tuple(d.name for d in DATASETS if mode in d.modes and d.name not in TAIL_DATASETS + CHAT_DATASETS)
+    for mode in MODES}
 
 
-def decoded_datasets(mode: str, tail: bool) -> tuple[str, ...]:
-    """The decoded datasets a cache of `mode` hands out (`tail`: a top-k cache with tail draws)."""
-    return MODE_DATASETS[mode] + (TAIL_DATASETS if tail else ())
+def decoded_datasets(mode: str, tail: bool, chat: bool = False) -> tuple[str, ...]:
+    """The decoded datasets a cache of `mode` hands out (`tail`: a top-k cache with tail draws; `chat`: a cache
+    of conversations, with its CHAT_DATASETS)."""
+    return MODE_DATASETS[mode] + (TAIL_DATASETS if tail else ()) + (CHAT_DATASETS if chat else ())
 
 
 def dataset_table_markdown() -> str:
@@ -71,6 +81,7 @@ def dataset_table_markdown() -> str:
     rows = ["| dataset | shape | dtype | mode | meaning |", "| --- | --- | --- | --- | --- |"]
     for d in DATASETS:
         modes = "all" if d.modes == MODES else ", ".join(d.modes) + (" + tail" if d.name in TAIL_DATASETS else "")
+        modes += " + chat" if d.name in CHAT_DATASETS else ""
         rows.append(f"| `{d.name}` | {d.shape} | {d.dtype} | {modes} | {d.meaning} |")
     return "\n".join(rows)
 
@@ -120,12 +131,16 @@ STORED_DATASETS = (
               "`cache.tail_draws`: the tail's unique drawn ids, packed as `sample_id_gaps`"),
     StoredDef("tail_counts_by_id", "packed-counts", "tail_counts", ("L*t",), "counts",
               "`cache.tail_draws`: their counts, packed as `sample_counts_by_id` (each position's add up to t)"),
+    StoredDef("loss_mask", "raw", "loss_mask", ("L",), "uint8", "`data.rows=chat`: the trained positions (1)"),
+    StoredDef("position_ids", "raw", "position_ids", ("L",), "int32",
+              "`data.rows=chat`: each token's position in its conversation"),
 )
 STORED: dict[str, StoredDef] = {d.name: d for d in STORED_DATASETS}
 
 _TOPK_SCHEMES = (("input_ids", "topk_id_gaps", "topk_logprobs_by_id"),
                  ("input_ids", "topk_id_gaps", "topk_sqrtp_by_id", "topk_log_scale"))
 STORED_TAIL = ("tail_id_gaps", "tail_counts_by_id")  # added to a top-k scheme by cache.tail_draws > 0
+STORED_CHAT = CHAT_DATASETS  # added to any scheme by data.rows=chat (stored as they are, `raw`)
 # mode → the sets of stored datasets a format-2 shard of that mode may hold (lossless first; top-k: then with a tail)
 STORED_SCHEMES: dict[str, tuple[tuple[str, ...], ...]] = {
     "topk": _TOPK_SCHEMES + tuple(scheme + STORED_TAIL for scheme in _TOPK_SCHEMES),

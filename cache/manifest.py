@@ -20,6 +20,7 @@ from cache.format import (
     MODE_DATASETS,
     STAGING_SUFFIX,
     STORED,
+    STORED_CHAT,
     STORED_SCHEMES,
     STORED_TAIL,
     SUPPORTED_VERSIONS,
@@ -89,6 +90,12 @@ class DataEntry:
     text_column: str = "text"
     rows: RowKind = "lines"
     read_files: list[DataFile] = field(default_factory=list)  # the files read, in order (none for the hub)
+    # data.rows=chat only (common.chat): the conversations' column, the positions trained, and the teacher
+    # tokenizer's chat template that rendered them (its text and sha256)
+    messages_column: Optional[str] = None
+    train_on: Optional[str] = None
+    chat_template: Optional[str] = None
+    chat_template_sha256: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,13 @@ class Manifest:
     def _check_stored_datasets(self) -> None:
         """Format 2: one of the mode's stored schemes, each dataset with its table's encoding, shape and dtype."""
         schemes = STORED_SCHEMES[self.mode]
-        if set(self.datasets) not in [set(scheme) for scheme in schemes]:
+        chat = self.dataset.rows == "chat"
+        if chat != (set(STORED_CHAT) <= set(self.datasets)):
+            raise SchemaError(f"field datasets: {', '.join(STORED_CHAT)} are present exactly when dataset.rows is "
+                              f"chat (it is {self.dataset.rows!r})")
+        if chat and None in (self.dataset.train_on, self.dataset.chat_template, self.dataset.chat_template_sha256):
+            raise SchemaError("field dataset: a chat cache records train_on, chat_template and chat_template_sha256")
+        if set(self.datasets) - set(STORED_CHAT if chat else ()) not in [set(scheme) for scheme in schemes]:
             options = " or ".join(str(list(s)) for s in schemes)
             raise SchemaError(f"field datasets: a format-{self.format_version} {self.mode} cache holds {options}, "
                               f"the manifest lists {list(self.datasets)}")

@@ -10,8 +10,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cache.chat import chat_block_problem
 from cache.encoding import DecodeError, decode, filter_pipeline, stored_filters
-from cache.format import decoded_datasets, file_sha256
+from cache.format import CHAT_DATASETS, decoded_datasets, file_sha256
 from cache.manifest import Manifest, ShardEntry, load_manifest
 from common.cli import UserError
 
@@ -28,7 +29,10 @@ def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | 
                   tail_draws: int | None = None) -> str | None:
     """What is wrong with one decoded block (None: nothing): ids outside [0, vocab_size), log-probs that are
     positive or not finite, sample (or tail) slots that are not −1 exactly where their count is 0, counts that
-    do not add up to the draws. Vectorised: a few passes over the block."""
+    do not add up to the draws, a chat cache's mask or positions out of their range. Vectorised: a few passes
+    over the block."""
+    if (problem := chat_block_problem(decoded)) is not None:
+        return problem
     for name in ("input_ids", "topk_ids"):
         if name in decoded:
             values = decoded[name]
@@ -96,7 +100,12 @@ class CacheReader:
 
     @property
     def dataset_names(self) -> tuple[str, ...]:
-        return decoded_datasets(self.mode, self.manifest.tail is not None)
+        return decoded_datasets(self.mode, self.manifest.tail is not None, self.chat)
+
+    @property
+    def chat(self) -> bool:
+        """A cache of conversations (data.rows=chat): blocks add `loss_mask` and `position_ids`."""
+        return self.manifest.dataset.rows == "chat"
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -139,8 +148,8 @@ class CacheReader:
         self._handle(index)
         datasets = self._datasets[index]
         stored = self.manifest.datasets
-        if names == ("input_ids",):  # the tokens alone (the live-teacher route): skip the teacher's data
-            stored = {"input_ids": stored["input_ids"]}
+        if names is not None and set(names) <= {"input_ids", *CHAT_DATASETS}:  # the tokens alone (the live-teacher
+            stored = {name: stored[name] for name in names}  # route, with a chat cache's mask): no teacher data
         try:
             decoded = decode(stored, {name: datasets[name][row] for name in stored})
         except DecodeError as err:

@@ -33,7 +33,16 @@ import h5py
 import numpy as np
 
 from cache.encoding import encode, h5_create_kwargs
-from cache.format import MANIFEST, STAGING_SUFFIX, STORED_TAIL, CacheMode, decoded_datasets, file_sha256, shard_name
+from cache.format import (
+    MANIFEST,
+    STAGING_SUFFIX,
+    STORED_CHAT,
+    STORED_TAIL,
+    CacheMode,
+    decoded_datasets,
+    file_sha256,
+    shard_name,
+)
 from cache.lock import LOCK_FILE, CacheLock
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
@@ -369,7 +378,7 @@ class ShardWriter:
                  on_complete: Optional[Callable[[ShardRecord], None]] = None) -> None:
         self.directory = directory
         # the names put; `datasets` are the stored ones (cache/encoding.py)
-        self.decoded = decoded_datasets(mode, STORED_TAIL[0] in datasets)
+        self.decoded = decoded_datasets(mode, STORED_TAIL[0] in datasets, STORED_CHAT[0] in datasets)
         self.datasets = datasets
         self.on_complete = on_complete  # called in the writer thread after each shard's record is written
         self.write_seconds = 0.0

@@ -30,7 +30,8 @@ TopkTail = Literal["bucket", "renormalize"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]  # autocast's compute mode
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # the dtype weights are loaded in
 ResumeMode = Literal["auto", "never"]  # what stage two does with the checkpoints of an earlier run
-RowKind = Literal["lines", "documents"]  # how a split's rows become one token stream (common.data)
+RowKind = Literal["lines", "documents", "chat"]  # how a split's rows become one token stream (common.data)
+TrainOn = Literal["assistant", "all"]  # data.rows=chat: which positions are trained (common.chat)
 DataRows = Literal["auto", RowKind]
 DeviceMapName = Literal["auto"]  # accelerate's big-model dispatch of one model over every visible device
 EvalProtocol = Literal["lm-eval", "strided"]  # how stage2_student.evaluate scores a split
@@ -77,7 +78,14 @@ class DataConfig:
     rows: DataRows = setting("auto", "how rows become one token stream: `lines` = lines of one text, joined as "
                                      "they are (WikiText, `.txt`); `documents` = each row tokenized on its own "
                                      "and followed by the tokenizer's EOS token; `auto` = `documents` for "
-                                     "`.jsonl`/`.parquet` files, `lines` otherwise")
+                                     "`.jsonl`/`.parquet` files, `lines` otherwise; `chat` = each row is a "
+                                     "conversation (data.messages_column) rendered with the tokenizer's chat "
+                                     "template, conversations packed into blocks without seeing each other")
+    messages_column: str = setting("messages", "data.rows=chat: the column holding each conversation, a list of "
+                                               "{role, content}")
+    train_on: TrainOn = setting("assistant", "data.rows=chat: the positions trained (and cached): `assistant` = "
+                                             "those whose next token is in an assistant turn; `all` = every "
+                                             "position whose next token is in the same conversation")
     split: str = setting("train", "split that stage one dumps and stage two trains on")
     seq_len: int = setting(256, "tokens per block, and per evaluation window")
     max_blocks: Optional[int] = setting(5000, "at most this many blocks (the original's quick subset); "

@@ -112,8 +112,12 @@ def row_kind(data: DataConfig) -> RowKind:
 
 def source_settings(data: DataConfig) -> dict:
     """The data settings beyond dataset/subset/split that decide which tokens are read; a cache manifest
-    records them (cache.manifest.DataEntry) and its consumers compare them (cache.compat)."""
-    return {"files": configured_files(data), "text_column": data.text_column, "rows": row_kind(data)}
+    records them (cache.manifest.DataEntry) and its consumers compare them (cache.compat). Conversations
+    (data.rows=chat) add their column and which positions are trained."""
+    settings = {"files": configured_files(data), "text_column": data.text_column, "rows": row_kind(data)}
+    if settings["rows"] == "chat":
+        settings.update(messages_column=data.messages_column, train_on=data.train_on)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ class TextSource:
 
     def __init__(self, data: DataConfig, split: str) -> None:
         self.data, self.split, self.rows = data, split, row_kind(data)
+        # the column read: the text, or (data.rows=chat) the conversations, each checked by common.chat
+        self.column = data.messages_column if self.rows == "chat" else data.text_column
         self.files: list[DataFile] = []
         if data.files is not None:
             self.files = split_files(data, split)
@@ -182,8 +188,8 @@ class TextSource:
             if builder != "text":
                 first = next((f.path for f in self.files if f.bytes > 0), None)
                 columns = _first_columns(first) if first else None
-                if columns is not None and data.text_column not in columns:
-                    raise UserError(f"data.text_column {data.text_column!r} is not a column of {first} "
+                if columns is not None and self.column not in columns:
+                    raise UserError(f"{self.column_key} {self.column!r} is not a column of {first} "
                                     f"(columns: {', '.join(columns)})")
         elif data.local_dir is not None:
             if not os.path.isdir(data.local_dir):
@@ -194,14 +200,25 @@ class TextSource:
         else:
             self.description = f"split {split} of dataset {data.dataset}/{data.subset}"
 
+    @property
+    def column_key(self) -> str:
+        return "data.messages_column" if self.rows == "chat" else "data.text_column"
+
     def __iter__(self) -> Iterator[str]:
-        column, count = self.data.text_column, 0
+        column, count = self.column, 0
         try:
             for batch in self._batches():
                 if column not in batch:
-                    raise UserError(f"data.text_column {column!r} is not a column of {self.description} "
+                    raise UserError(f"{self.column_key} {column!r} is not a column of {self.description} "
                                     f"(columns: {', '.join(batch)})")
                 for text in batch[column]:
+                    if self.rows == "chat":
+                        from common.chat import check_conversation  # a list of {role, content}: its own checks
+
+                        check_conversation(text, f"{self.description}: row {count}", column, MAX_ROW_CHARS)
+                        count += 1
+                        yield text
+                        continue
                     if not isinstance(text, str):
                         kind = "null" if text is None else type(text).__name__
                         raise UserError(f"{self.description}: row {count} has {kind} in column {column!r}, not text")
@@ -233,7 +250,7 @@ class TextSource:
             # the builder logs a bad file before raising; the error is reported once
             logging.getLogger("datasets.packaged_modules.parquet.parquet").setLevel(logging.CRITICAL)
             rows = load_dataset("parquet", data_files={"rows": paths}, split="rows", streaming=True,
-                                batch_size=ROW_BATCH, columns=[self.data.text_column])
+                                batch_size=ROW_BATCH, columns=[self.column])
             yield from rows.iter(batch_size=ROW_BATCH)
         elif self.data.local_dir is not None:
             for batch in text_lines([self.files[0].path]):
@@ -251,7 +268,7 @@ class TextSource:
         """The text column of JSON Lines files, a batch of rows at a time; a line is read at most
         MAX_JSON_LINE_BYTES at a time (a longer one is refused), blank lines are skipped, a missing column is
         null."""
-        column = self.data.text_column
+        column = self.column
         for path in paths:
             with open(path, "rb") as fh:
                 batch: list = []

@@ -205,6 +205,14 @@ class _Terms:
     labels: torch.Tensor | None
     kd_weight: float
     hard_weight: float
+    # [P] per-row weights replacing both terms' means (conversations: the trained rows' 1/N, others 0); None: the
+    # KD term is the mean over all rows and the cross-entropy the mean over the labelled rows
+    weights: torch.Tensor | None = None
+
+    def _kd_total(self, kd_rows: torch.Tensor, rows: int) -> torch.Tensor:
+        """T² times the mean of the rows' KD values, or (weights) their weighted sum."""
+        T = self.temperature
+        return kd_rows.sum() * (T * T / rows) if self.weights is None else (kd_rows * self.weights).sum() * (T * T)
 
     def compute(self, z: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(kd, hard, gradient buffer or None); a term that is not asked for is 0."""
@@ -236,14 +244,17 @@ class _Terms:
         return block, (None if direct else work()), (work() if second else None)
 
     def _label_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(labels clamped to valid ids, mask of the labelled rows, 1 / their number)."""
+        """(labels clamped to valid ids, mask of the labelled rows, 1 / their number, or the rows' weights)."""
         mask = self.labels >= 0
-        return self.labels.clamp(min=0), mask, 1.0 / mask.sum().clamp(min=1).float()
+        inv_n = 1.0 / mask.sum().clamp(min=1).float() if self.weights is None else self.weights
+        return self.labels.clamp(min=0), mask, inv_n
 
     def _hard_value(self, z: torch.Tensor, lse_1: torch.Tensor) -> torch.Tensor:
         """Mean over labelled rows of logsumexp(z) − z[label] (lse_1 given per row)."""
         labels, mask, inv_n = self._label_rows()
         z_label = z.gather(1, labels[:, None]).squeeze(1).float()
+        if self.weights is not None:
+            return (torch.where(mask, lse_1 - z_label, 0.0) * inv_n).sum()
         return torch.where(mask, lse_1 - z_label, 0.0).sum() * inv_n
 
     def _scatter_labels(self, grad: torch.Tensor) -> None:
@@ -260,7 +271,8 @@ class _Terms:
         block, first_work, second_work = self._layout(z, grad, per_row_temporary=kd_on)
         teacher_work = torch.empty(block, V, device=device) if kd_on else None
         kd_rows = torch.zeros(rows, device=device)
-        kd_coef = self.kd_weight * T / rows  # T² · (1/T) · mean over positions
+        # T² · (1/T) · mean over positions (or the rows' weights)
+        kd_coef = self.kd_weight * T / rows if self.weights is None else self.kd_weight * T * self.weights
         lse_1 = torch.empty(rows, device=device) if hard_on else None
         if hard_on:
             _, mask, inv_n = self._label_rows()
@@ -283,7 +295,7 @@ class _Terms:
                 coef = torch.zeros(n, device=device)
                 if kd_on and tau == T:
                     kd_rows[a:b] = sums.log() - dot / t_sums  # −Σ p log q
-                    coef += kd_coef
+                    coef += kd_coef if self.weights is None else kd_coef[a:b]
                 if hard_on and tau == 1:
                     lse_1[a:b] = top + sums.log()
                     coef += hard_coef[a:b]
@@ -294,10 +306,10 @@ class _Terms:
                         acc.addcmul_(work, (coef / sums)[:, None])
             if grad is not None:
                 if kd_on:
-                    acc.addcmul_(e_t, (-kd_coef / t_sums)[:, None])
+                    acc.addcmul_(e_t, (-(kd_coef if self.weights is None else kd_coef[a:b]) / t_sums)[:, None])
                 if first_work is not None:
                     grad[a:b, :V] = acc
-        kd = kd_rows.sum() * (T * T / rows) if kd_on else torch.zeros((), device=device)
+        kd = self._kd_total(kd_rows, rows) if kd_on else torch.zeros((), device=device)
         hard = self._hard_value(z, lse_1) if hard_on else torch.zeros((), device=device)
         if grad is not None and hard_on:
             self._scatter_labels(grad)
@@ -335,7 +347,7 @@ class _Terms:
                 leaves.append(z_ids)
                 log_q = student_support(_scaled(z_ids, T) - lse[T][:, None], self.targets)
                 log_p = teacher_support(self.targets, T, self.tail)
-                kd = LOSSES[self.loss](log_p, log_q, beta=self.beta, alpha=self.alpha).sum() * (T * T / rows)
+                kd = self._kd_total(LOSSES[self.loss](log_p, log_q, beta=self.beta, alpha=self.alpha), rows)
                 total = total + self.kd_weight * kd
             if self.labels is not None:
                 hard = self._hard_value(z, lse[1.0])
@@ -372,16 +384,22 @@ class _Terms:
                 zb = z[a:b, :V].detach().float().requires_grad_(grad is not None)
                 log_q = torch.log_softmax(_scaled(zb, T), dim=-1)
                 log_p = torch.log_softmax(_scaled(self.targets.values[a:b].float(), T), dim=-1)
-                kd = LOSSES[self.loss](log_p, log_q, beta=self.beta, alpha=self.alpha).sum()
-                total = kd * (self.kd_weight * T * T / rows)
+                kd_rows = LOSSES[self.loss](log_p, log_q, beta=self.beta, alpha=self.alpha)
+                kd = (kd_rows * (1.0 if self.weights is None else self.weights[a:b])).sum()
+                total = kd * (self.kd_weight * T * T / (rows if self.weights is None else 1))
                 if self.labels is not None:
                     log_q1 = log_q if T == 1 else torch.log_softmax(zb, dim=-1)
-                    hard = -torch.where(mask[a:b], log_q1.gather(1, labels[a:b, None]).squeeze(1), 0.0).sum()
-                    total = total + hard * (self.hard_weight * inv_n)
+                    hard = -torch.where(mask[a:b], log_q1.gather(1, labels[a:b, None]).squeeze(1), 0.0)
+                    if self.weights is not None:  # the rows' weights: inv_n is 1
+                        hard = hard * self.weights[a:b]
+                    hard = hard.sum()
+                    total = total + hard * (self.hard_weight * (inv_n if self.weights is None else 1.0))
                     hard_sum += hard.detach()
                 if grad is not None:
                     grad[a:b, :V] = torch.autograd.grad(total, zb)[0]
             kd_sum += kd.detach()
+        if self.weights is not None:
+            return kd_sum * T * T, hard_sum
         hard = hard_sum * inv_n if self.labels is not None else hard_sum
         return kd_sum * T * T / rows, hard
 
@@ -441,6 +459,9 @@ class StudentLogits:
     input_ids: torch.Tensor
     with_hard: bool
     hard: torch.Tensor | None = None
+    # [B, L] per-position weights (conversations: trained positions' share of the global batch, others 0): both
+    # terms are then Σ weight · value instead of means
+    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -466,9 +487,12 @@ class KDLoss:
                    alpha=train.loss_alpha, kd_weight=train.kd_weight, hard_weight=train.hard_weight,
                    alignment=alignment or AlignmentLog())
 
-    def _terms(self, temperature: float, targets: TeacherTargets | None, labels: torch.Tensor | None) -> _Terms:
+    def _terms(self, temperature: float, targets: TeacherTargets | None, labels: torch.Tensor | None,
+               weights: torch.Tensor | None = None, length: int | None = None) -> _Terms:
+        if weights is not None:  # the positions kept, flattened as the logits are
+            weights = weights[:, :length].reshape(-1).float()
         return _Terms(self.vocab_size, temperature, self.name, self.tail, self.beta, self.alpha, self.chunk,
-                      targets, labels, self.kd_weight, self.hard_weight)
+                      targets, labels, self.kd_weight, self.hard_weight, weights)
 
     def __call__(self, logits_S: torch.Tensor | StudentLogits, targets_T: TeacherTargets,
                  temperature: float) -> torch.Tensor:
@@ -484,7 +508,8 @@ class KDLoss:
             logits = logits[:, :length]
         z = logits.reshape(-1, logits.size(-1))  # a view: no copy of the logits or their gradient
         labels = next_token_labels(student.input_ids) if with_hard else None
-        kd, hard = student_losses(z, self._terms(temperature, targets_T.flatten(length), labels))
+        weights = student.weights if student is not None else None
+        kd, hard = student_losses(z, self._terms(temperature, targets_T.flatten(length), labels, weights, length))
         if with_hard:
             student.hard = hard
         return kd
@@ -493,7 +518,8 @@ class KDLoss:
         """The hard-label term of `student`: the one the KD loss computed with it, or computed now alone."""
         if student.hard is None:
             z = student.logits.reshape(-1, student.logits.size(-1))
-            _, student.hard = student_losses(z, self._terms(1.0, None, next_token_labels(student.input_ids)))
+            _, student.hard = student_losses(z, self._terms(1.0, None, next_token_labels(student.input_ids),
+                                                            student.weights))
         return student.hard
 
 

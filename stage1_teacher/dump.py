@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.chat import blank_untrained, chat_stored_datasets
 from cache.encoding import stored_datasets
 from cache.format import FORMAT_NAME, FORMAT_VERSION, STAGING_SUFFIX
 from cache.manifest import DataEntry, Manifest, SampleEntry, TeacherEntry, TokenizerEntry
@@ -44,9 +45,10 @@ from cache.writer import (
     tokens_sha256,
 )
 from common.alignment import AlignmentLog, truncate_vocab
+from common.chat import block_stream, template_sha256
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, config_arg_parser, draw_temperature, parse_args
-from common.data import BlockStream, source_settings
+from common.data import BlockStream, row_kind, source_settings
 from common.models import (
     load_causal_lm,
     load_model_config,
@@ -66,6 +68,7 @@ MODE_CACHE_KEYS = {"k": "topk", "tail_draws": "topk", "draws": "sample", "sample
 DRAW_KEYS = {"sample_temperature", "seed"}  # also a top-k cache's, when it has tail draws
 TEST_HOOK = "KD_STAGE1_TEST_HOOK"
 CONFIG_ERROR_TIMEOUT_S = 60.0  # N processes that all refuse their config wait this long for each other
+CHAT_DATA_KEYS = {"messages_column", "train_on"}  # data.* keys that only data.rows=chat reads
 
 
 def test_hook(event: str) -> None:
@@ -131,18 +134,28 @@ def teacher_device(cfg: PipelineConfig, procs: Processes) -> torch.device:
     return torch.device("cuda", procs.local_rank)
 
 
+def _stack(blocks: list) -> np.ndarray | dict[str, np.ndarray]:
+    if isinstance(blocks[0], dict):  # conversations: tokens, mask and positions (common.chat)
+        return {name: np.stack([block[name] for block in blocks]) for name in blocks[0]}
+    return np.stack(blocks)
+
+
+def tokens_of(blocks: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+    return blocks["input_ids"] if isinstance(blocks, dict) else blocks
+
+
 def shards_of(stream: Iterable[np.ndarray], shard_blocks: int) -> Iterator[tuple[ShardSpec, np.ndarray]]:
-    """Consecutive shards of the stream's blocks, each with its tokens [n, seq_len]; the last may be short.
-    Only tokens are held: one shard's worth."""
+    """Consecutive shards of the stream's blocks, each with its tokens [n, seq_len] (conversations: a dict of
+    tokens, mask and positions); the last may be short. Only tokens are held: one shard's worth."""
     pending: list[np.ndarray] = []
     index = first = 0
     for block in stream:
         pending.append(block)
         if len(pending) == shard_blocks:
-            yield ShardSpec(index, first, len(pending)), np.stack(pending)
+            yield ShardSpec(index, first, len(pending)), _stack(pending)
             index, first, pending = index + 1, first + len(pending), []
     if pending:
-        yield ShardSpec(index, first, len(pending)), np.stack(pending)
+        yield ShardSpec(index, first, len(pending)), _stack(pending)
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,7 @@ class StreamStats:
     fingerprint: str
     num_shards: int
     read_files: list  # the files read, in order (common.data.DataFile; none for the hub)
+    trained: Optional[int] = None  # data.rows=chat: the positions trained (the others hold placeholders)
 
 
 class TeacherDump:
@@ -199,10 +213,13 @@ class TeacherDump:
         if cfg.cache.mode == "topk" and cfg.cache.tail_draws and cfg.cache.k >= self.vocab_size:
             raise UserError(f"cache.k={cfg.cache.k} covers the whole vocabulary ({self.vocab_size}): there is no "
                             "tail to draw from; set cache.tail_draws=0")
-        self.new_stream()  # checks data.seq_len and data.max_blocks
+        self.chat = row_kind(cfg.data) == "chat"
+        self.template = self.new_stream().template if self.chat else None  # checks data.seq_len and max_blocks
         self.datasets = stored_datasets(cfg.cache.mode, cfg.data.seq_len, self.vocab_size, cfg.cache.k,
                                         cfg.cache.draws, cfg.cache.quantize,
                                         cfg.cache.tail_draws if cfg.cache.mode == "topk" else 0)
+        if self.chat:
+            self.datasets.update(chat_stored_datasets(cfg.data.seq_len))
         self.staging = StagingDir(cfg.cache.dir)
         resume = Resume()
         if procs.main:  # one process prepares the staging directory, the others wait
@@ -225,7 +242,10 @@ class TeacherDump:
         def local(path: Optional[str]) -> Optional[str]:
             return os.path.abspath(path) if path and os.path.exists(path) else path
 
-        data = {f"data.{key}": local(value) if key == "local_dir" else value for key, value in vars(cfg.data).items()}
+        data = {f"data.{key}": local(value) if key == "local_dir" else value for key, value in vars(cfg.data).items()
+                if self.chat or key not in CHAT_DATA_KEYS}  # other rows: as before conversations existed
+        if self.chat:
+            data["tokenizer.chat_template_sha256"] = template_sha256(self.template)
         tail = cfg.cache.mode == "topk" and cfg.cache.tail_draws > 0
         cache = {f"cache.{key}": value for key, value in vars(cfg.cache).items()
                  if key not in OPERATIONAL_CACHE_KEYS and (MODE_CACHE_KEYS.get(key, cfg.cache.mode) == cfg.cache.mode
@@ -291,7 +311,7 @@ class TeacherDump:
         return any(i % self.procs.world == self.procs.rank and i not in self.kept for i in range(self.stats.num_shards))
 
     def new_stream(self) -> BlockStream:
-        return BlockStream(self.cfg.data, self.tokenizer, self.tokenizer_hash)
+        return block_stream(self.cfg.data, self.tokenizer, self.tokenizer_hash)
 
     # -- run -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -329,7 +349,7 @@ class TeacherDump:
                         self.compute(spec, blocks)
                 elif changed is None and record.tokens_sha256 is not None and (
                         (record.first_block, record.num_blocks) != (spec.first_block, spec.num_blocks)
-                        or record.tokens_sha256 != tokens_sha256(blocks).hexdigest()):
+                        or record.tokens_sha256 != tokens_sha256(tokens_of(blocks)).hexdigest()):
                     changed = f"the data changed since {self.staging.path} was started: {record.file} holds other " \
                               "tokens than it gives now"
                     if compute:
@@ -337,18 +357,26 @@ class TeacherDump:
             if compute and (spec.index + 1) % procs.world == 0:
                 procs.sync()
         return StreamStats(stream.num_blocks, stream.stream_tokens, stream.fingerprint, count,
-                           stream.source.files), changed
+                           stream.source.files, stream.trained if self.chat else None), changed
 
-    def compute(self, spec: ShardSpec, blocks: np.ndarray) -> None:
-        """The teacher over one shard, in batches that stay inside it; the writer takes each batch."""
+    def compute(self, spec: ShardSpec, blocks: np.ndarray | dict[str, np.ndarray]) -> None:
+        """The teacher over one shard, in batches that stay inside it; the writer takes each batch. Conversations
+        (a dict of tokens, mask and positions) are run with their position ids, so that each attends only to
+        itself, and their untrained positions get the placeholder (cache/chat.py)."""
         if self.computed_blocks == 0:
             test_hook(f"rank-{self.procs.rank}")
         batch = self.cfg.teacher.batch_size
+        chat = blocks if isinstance(blocks, dict) else None
+        blocks = tokens_of(blocks)
         for start in range(0, len(blocks), batch):
             ids = blocks[start:start + batch]
+            extra = {} if chat is None else {name: values[start:start + batch] for name, values in chat.items()
+                                             if name != "input_ids"}
+            positions = {} if chat is None else {
+                "position_ids": torch.from_numpy(extra["position_ids"]).to(self.input_device, torch.long)}
             try:
                 logits = self.model(input_ids=torch.from_numpy(ids).to(self.input_device, torch.long),
-                                    use_cache=False).logits
+                                    use_cache=False, **positions).logits
                 if self.procs.main:
                     truncate_vocab(logits, self.vocab_size, "Teacher", self.alignment)  # announces the alignment
                 arrays = {name: t.cpu().numpy() for name, t in self.targets(logits, spec.first_block + start).items()}
@@ -356,7 +384,9 @@ class TeacherDump:
                 raise UserError(f"the teacher ran out of memory on {self.device} with teacher.batch_size={batch} "
                                 "blocks of data.seq_len={self.cfg.data.seq_len} tokens: lower teacher.batch_size "
                                 "(or use teacher.device_map=auto)") from None
-            self.writer.put(spec, {"input_ids": ids, **arrays})
+            if chat is not None:
+                blank_untrained(arrays, extra["loss_mask"])
+            self.writer.put(spec, {"input_ids": ids, **arrays, **extra})
             self.computed_blocks += len(ids)
             self.progress.update(ids.size)
 
@@ -416,9 +446,15 @@ class TeacherDump:
                               local_dir=os.path.abspath(cfg.data.local_dir) if cfg.data.local_dir else None,
                               max_blocks=cfg.data.max_blocks, stream_tokens=stats.stream_tokens,
                               fingerprint=stats.fingerprint, **source_settings(cfg.data),
-                              read_files=stats.read_files),
+                              read_files=stats.read_files, **self.chat_entry()),
             settings={"processes": self.procs.world, "device": str(self.device), "torch": torch.__version__},
             sample=sample, shards=[r.entry() for r in records], tail=tail)
+
+    def chat_entry(self) -> dict[str, Any]:
+        """The manifest's record of how conversations were rendered (none for other rows)."""
+        if not self.chat:
+            return {}
+        return {"chat_template": self.template, "chat_template_sha256": template_sha256(self.template)}
 
     def summary(self, manifest: Manifest, computed_blocks: int) -> None:
         seconds, writer_busy = self.seconds, self.writer_busy
@@ -432,6 +468,10 @@ class TeacherDump:
         print(f"[stage1] {manifest.num_blocks} blocks, {tokens} tokens, {shards}, {size / 2**20:.1f} MiB on disk, "
               f"{size / tokens:.1f} B/token, {seconds:.1f} s ({computed / seconds:.0f} tok/s{procs}; writer busy "
               f"{writer_busy:.1f} s) → {self.cfg.cache.dir}", flush=True)
+        if self.stats is not None and self.stats.trained is not None:
+            print(f"[stage1] conversations: {self.stats.trained} of {tokens} positions trained "
+                  f"({100 * self.stats.trained / tokens:.1f} %, data.train_on={self.cfg.data.train_on}); the teacher's "
+                  "data is stored for those only", flush=True)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cache.format import CHAT_DATASETS
 from cache.reader import CacheReader
 from common.cli import UserError
 from common.losses import TeacherTargets
@@ -35,7 +36,7 @@ class CachedBlocks(Dataset):
 
     def __init__(self, reader: CacheReader, tokens_only: bool = False) -> None:
         self.reader = reader
-        self.names = ("input_ids",) if tokens_only else None
+        self.names = (("input_ids",) + (CHAT_DATASETS if reader.chat else ())) if tokens_only else None
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -94,12 +95,21 @@ def epoch_loader(dataset: CachedBlocks, collate: Callable[[list], dict], *, epoc
 
 
 def collate_cached(items: list[dict[str, np.ndarray]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Blocks as TextBrewer's batch. A chat cache's blocks give both models their `position_ids` (each packed
+    conversation attends only to itself) and the batch its `loss_mask` (which TextBrewer ignores; the training
+    loop turns it into the loss's weights, stage2_student/masking.py)."""
     stacked = {name: torch.from_numpy(np.stack([item[name] for item in items])) for name in items[0]}
     input_ids = stacked.pop("input_ids").long()
     for name in ("sample_counts", "tail_counts"):  # torch has few kernels for uint16/uint32
         if name in stacked:
             stacked[name] = stacked[name].to(torch.int32)
-    return {"student": {"input_ids": input_ids}, "teacher": {"input_ids": input_ids}, "teacher_cache": stacked}
+    if "loss_mask" not in stacked:
+        return {"student": {"input_ids": input_ids}, "teacher": {"input_ids": input_ids}, "teacher_cache": stacked}
+    # no KV cache: transformers takes the packed-sequence route (restarting positions → a block-diagonal mask)
+    # only without one
+    model_inputs = {"input_ids": input_ids, "position_ids": stacked.pop("position_ids").long(), "use_cache": False}
+    return {"student": model_inputs, "teacher": dict(model_inputs), "teacher_cache": stacked,
+            "loss_mask": stacked.pop("loss_mask").bool()}
 
 
 def collate_live(items: list[dict[str, np.ndarray]]) -> dict[str, dict[str, torch.Tensor]]:

@@ -71,12 +71,15 @@ class StudentAdaptor:
     loss: KDLoss
     train: TrainConfig
     alignment: AlignmentLog
+    # [B, L] the next batch's per-position loss weights (conversations: stage2_student/masking.py), set by the
+    # training loop before each micro-batch (TextBrewer hands adaptors the model's inputs only); None: means
+    weights: torch.Tensor | None = None
 
     def __call__(self, batch: dict, outputs) -> dict:
         truncate_vocab(outputs.logits, self.loss.vocab_size, "Student", self.alignment)  # announce; losses cut rows
         with_hard = hard_is_computed(self.train)
         # untruncated logits: a sliced view would cost a full-size zero gradient
-        student = StudentLogits(outputs.logits, batch["input_ids"], with_hard)
+        student = StudentLogits(outputs.logits, batch["input_ids"], with_hard, weights=self.weights)
         return {"logits": student, "losses": HardLabelTerm(student, self.loss)} if with_hard else {"logits": student}
 
 

@@ -36,6 +36,7 @@ from cache.format import file_sha256
 from cache.lock import CacheLock
 from cache.manifest import check_published, load_manifest, manifest_path
 from cache.reader import CacheReader, verify_cache
+from common.chat import chat_template, check_same_rendering
 from common.cli import UserError, run_main
 from common.config import PipelineConfig, Precision, TrainConfig, config_arg_parser, parse_args
 from common.data import source_settings
@@ -77,6 +78,7 @@ from stage2_student.checkpoint import (
     write_failure,
 )
 from stage2_student.distiller import build_distiller
+from stage2_student.masking import global_trained_positions, loss_weights
 
 T = TypeVar("T")
 
@@ -272,6 +274,10 @@ class DistillRecipe:
             raise UserError(f"cache {self.cache_dir}: cannot read its tokens: {str(err).splitlines()[0]}; "
                             f"`python -m cache.verify {self.cache_dir}` checks every shard") from None
         check_compatible(self.reader.manifest, self.cache_dir, consumer, input_ids)
+        if self.reader.chat:  # the student must render conversations as the teacher did
+            name = f"the student {cfg.student.model}"
+            check_same_rendering(self.tokenizer, chat_template(self.tokenizer, name),
+                                 self.reader.manifest.dataset.chat_template, name)
         self.vocab_size = self.reader.vocab_size
         self.batches_per_epoch = batches_per_epoch(len(self.reader), acc.num_processes, cfg.train.batch_size)
         self.total_steps = self.planned_steps()
@@ -463,9 +469,14 @@ class DistillRecipe:
         acc = self.accelerator
         sums: dict[str, float | None] = {"loss": 0.0, "kd_loss": None, "hard_loss": None}  # None: not computed
         tokens = 0
+        chat = self.reader.chat
+        trained = global_trained_positions(acc, group, self.device) if chat else None
         for i, batch in enumerate(group):
             if isinstance(batch, UnreadableBlock):
                 raise batch.error()
+            if chat:  # the loss on trained positions only, their mean over the global batch (stage2_student/masking.py)
+                self.distiller.adaptor_S.weights = loss_weights(batch["loss_mask"].to(self.device), len(group),
+                                                                acc.num_processes, trained)
             # gradients are all-reduced once per optimizer step, on its last micro-batch
             with nullcontext() if i == len(group) - 1 else acc.no_sync(self.student):
                 try:
@@ -503,8 +514,9 @@ class DistillRecipe:
         self.step += 1
         self.tokens += tokens
         elapsed = self.seconds_before + time.perf_counter() - self.start
+        chat_metrics = {} if trained is None else {"trained_positions": trained}  # the positions the loss is over
         return {"step": self.step, "epoch": epoch, **sums, "lr": lr, "grad_norm": grad_norm,
-                "tokens": self.tokens, "tokens_per_s": self.tokens / elapsed, "elapsed_s": elapsed}
+                "tokens": self.tokens, "tokens_per_s": self.tokens / elapsed, "elapsed_s": elapsed, **chat_metrics}
 
     def end_step(self, record: dict[str, Any], epoch: int, position: int) -> None:
         """Log the step (main process), and checkpoint it when due (every process takes part)."""
