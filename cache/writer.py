@@ -365,13 +365,11 @@ class ShardWriter:
     its record written. An error in the thread (a full disk) is raised once, as one line, by the next `put`
     or by `close`; HDF5 files are closed by the thread that opened them."""
 
-    def __init__(self, directory: str, mode: CacheMode, datasets: dict[str, DatasetEntry], queue_size: int = 8,
-                 on_complete: Optional[Callable[[ShardRecord], None]] = None) -> None:
+    def __init__(self, directory: str, mode: CacheMode, datasets: dict[str, DatasetEntry], queue_size: int = 8) -> None:
         self.directory = directory
         # the names put; `datasets` are the stored ones (cache/encoding.py)
         self.decoded = decoded_datasets(mode, STORED_TAIL[0] in datasets)
         self.datasets = datasets
-        self.on_complete = on_complete  # called in the writer thread after each shard's record is written
         self.write_seconds = 0.0
         self.records: list[ShardRecord] = []
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -494,8 +492,6 @@ class ShardWriter:
                              bytes=os.path.getsize(final), tokens_sha256=shard.tokens.hexdigest())
         write_json_atomic(final + RECORD_SUFFIX, dataclasses.asdict(record))
         self.records.append(record)
-        if self.on_complete is not None:
-            self.on_complete(record)
 
 
 def _close_quietly(handle: Optional[h5py.File]) -> None:

@@ -64,23 +64,7 @@ OPERATIONAL_CACHE_KEYS = {"dir", "overwrite", "queue_size"}
 MODE_CACHE_KEYS = {"k": "topk", "tail_draws": "topk", "draws": "sample", "sample_temperature": "sample",
                    "seed": "sample"}
 DRAW_KEYS = {"sample_temperature", "seed"}  # also a top-k cache's, when it has tail draws
-TEST_HOOK = "KD_STAGE1_TEST_HOOK"
 CONFIG_ERROR_TIMEOUT_S = 60.0  # N processes that all refuse their config wait this long for each other
-
-
-def test_hook(event: str) -> None:
-    """Fault injection for the tests: KD_STAGE1_TEST_HOOK=ACTION@EVENT makes this process exit at once as if
-    killed (`exit`), raise (`fail`) or hang (`hang`) at EVENT: `shard-N` (shard N is complete; in the writer
-    thread), `rank-R` (process R begins its first shard), `publish` (the manifest is written, the swap is next)."""
-    action, _, where = os.environ.get(TEST_HOOK, "").partition("@")
-    if where != event:
-        return
-    if action == "exit":
-        os._exit(137)
-    if action == "fail":
-        raise RuntimeError(f"test hook: failing at {event}")
-    if action == "hang":
-        time.sleep(3600)
 
 
 def check_settings(cfg: PipelineConfig) -> None:
@@ -301,8 +285,7 @@ class TeacherDump:
             return  # every shard was complete: the data was already read
         self.stats = None
         self.alignment = AlignmentLog()
-        self.writer = ShardWriter(self.staging.path, cfg.cache.mode, self.datasets, cfg.cache.queue_size,
-                                  on_complete=lambda record: test_hook(f"shard-{record.index}"))
+        self.writer = ShardWriter(self.staging.path, cfg.cache.mode, self.datasets, cfg.cache.queue_size)
         self.progress = tqdm(unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True,
                              disable=not self.procs.main)
         try:
@@ -339,8 +322,6 @@ class TeacherDump:
 
     def compute(self, spec: ShardSpec, blocks: np.ndarray) -> None:
         """The teacher over one shard, in batches that stay inside it; the writer takes each batch."""
-        if self.computed_blocks == 0:
-            test_hook(f"rank-{self.procs.rank}")
         batch = self.cfg.teacher.batch_size
         for start in range(0, len(blocks), batch):
             ids = blocks[start:start + batch]
@@ -383,7 +364,6 @@ class TeacherDump:
             if manifest is None:
                 records = self.staging.records(self.stats.num_shards)
                 manifest = self.staging.finish(self.manifest(records))
-            test_hook("publish")
             self.staging.publish(cfg.cache.overwrite)
         manifest = procs.sync({"manifest": manifest})[0]["manifest"]
         self.seconds = time.perf_counter() - self.start

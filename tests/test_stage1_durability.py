@@ -20,7 +20,7 @@ import pytest
 from cache.lock import LOCK_FILE
 from cache.reader import verify_cache
 from common.cli import UserError
-from stage1_teacher.dump import TEST_HOOK, main as dump_main
+from stage1_teacher.dump import main as dump_main
 from tests.conftest import REPO, tiny_overrides
 from tests.test_lock import hold_in_other_process
 
@@ -33,18 +33,17 @@ def args_for(tiny: Path, cache: Path, **extra: object) -> list[str]:
 
 def dump_cli(*args: str, hook: str | None = None, limit_bytes: int | None = None,
              wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`python -m stage1_teacher.dump ARGS` in a fresh process; `hook` = KD_STAGE1_TEST_HOOK; `limit_bytes`:
-    no file may grow past it (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG, as on a full disk)."""
+    """`python -m stage1_teacher.dump ARGS` in a fresh process; `hook`: ACTION@EVENT, run through
+    tests/stage1_hooks.py instead; `limit_bytes`: no file may grow past it (RLIMIT_FSIZE, SIGXFSZ ignored: writes
+    fail with EFBIG, as on a full disk)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(TEST_HOOK, None)
-    if hook is not None:
-        env[TEST_HOOK] = hook
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    cmd = [sys.executable, "-m", "stage1_teacher.dump", *map(str, args)]
+    entry = ["stage1_teacher.dump"] if hook is None else ["tests.stage1_hooks", hook]
+    cmd = [sys.executable, "-m", *entry, *map(str, args)]
     kwargs = dict(cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                   preexec_fn=limit if limit_bytes is not None else None)
     if not wait:

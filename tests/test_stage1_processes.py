@@ -19,7 +19,7 @@ from bench.gpu_check import parse_stage1
 from cache.reader import CacheReader
 from common.cli import UserError
 from common.config import load_config
-from stage1_teacher.dump import TEST_HOOK, main as dump_main, teacher_device
+from stage1_teacher.dump import main as dump_main, teacher_device
 from stage1_teacher.processes import Processes
 from tests.conftest import REPO
 from tests.test_stage1_durability import SHARDS, args_for, fingerprint, staging_of
@@ -32,7 +32,8 @@ def free_port() -> int:
 
 
 def launch(launcher: str, *args: str, hook: str | None = None) -> subprocess.CompletedProcess:
-    """The dump on 2 processes through `launcher` (torchrun or accelerate)."""
+    """The dump on 2 processes through `launcher` (torchrun or accelerate); `hook`: ACTION@EVENT, run through
+    tests/stage1_hooks.py instead."""
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port())]
@@ -41,10 +42,8 @@ def launch(launcher: str, *args: str, hook: str | None = None) -> subprocess.Com
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(free_port())]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop(TEST_HOOK, None)
-    if hook is not None:
-        env[TEST_HOOK] = hook
-    return subprocess.run([*cmd, "-m", "stage1_teacher.dump", *map(str, args)], cwd=REPO, env=env,
+    entry = ["stage1_teacher.dump"] if hook is None else ["tests.stage1_hooks", hook]
+    return subprocess.run([*cmd, "-m", *entry, *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
