@@ -261,8 +261,8 @@ class StagingDir:
 
     def _inspect(self, overwrite: bool) -> Resume:
         names = set(os.listdir(self.path)) - {LOCK_FILE}
-        if not names or self.contents is None:
-            return Resume()
+        if all(name.endswith(".tmp") for name in names) or self.contents is None:
+            return Resume()  # empty, or stopped while writing its first file: nothing to keep
         started, recorded = self._recorded_contents(names)
         if recorded is None:
             if overwrite:
@@ -301,7 +301,7 @@ class StagingDir:
             contents = manifest.settings.get("contents")
             return "a complete cache", contents if isinstance(contents, dict) else {}
         if STATE_FILE not in names:
-            return f"no {STATE_FILE}: left by an earlier release or another tool", None
+            return f"no {STATE_FILE}: left by another tool", None
         try:
             state = json.loads(_read_text(self._file(STATE_FILE)))
             if state.get("format") != STATE_FORMAT or not isinstance(state.get("contents"), dict):

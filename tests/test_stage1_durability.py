@@ -19,6 +19,7 @@ import pytest
 
 from cache.lock import LOCK_FILE
 from cache.reader import verify_cache
+from cache.writer import StagingDir
 from common.cli import UserError
 from stage1_teacher.dump import main as dump_main
 from tests.conftest import REPO, tiny_overrides
@@ -343,3 +344,31 @@ def test_a_broken_tokenizer_file_is_one_line(tiny, tmp_path):
     [line] = error_lines(result)
     assert line.startswith(f"error: cannot load teacher tokenizer {teacher}: ")
     assert not (tmp_path / "cache.partial").exists()
+
+
+def test_a_dump_stopped_while_writing_its_first_file_is_resumed_afresh(tmp_path):
+    """Stopped (SIGTERM, Ctrl-C) between creating the staging directory and finishing stage1.json, a dump
+    leaves only a .tmp: the rerun starts there afresh. A shard without stage1.json is still refused."""
+    cache = tmp_path / "cache"
+    staging = staging_of(cache)
+    staging.mkdir()
+    (staging / "stage1.json.tmp").write_text("")
+    writer = StagingDir(str(cache))
+    try:
+        resume = writer.open({"cache.k": 16}, overwrite=False)
+    finally:
+        writer.close()
+    assert (resume.records, resume.manifest) == ({}, None)
+    assert sorted(os.listdir(staging)) == [LOCK_FILE, "stage1.json"]
+    assert json.loads((staging / "stage1.json").read_text())["contents"] == {"cache.k": 16}
+
+    (staging / "stage1.json").unlink()
+    (staging / "shard-00000.h5").write_text("")
+    writer = StagingDir(str(cache))
+    try:
+        with pytest.raises(UserError, match=f"^{staging} holds an unfinished dump that cannot be resumed \\(no "
+                                            "stage1.json: left by another tool\\); rerun with cache.overwrite=true to "
+                                            "delete it and start afresh$"):
+            writer.open({"cache.k": 16}, overwrite=False)
+    finally:
+        writer.close()
