@@ -30,9 +30,10 @@ from typing import Any
 import hdf5plugin  # registers the zstd filter with HDF5: every reader and writer of format 2 imports this module
 import numpy as np
 
-from cache.format import SQRT_GRID, STORED, STORED_SCHEMES, STORED_TAIL, CacheMode, counts_dtype, stored_shape
+from cache.format import SQRT_GRID, STORED, STORED_SCHEMES, STORED_TAIL, counts_dtype, stored_shape
 from cache.manifest import DatasetEntry
 from common.cli import UserError
+from common.config import CacheMode
 
 # zstd level of every filtered format-2 dataset: 5 % smaller than level 3 at the same decoding speed, and the writer
 # thread keeps up (docs/performance.md, "Cache size")

@@ -19,12 +19,13 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from common.config import CacheMode
+
 FORMAT_NAME = "kd-logit-cache"
 FORMAT_VERSION = 2  # written by this release
 SUPPORTED_VERSIONS = (1, 2)  # readable by this release
 MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".partial"  # stage one writes `<cache.dir>.partial` and renames it to `<cache.dir>` when complete
-CacheMode = Literal["topk", "full", "sample"]  # what a cache holds per position; the one set of mode names
 MODES: tuple[str, ...] = get_args(CacheMode)
 
 

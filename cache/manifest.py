@@ -23,14 +23,13 @@ from cache.format import (
     STORED_SCHEMES,
     STORED_TAIL,
     SUPPORTED_VERSIONS,
-    CacheMode,
     Compression,
     Encoding,
     counts_dtype,
     stored_shape,
 )
 from common.cli import UserError
-from common.config import RowKind
+from common.config import CacheMode, RowKind
 from common.data import DataFile
 from common.schema import SchemaError, from_dict
 

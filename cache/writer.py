@@ -33,10 +33,11 @@ import h5py
 import numpy as np
 
 from cache.encoding import encode, h5_create_kwargs
-from cache.format import MANIFEST, STAGING_SUFFIX, STORED_TAIL, CacheMode, decoded_datasets, file_sha256, shard_name
+from cache.format import MANIFEST, STAGING_SUFFIX, STORED_TAIL, decoded_datasets, file_sha256, shard_name
 from cache.lock import LOCK_FILE, CacheLock
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
+from common.config import CacheMode
 from common.fsutil import publish_directory, write_json_atomic, write_text_atomic
 from common.schema import SchemaError, from_dict
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cache.reader import CacheReader
 from common.cli import UserError
-from common.losses import TeacherTargets
+from stage2_student.losses import TeacherTargets
 
 
 @dataclass(frozen=True)

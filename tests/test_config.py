@@ -381,3 +381,19 @@ def test_help_lists_every_key_with_its_default_and_help(module, capsys):
         assert first_words in " ".join(out.split()), f"{module} --help lacks the help of {dotted}"
     precision = next(line for line in lines if line.startswith("train.precision="))
     assert precision == "train.precision=auto  (auto | bf16 | fp16 | fp32)"
+
+
+def test_common_imports_no_layer_above_it():
+    """common/ is the bottom layer: cache/ and the stages import it, never the other way round (imports inside
+    functions too)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    upward = []
+    for path in sorted((root / "common").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            upward += [f"{path.name}: {m}" for m in modules
+                       if m.split(".")[0] in ("cache", "stage1_teacher", "stage2_student", "bench", "tiny_world")]
+    assert upward == []

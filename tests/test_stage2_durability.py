@@ -164,7 +164,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_resumable(tiny, cache_dir, drop
                                                           monkeypatch):
     """A loss that turns NaN at step 3 (its first micro-batch): one line, nothing applied, step-2 intact;
     the same command then resumes from it to the uninterrupted run's weights."""
-    from common.losses import KDLoss
+    from stage2_student.losses import KDLoss
 
     calls = {"n": 0}
     original = KDLoss.__call__
