@@ -277,18 +277,23 @@ def test_a_finished_run_is_replaced_only_with_overwrite(tiny, cache_dir, dropout
     assert_same_run(out, reference)
 
 
-def test_a_run_of_an_earlier_release_is_replaced_with_overwrite(tiny, cache_dir, reference, tmp_path):
-    """Its run.json had no format, no list of files: its save_pretrained files are recognised by name."""
+def test_a_run_json_without_our_format_is_foreign_even_with_overwrite(tiny, cache_dir, reference, tmp_path):
+    """A run.json without this release's format (and without its list of files) makes the directory not ours:
+    refused in one line naming what is not ours, and nothing is deleted, with train.overwrite=true too."""
     out = copy_of(reference, tmp_path)
     shutil.rmtree(out / "checkpoints")
     old = run_record(out)
-    (out / "run.json").write_text(json.dumps({key: old[key] for key in (
-        "config", "cache_dir", "cache_manifest_sha256", "cache_mode", "live_teacher", "steps", "tokens", "seconds",
-        "seconds_per_step", "final")}))
-    with pytest.raises(UserError, match="holds a finished run"):
-        train_main(train_args(tiny, cache_dir, tiny / "student", out))
-    train_main(train_args(tiny, cache_dir, tiny / "student", out, **{"train.max_steps": 1, "train.overwrite": True}))
-    assert run_record(out)["finished"] is True and [r["step"] for r in metrics(out)] == [1]
+    (out / "run.json").write_text(json.dumps({key: old[key] for key in ("config", "steps", "final")}))
+    before = sorted(p.name for p in out.iterdir())
+    model_files = [name for name in before if name not in ("run.json", "metrics.jsonl")]
+    assert "model.safetensors" in model_files and "config.json" in model_files
+    foreign = sorted([*model_files, "run.json (not a stage-two run record of this release)"])
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    with pytest.raises(UserError) as info:
+        train_main(train_args(tiny, cache_dir, tiny / "student", out, **{"train.overwrite": True}))
+    assert str(info.value) == (f"train.output_dir {out} holds files this tool did not write ({shown}); nothing was "
+                               "deleted: move them away or choose another directory")
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_one_run_at_a_time_per_output_directory(tiny, cache_dir, tmp_path):
