@@ -333,7 +333,7 @@ class TeacherDump:
                 arrays = {name: t.cpu().numpy() for name, t in self.targets(logits, spec.first_block + start).items()}
             except (torch.OutOfMemoryError, MemoryError):
                 raise UserError(f"the teacher ran out of memory on {self.device} with teacher.batch_size={batch} "
-                                "blocks of data.seq_len={self.cfg.data.seq_len} tokens: lower teacher.batch_size "
+                                f"blocks of data.seq_len={self.cfg.data.seq_len} tokens: lower teacher.batch_size "
                                 "(or use teacher.device_map=auto)") from None
             self.writer.put(spec, {"input_ids": ids, **arrays})
             self.computed_blocks += len(ids)

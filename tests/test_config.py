@@ -195,9 +195,7 @@ def test_closed_set_is_checked_at_parse_time(override, allowed):
     key, _, value = override.partition("=")
     with pytest.raises(UserError) as info:
         load_config(None, [override])
-    message = str(info.value)
-    assert message.startswith(f"config key {key}: expected one of {allowed}, got ")
-    assert value in message and "\n" not in message
+    assert str(info.value) == f"config key {key}: expected one of {allowed}, got '{value}'"
 
 
 @pytest.mark.parametrize("overrides, message", [
