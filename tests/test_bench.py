@@ -40,6 +40,7 @@ def table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # [0] is the header
 
 
+@pytest.mark.slow
 def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny tensors: on a busy machine threads make steps 100x slower
     out = tmp_path / "out"
@@ -73,6 +74,7 @@ def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
     assert (tmp_path / "quality_vs_bytes.png").is_file()
 
 
+@pytest.mark.slow
 def test_quality_refuses_a_missing_data_dir_an_unknown_run_one_seed_and_two_scales(wiki_dir, tmp_path):
     missing = run_cli("bench.quality", "--out", tmp_path / "out", "--data-dir", tmp_path / "nowhere")
     assert missing.returncode == 2
@@ -91,6 +93,7 @@ def test_quality_refuses_a_missing_data_dir_an_unknown_run_one_seed_and_two_scal
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
+@pytest.mark.slow
 def test_loss_memory_chunked_loss_equals_unchunked():
     result = run_cli("bench.loss_memory", "--batch", "1", "--seq-len", "8", "--chunk", "3", "--vocab", "500")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -306,6 +306,7 @@ def cli_results(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow  # the commands start concurrently, each loading torch: a minute on 2 cores
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_user_error_is_one_line_and_status_2(cli_results, case):
     status, _, stderr, cache_dir = cli_results[case]

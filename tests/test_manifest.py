@@ -112,7 +112,8 @@ def test_readme_tables_are_the_format_definition(table, generate):
 
 
 @pytest.mark.parametrize("case", ["removed top-level field", "wrong nested type", "unknown format version"])
-@pytest.mark.parametrize("command", ["cache.verify", "stage2_student.train", "stage2_student.evaluate"])
+@pytest.mark.parametrize("command", ["cache.verify", pytest.param("stage2_student.train", marks=pytest.mark.slow),
+                                     pytest.param("stage2_student.evaluate", marks=pytest.mark.slow)])
 def test_commands_refuse_a_bad_manifest_in_one_line(manifest_text, tmp_path, case, command):
     from tests.conftest import run_cli
 

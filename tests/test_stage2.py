@@ -237,3 +237,16 @@ def test_first_steps_match_golden_values(tiny, caches, tmp_path):
     for record, golden in zip(records, GOLDEN_STEPS, strict=True):
         for key, value in golden.items():
             assert record[key] == pytest.approx(value, rel=1e-5), (record["step"], key)
+
+
+def test_a_staging_directory_is_refused_as_a_cache(tmp_path):
+    """Stage one's `.partial` directory is not a cache, even with its manifest written: one line, nothing made."""
+    staging = tmp_path / "cache.partial"
+    staging.mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as info:
+        train_main(["--cache", str(staging), f"train.output_dir={out}", f"train.log_dir={tmp_path / 'logs'}",
+                    f"student.model={tmp_path / 'no-student'}"])
+    assert str(info.value) == (f"{staging} is stage one's staging directory, not a published cache; rerun stage "
+                               f"one's command to finish and publish it as {tmp_path / 'cache'}, and read that")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.partial"]

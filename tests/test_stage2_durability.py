@@ -404,6 +404,7 @@ def test_settings_refused_before_anything_is_loaded(tmp_path, overrides, message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing created
 
 
+@pytest.mark.slow
 def test_a_setting_refused_on_the_command_line_is_one_line(tmp_path):
     result = run_cli("stage2_student.train", "--cache", tmp_path / "no-cache", "train.temperature=nan",
                      f"train.output_dir={tmp_path / 'out'}")
