@@ -105,3 +105,14 @@ def test_loss_memory_chunked_loss_equals_unchunked():
     for kind, by_chunk in losses.items():
         assert by_chunk.keys() == {"8 (unchunked)", "3"}, kind
         assert by_chunk["3"] == pytest.approx(by_chunk["8 (unchunked)"], rel=1e-4), kind
+
+
+def test_quality_refuses_a_missing_data_dir_before_writing(tmp_path):
+    from bench.quality import main
+    from common.cli import UserError
+
+    with pytest.raises(UserError) as info:
+        main(["--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "nowhere")])
+    assert str(info.value) == (f"{tmp_path / 'nowhere'} has no wiki.valid.raw or wiki.test.raw; pass --data-dir with "
+                               "the WikiText-2 raw files")
+    assert not (tmp_path / "out").exists()
