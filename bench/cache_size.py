@@ -13,11 +13,13 @@
    the sizes follow the teacher's entropy.
 2. One cache per mode through the real entry point `python -m stage1_teacher.dump`: top-64 lossless, top-64
    with `cache.quantize=true`, sample (50 draws), full (a few blocks: 303 KB/token raw); and each re-written in
-   format 1 (`write_format_1`: the decoded arrays, as the previous release stored them) for reference.
+   format 1 (`write_format_1`: the decoded arrays, the layout before format 2, which this release no longer
+   reads) for reference.
 3. Per cache: bytes/token (shard bytes over tokens), max |Δp| and the mean KL of the renormalised top-k against
    the lossless cache, encode tokens/s (the writer thread's busy time, from stage one's `[stage1]` line),
    decode tokens/s on one core (`CacheReader.block` over every block: HDF5 read, decode and the value checks;
-   every cache alternating, several repeats, median).
+   a format-1 reference: the HDF5 reads of its decoded arrays alone; every cache alternating, several
+   repeats, median).
 4. The alternatives tried for each mode, on the same arrays (`alternatives`): other filters and levels,
    other id and value layouts, other quantisation grids.
 
@@ -259,17 +261,39 @@ def reblock(source: str, target: str, factor: int, quantize: bool) -> None:
                                       shards=[]))
 
 
-def bytes_per_token(cache_dir: str) -> float:
-    from cache.manifest import load_manifest
+def read_manifest_json(cache_dir: str) -> dict:
+    with open(os.path.join(cache_dir, "manifest.json"), encoding="utf-8") as fh:
+        return json.load(fh)
 
-    manifest = load_manifest(cache_dir)
-    return manifest.bytes_on_disk / manifest.num_tokens
+
+def bytes_per_token(cache_dir: str) -> float:
+    """Shard bytes over tokens, from the manifest as JSON (the format-1 references' too)."""
+    manifest = read_manifest_json(cache_dir)
+    return sum(s["bytes"] for s in manifest["shards"]) / (manifest["num_blocks"] * manifest["seq_len"])
+
+
+def read_format_1_blocks(cache_dir: str) -> tuple[float, float, int]:
+    """`read_every_block` of a format-1 reference: one chunk read per dataset and block, nothing to decode."""
+    import h5py
+
+    manifest = read_manifest_json(cache_dir)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for shard in manifest["shards"]:
+        with h5py.File(os.path.join(cache_dir, shard["file"]), "r") as h5:
+            datasets = [h5[name] for name in manifest["datasets"]]
+            for row in range(shard["num_blocks"]):
+                for dataset in datasets:
+                    dataset[row]
+    cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+    return cpu, wall, manifest["num_blocks"] * manifest["seq_len"]
 
 
 def read_every_block(cache_dir: str) -> tuple[float, float, int]:
     """(CPU seconds of this thread, wall seconds, tokens) to read every block through a fresh CacheReader."""
     from cache.reader import CacheReader
 
+    if read_manifest_json(cache_dir)["format_version"] == 1:
+        return read_format_1_blocks(cache_dir)
     reader = CacheReader(cache_dir)
     wall, cpu = time.perf_counter(), time.thread_time()
     for b in range(len(reader)):
@@ -668,8 +692,9 @@ def main(argv: Sequence[str]) -> int:
                f"that share nothing. Cached positions: {tokens.size:,} "
                f"(full: {full_tokens.size:,}); "
                f"the top-64 hold {mass:.3f} of the teacher's mass on average; 50 draws give {unique:.1f} unique ids "
-               f"per position. Decode: every block through `CacheReader.block` (HDF5 read, decode, value checks), "
-               f"all caches alternating, {scale.repeats} repeats, median, in the reading thread's CPU time (one "
+               f"per position. Decode: every block through `CacheReader.block` (HDF5 read, decode, value checks; "
+               f"format 1: the HDF5 reads alone), all caches alternating, {scale.repeats} repeats, median, in the "
+               f"reading thread's CPU time (one "
                f"core; the wall-time figure beside it includes waiting for a shared CPU); the 'blocks of "
                f"{2 * scale.seq_len}' rows are the same positions re-written in blocks of the default length. "
                f"Encode: tokens over the writer thread's "

@@ -22,7 +22,7 @@ def measure(kind: str, chunk: int, batch: int, seq_len: int, vocab: int) -> dict
     import torch
 
     from common.config import TrainConfig
-    from common.losses import KDLoss, TeacherTargets
+    from stage2_student.losses import KDLoss, TeacherTargets
 
     torch.manual_seed(0)
     logits = torch.randn(batch, seq_len, vocab + PADDED - VOCAB, requires_grad=True)

@@ -10,10 +10,9 @@ from typing import Optional
 
 import numpy as np
 
-from cache.format import CacheMode
 from cache.manifest import Manifest
 from common.cli import UserError
-from common.config import DataConfig, LossName, TopkTail
+from common.config import CacheMode, DataConfig, LossName, TopkTail
 from common.data import data_fingerprint, source_settings
 
 

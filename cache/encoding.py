@@ -1,12 +1,12 @@
 """How the per-block datasets are stored: which HDF5 datasets a shard holds for a mode, and the two
 functions between what consumers read (the decoded arrays of cache/format.py's `DATASETS`) and what is
-stored (format 2: its `STORED_DATASETS`; format 1: the decoded arrays themselves).
+stored (its `STORED_DATASETS`).
 
 The writer calls `encode` on decoded arrays of n blocks and writes the result into the stored datasets
 (`h5_create_kwargs` gives each one's filters); the reader calls `decode` on what it read. Consumers never see
-the stored form: `CacheReader.block(i)` returns the decoded names for every format version.
+the stored form: `CacheReader.block(i)` returns the decoded names.
 
-Format 2, per mode (docs/cache-format.md decodes a block in a dozen lines of numpy):
+Per mode (docs/cache-format.md decodes a block in a dozen lines of numpy):
 - top-k: each position's ids sorted ascending and stored as gaps (`id-gaps`; the entropy coder then spends
   about the bits the gaps need, not 32), their log-probs in that same order, fp16 as computed (`by-id`,
   lossless) or, with `cache.quantize`, q = round(√(p / p_max) · grid) (`sqrt-grid`) plus one float32 per
@@ -30,9 +30,10 @@ from typing import Any
 import hdf5plugin  # registers the zstd filter with HDF5: every reader and writer of format 2 imports this module
 import numpy as np
 
-from cache.format import SQRT_GRID, STORED, STORED_SCHEMES, STORED_TAIL, CacheMode, counts_dtype, stored_shape
+from cache.format import SQRT_GRID, STORED, STORED_SCHEMES, STORED_TAIL, counts_dtype, stored_shape
 from cache.manifest import DatasetEntry
 from common.cli import UserError
+from common.config import CacheMode
 
 # zstd level of every filtered format-2 dataset: 5 % smaller than level 3 at the same decoding speed, and the writer
 # thread keeps up (docs/performance.md, "Cache size")
@@ -72,17 +73,17 @@ def h5_create_kwargs(entry: DatasetEntry) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"shuffle": entry.compression is not None, "fletcher32": entry.checksum}
     if entry.compression == "zstd":
         return {**kwargs, **hdf5plugin.Zstd(clevel=entry.compression_opts)}
-    return {**kwargs, "compression": entry.compression, "compression_opts": entry.compression_opts}
+    return kwargs
 
 
-_SHUFFLE, _DEFLATE, _FLETCHER32, _ZSTD = 2, 1, 3, 32015  # HDF5 filter ids
+_SHUFFLE, _FLETCHER32, _ZSTD = 2, 3, 32015  # HDF5 filter ids
 
 
 def filter_pipeline(entry: DatasetEntry) -> list[tuple[int, int | None]]:
     """The (HDF5 filter id, level) pipeline `h5_create_kwargs(entry)` creates, as `stored_filters` reads it."""
     pipeline: list[tuple[int, int | None]] = []
     if entry.compression is not None:
-        pipeline += [(_SHUFFLE, None), (_DEFLATE if entry.compression == "gzip" else _ZSTD, entry.compression_opts)]
+        pipeline += [(_SHUFFLE, None), (_ZSTD, entry.compression_opts)]
     return pipeline + [(_FLETCHER32, None)] * entry.checksum
 
 

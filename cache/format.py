@@ -9,9 +9,8 @@ copies in docs/cache-format.md are checked against them by tests/test_manifest.p
 Values are log_softmax over the first V logits (the tokenizer's real tokens), computed in fp32;
 position t holds the distribution of token t+1. Chunks hold one block each.
 
-`DATASETS` are the decoded arrays every reader hands out, for every format version. Format 1 stores
-them as they are; format 2 stores the `STORED_DATASETS` of one of its mode's `STORED_SCHEMES` and a
-reader decodes them (`cache.encoding.decode`).
+`DATASETS` are the decoded arrays every reader hands out. A shard stores the `STORED_DATASETS` of one of
+its mode's `STORED_SCHEMES` and a reader decodes them (`cache.encoding.decode`).
 """
 from __future__ import annotations
 
@@ -19,12 +18,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from common.config import CacheMode
+
 FORMAT_NAME = "kd-logit-cache"
-FORMAT_VERSION = 2  # written by this release
-SUPPORTED_VERSIONS = (1, 2)  # readable by this release
+FORMAT_VERSION = 2  # the one version this release writes and reads (format 1 never left the repository)
 MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".partial"  # stage one writes `<cache.dir>.partial` and renames it to `<cache.dir>` when complete
-CacheMode = Literal["topk", "full", "sample"]  # what a cache holds per position; the one set of mode names
 MODES: tuple[str, ...] = get_args(CacheMode)
 
 
@@ -89,11 +88,10 @@ def dataset_table_markdown() -> str:
 # --- format 2: what is stored -------------------------------------------------------------------------------
 
 # How a stored dataset holds (part of) a decoded one; the one set of encoding names (cache/encoding.py
-# implements them, the manifest records one per stored dataset, format 1 has only "raw").
+# implements them, the manifest records one per stored dataset).
 Encoding = Literal["raw", "id-gaps", "by-id", "sqrt-grid", "log-scale", "packed-id-gaps", "packed-counts"]
-# HDF5 compression filters, each after a byte shuffle: "gzip" = deflate (format 1's), "zstd" = hdf5plugin's
-# Zstd filter (HDF5 filter id 32015)
-Compression = Literal["gzip", "zstd"]
+# HDF5 compression filters, after a byte shuffle: "zstd" = hdf5plugin's Zstd filter (HDF5 filter id 32015)
+Compression = Literal["zstd"]
 SQRT_GRID = 1024  # cache.quantize: steps per unit of √(p / p_max) (max |Δp| ≤ 1/1024, see cache/encoding.py)
 
 

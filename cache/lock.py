@@ -96,7 +96,7 @@ class CacheLock:
                 try:
                     return os.open(self.path, os.O_RDONLY)  # flock works on a read-only descriptor
                 except FileNotFoundError:
-                    return None  # a read-only cache of an earlier release, without a lock file
+                    return None  # a read-only cache without a lock file (copied without it)
             raise UserError(f"cannot create the lock file {self.path}: {err.strerror}") from None
 
     def check_can_lock(self) -> None:

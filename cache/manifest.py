@@ -16,22 +16,20 @@ from typing import Any, Optional
 
 from cache.format import (
     FORMAT_NAME,
+    FORMAT_VERSION,
     MANIFEST,
-    MODE_DATASETS,
     STAGING_SUFFIX,
     STORED,
     STORED_CHAT,
     STORED_SCHEMES,
     STORED_TAIL,
-    SUPPORTED_VERSIONS,
-    CacheMode,
     Compression,
     Encoding,
     counts_dtype,
     stored_shape,
 )
 from common.cli import UserError
-from common.config import RowKind
+from common.config import CacheMode, RowKind
 from common.data import DataFile
 from common.schema import SchemaError, from_dict
 
@@ -40,8 +38,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """How one per-block dataset is stored in every shard (format 1: the decoded datasets as they are).
-    The defaults are format 1's: no filter, stored as read."""
+    """How one per-block dataset is stored in every shard. The defaults: no filter, stored as read."""
     shape_per_block: list[int]
     dtype: str
     compression: Optional[Compression] = None  # the HDF5 filter pipeline (cache.format.Compression), None = none
@@ -150,9 +147,12 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise UserError(f"{where}: not a {FORMAT_NAME} manifest")
         version = data.get("format_version")
-        if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        if version == 1 and not isinstance(version, bool):
+            raise UserError(f"{where}: a format-1 cache, which this release does not read; rebuild it with this "
+                            "release's stage one (python -m stage1_teacher.dump)")
+        if version != FORMAT_VERSION or isinstance(version, bool):
             raise UserError(f"{where}: {FORMAT_NAME} format_version {version!r} is not supported by this release "
-                            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+                            f"(it reads {FORMAT_VERSION})")
         try:
             manifest = from_dict(cls, data, "field")
             manifest.check()
@@ -169,12 +169,9 @@ class Manifest:
             raise SchemaError(f"field k: a topk cache needs 1 <= k <= vocab_size, got {self.k!r}")
         if self.mode == "sample" and self.sample is None:
             raise SchemaError("field sample: missing for a sample cache")
-        if self.tail is not None and (self.mode != "topk" or self.format_version < 2):
-            raise SchemaError("field tail: tail draws belong to format-2 topk caches only")
-        if self.format_version == 1:
-            self._check_v1_datasets()
-        else:
-            self._check_stored_datasets()
+        if self.tail is not None and self.mode != "topk":
+            raise SchemaError("field tail: tail draws belong to topk caches only")
+        self._check_stored_datasets()
         if not self.shards:
             raise SchemaError("field shards: empty")
         first = 0
@@ -192,21 +189,8 @@ class Manifest:
         if first != self.num_blocks:
             raise SchemaError(f"field num_blocks: {self.num_blocks}, but the shards cover {first} blocks")
 
-    def _check_v1_datasets(self) -> None:
-        expected = set(MODE_DATASETS[self.mode])
-        if set(self.datasets) != expected:
-            raise SchemaError(f"field datasets: a {self.mode} cache holds {sorted(expected)}, "
-                              f"the manifest lists {sorted(self.datasets)}")
-        if self.datasets["input_ids"].shape_per_block != [self.seq_len]:
-            raise SchemaError(f"field datasets.input_ids.shape_per_block: expected [{self.seq_len}], "
-                              f"got {self.datasets['input_ids'].shape_per_block}")
-        for name, entry in self.datasets.items():
-            if entry.encoding != "raw":
-                raise SchemaError(f"field datasets.{name}.encoding: format 1 stores raw datasets, "
-                                  f"got {entry.encoding!r}")
-
     def _check_stored_datasets(self) -> None:
-        """Format 2: one of the mode's stored schemes, each dataset with its table's encoding, shape and dtype."""
+        """One of the mode's stored schemes, each dataset with its table's encoding, shape and dtype."""
         schemes = STORED_SCHEMES[self.mode]
         chat = self.dataset.rows == "chat"
         if chat != (set(STORED_CHAT) <= set(self.datasets)):

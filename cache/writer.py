@@ -33,19 +33,11 @@ import h5py
 import numpy as np
 
 from cache.encoding import encode, h5_create_kwargs
-from cache.format import (
-    MANIFEST,
-    STAGING_SUFFIX,
-    STORED_CHAT,
-    STORED_TAIL,
-    CacheMode,
-    decoded_datasets,
-    file_sha256,
-    shard_name,
-)
+from cache.format import MANIFEST, STAGING_SUFFIX, STORED_CHAT, STORED_TAIL, decoded_datasets, file_sha256, shard_name
 from cache.lock import LOCK_FILE, CacheLock
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError
+from common.config import CacheMode
 from common.fsutil import publish_directory, write_json_atomic, write_text_atomic
 from common.schema import SchemaError, from_dict
 
@@ -270,8 +262,8 @@ class StagingDir:
 
     def _inspect(self, overwrite: bool) -> Resume:
         names = set(os.listdir(self.path)) - {LOCK_FILE}
-        if not names or self.contents is None:
-            return Resume()
+        if all(name.endswith(".tmp") for name in names) or self.contents is None:
+            return Resume()  # empty, or stopped while writing its first file: nothing to keep
         started, recorded = self._recorded_contents(names)
         if recorded is None:
             if overwrite:
@@ -310,7 +302,7 @@ class StagingDir:
             contents = manifest.settings.get("contents")
             return "a complete cache", contents if isinstance(contents, dict) else {}
         if STATE_FILE not in names:
-            return f"no {STATE_FILE}: left by an earlier release or another tool", None
+            return f"no {STATE_FILE}: left by another tool", None
         try:
             state = json.loads(_read_text(self._file(STATE_FILE)))
             if state.get("format") != STATE_FORMAT or not isinstance(state.get("contents"), dict):
@@ -374,13 +366,11 @@ class ShardWriter:
     its record written. An error in the thread (a full disk) is raised once, as one line, by the next `put`
     or by `close`; HDF5 files are closed by the thread that opened them."""
 
-    def __init__(self, directory: str, mode: CacheMode, datasets: dict[str, DatasetEntry], queue_size: int = 8,
-                 on_complete: Optional[Callable[[ShardRecord], None]] = None) -> None:
+    def __init__(self, directory: str, mode: CacheMode, datasets: dict[str, DatasetEntry], queue_size: int = 8) -> None:
         self.directory = directory
         # the names put; `datasets` are the stored ones (cache/encoding.py)
         self.decoded = decoded_datasets(mode, STORED_TAIL[0] in datasets, STORED_CHAT[0] in datasets)
         self.datasets = datasets
-        self.on_complete = on_complete  # called in the writer thread after each shard's record is written
         self.write_seconds = 0.0
         self.records: list[ShardRecord] = []
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -503,8 +493,6 @@ class ShardWriter:
                              bytes=os.path.getsize(final), tokens_sha256=shard.tokens.hexdigest())
         write_json_atomic(final + RECORD_SUFFIX, dataclasses.asdict(record))
         self.records.append(record)
-        if self.on_complete is not None:
-            self.on_complete(record)
 
 
 def _close_quietly(handle: Optional[h5py.File]) -> None:

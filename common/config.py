@@ -19,12 +19,12 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 
 import yaml
 
-from cache.format import CacheMode
 from common.cli import UserError, run_main
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
 # The closed sets of names, each defined once; the code that acts on them keys its tables by these.
+CacheMode = Literal["topk", "full", "sample"]  # what a cache holds per position (cache/format.py's MODES)
 LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 TopkTail = Literal["bucket", "renormalize"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]  # autocast's compute mode

@@ -66,24 +66,8 @@ OPERATIONAL_CACHE_KEYS = {"dir", "overwrite", "queue_size"}
 MODE_CACHE_KEYS = {"k": "topk", "tail_draws": "topk", "draws": "sample", "sample_temperature": "sample",
                    "seed": "sample"}
 DRAW_KEYS = {"sample_temperature", "seed"}  # also a top-k cache's, when it has tail draws
-TEST_HOOK = "KD_STAGE1_TEST_HOOK"
 CONFIG_ERROR_TIMEOUT_S = 60.0  # N processes that all refuse their config wait this long for each other
 CHAT_DATA_KEYS = {"messages_column", "train_on"}  # data.* keys that only data.rows=chat reads
-
-
-def test_hook(event: str) -> None:
-    """Fault injection for the tests: KD_STAGE1_TEST_HOOK=ACTION@EVENT makes this process exit at once as if
-    killed (`exit`), raise (`fail`) or hang (`hang`) at EVENT: `shard-N` (shard N is complete; in the writer
-    thread), `rank-R` (process R begins its first shard), `publish` (the manifest is written, the swap is next)."""
-    action, _, where = os.environ.get(TEST_HOOK, "").partition("@")
-    if where != event:
-        return
-    if action == "exit":
-        os._exit(137)
-    if action == "fail":
-        raise RuntimeError(f"test hook: failing at {event}")
-    if action == "hang":
-        time.sleep(3600)
 
 
 def check_settings(cfg: PipelineConfig) -> None:
@@ -323,8 +307,7 @@ class TeacherDump:
             return  # every shard was complete: the data was already read
         self.stats = None
         self.alignment = AlignmentLog()
-        self.writer = ShardWriter(self.staging.path, cfg.cache.mode, self.datasets, cfg.cache.queue_size,
-                                  on_complete=lambda record: test_hook(f"shard-{record.index}"))
+        self.writer = ShardWriter(self.staging.path, cfg.cache.mode, self.datasets, cfg.cache.queue_size)
         self.progress = tqdm(unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True,
                              disable=not self.procs.main)
         try:
@@ -363,8 +346,6 @@ class TeacherDump:
         """The teacher over one shard, in batches that stay inside it; the writer takes each batch. Conversations
         (a dict of tokens, mask and positions) are run with their position ids, so that each attends only to
         itself, and their untrained positions get the placeholder (cache/chat.py)."""
-        if self.computed_blocks == 0:
-            test_hook(f"rank-{self.procs.rank}")
         batch = self.cfg.teacher.batch_size
         chat = blocks if isinstance(blocks, dict) else None
         blocks = tokens_of(blocks)
@@ -382,7 +363,7 @@ class TeacherDump:
                 arrays = {name: t.cpu().numpy() for name, t in self.targets(logits, spec.first_block + start).items()}
             except (torch.OutOfMemoryError, MemoryError):
                 raise UserError(f"the teacher ran out of memory on {self.device} with teacher.batch_size={batch} "
-                                "blocks of data.seq_len={self.cfg.data.seq_len} tokens: lower teacher.batch_size "
+                                f"blocks of data.seq_len={self.cfg.data.seq_len} tokens: lower teacher.batch_size "
                                 "(or use teacher.device_map=auto)") from None
             if chat is not None:
                 blank_untrained(arrays, extra["loss_mask"])
@@ -416,7 +397,6 @@ class TeacherDump:
             if manifest is None:
                 records = self.staging.records(self.stats.num_shards)
                 manifest = self.staging.finish(self.manifest(records))
-            test_hook("publish")
             self.staging.publish(cfg.cache.overwrite)
         manifest = procs.sync({"manifest": manifest})[0]["manifest"]
         self.seconds = time.perf_counter() - self.start

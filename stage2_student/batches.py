@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from cache.format import CHAT_DATASETS
 from cache.reader import CacheReader
 from common.cli import UserError
-from common.losses import TeacherTargets
+from stage2_student.losses import TeacherTargets
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,8 @@ def epoch_order(num_blocks: int, epoch: int, seed: int, processes: int, rank: in
     """The blocks process `rank` reads in `epoch`, in order: one permutation of all blocks per epoch, drawn
     from `seed` + epoch alone, split among the processes by a DistributedSampler (rank r takes every N-th,
     padded by repeating the first ones when N does not divide the count, so that every process takes as many
-    steps). The generator's first number is skipped because the DataLoader of earlier releases drew its
-    workers' base seed from it before shuffling: epoch 0 of one process keeps their order (a plain
-    DistributedSampler seeded the same would not)."""
+    steps)."""
     generator = torch.Generator().manual_seed(seed + epoch)
-    torch.empty((), dtype=torch.int64).random_(generator=generator)
     permutation = torch.randperm(num_blocks, generator=generator).tolist()
     share = DistributedSampler(permutation, num_replicas=processes, rank=rank, shuffle=False)
     return [permutation[i] for i in share]

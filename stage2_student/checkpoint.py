@@ -52,8 +52,6 @@ def read_json(path: str, what: str) -> dict[str, Any]:
     return data
 
 
-# run.json of the releases before checkpoints had no "format"; it was written last, beside save_pretrained's files
-_EARLIER_RELEASE_KEYS = {"config", "cache_manifest_sha256", "steps", "final"}
 _SAVED_MODEL_FILE = re.compile(r"config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors|"
                                r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
                                r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.json|"
@@ -67,8 +65,7 @@ _CHECKPOINT_FILE = re.compile(r"(model|pytorch_model|optimizer|scheduler|sampler
 
 
 def read_run_record(directory: str) -> dict[str, Any] | None:
-    """run.json if it is one of ours (an earlier release's finished run is read as one, its model files by their
-    save_pretrained names); None if absent or foreign (a foreign run.json is reported by name)."""
+    """run.json if it is one of ours; None if absent or foreign (a foreign run.json is reported by name)."""
     path = os.path.join(directory, RUN_RECORD)
     if not os.path.isfile(path):
         return None
@@ -76,12 +73,7 @@ def read_run_record(directory: str) -> dict[str, Any] | None:
         record = read_json(path, "the run record")
     except UserError:
         return None
-    if record.get("format") == RUN_FORMAT:
-        return record
-    if _EARLIER_RELEASE_KEYS <= record.keys():
-        files = sorted(name for name in os.listdir(directory) if _SAVED_MODEL_FILE.fullmatch(name))
-        return {**record, "format": RUN_FORMAT, "finished": True, "files": files}
-    return None
+    return record if record.get("format") == RUN_FORMAT else None
 
 
 @dataclass(frozen=True)

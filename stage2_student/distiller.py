@@ -21,11 +21,10 @@ import torch
 from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
 from textbrewer.presets import register_new
 
-from cache.format import CacheMode
 from common.alignment import AlignmentLog, truncate_vocab, vocab_logprobs
-from common.config import TrainConfig
-from common.losses import KDLoss, StudentLogits, TeacherTargets
+from common.config import CacheMode, TrainConfig
 from stage2_student.batches import cached_targets
+from stage2_student.losses import KDLoss, StudentLogits, TeacherTargets
 
 KD_LOSS_PREFIX = "cached_"
 

@@ -5,7 +5,7 @@ The training loop divides each micro-batch's loss by the number of micro-batches
 over the processes; so a micro-batch's loss is Σ_trained loss · (G · N_proc / N), N the trained positions of the
 global batch (one all-reduce per step), and the step's gradient is that of Σ_all trained loss / N however the
 positions fall into micro-batches and processes. `loss_weights` gives those per-position factors; the loss
-(common/losses.py) then sums weight · value where it would otherwise average over positions.
+(stage2_student/losses.py) then sums weight · value where it would otherwise average over positions.
 """
 from __future__ import annotations
 

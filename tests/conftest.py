@@ -63,3 +63,11 @@ def run_cli(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedPr
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow`: every test that needs the tiny build (it dumps caches, trains or launches the real entry points on
+    it), besides those marked by hand. `bash scripts/test.sh --quick` runs the others (`-m "not slow"`)."""
+    for item in items:
+        if "tiny" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -40,6 +40,7 @@ def table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # [0] is the header
 
 
+@pytest.mark.slow
 def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny tensors: on a busy machine threads make steps 100x slower
     out = tmp_path / "out"
@@ -73,6 +74,7 @@ def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
     assert (tmp_path / "quality_vs_bytes.png").is_file()
 
 
+@pytest.mark.slow
 def test_quality_refuses_a_missing_data_dir_an_unknown_run_one_seed_and_two_scales(wiki_dir, tmp_path):
     missing = run_cli("bench.quality", "--out", tmp_path / "out", "--data-dir", tmp_path / "nowhere")
     assert missing.returncode == 2
@@ -91,6 +93,7 @@ def test_quality_refuses_a_missing_data_dir_an_unknown_run_one_seed_and_two_scal
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
+@pytest.mark.slow
 def test_loss_memory_chunked_loss_equals_unchunked():
     result = run_cli("bench.loss_memory", "--batch", "1", "--seq-len", "8", "--chunk", "3", "--vocab", "500")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -102,3 +105,14 @@ def test_loss_memory_chunked_loss_equals_unchunked():
     for kind, by_chunk in losses.items():
         assert by_chunk.keys() == {"8 (unchunked)", "3"}, kind
         assert by_chunk["3"] == pytest.approx(by_chunk["8 (unchunked)"], rel=1e-4), kind
+
+
+def test_quality_refuses_a_missing_data_dir_before_writing(tmp_path):
+    from bench.quality import main
+    from common.cli import UserError
+
+    with pytest.raises(UserError) as info:
+        main(["--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "nowhere")])
+    assert str(info.value) == (f"{tmp_path / 'nowhere'} has no wiki.valid.raw or wiki.test.raw; pass --data-dir with "
+                               "the WikiText-2 raw files")
+    assert not (tmp_path / "out").exists()

@@ -1,13 +1,12 @@
 """Format 2's encodings: every one round-trips (lossless ones bit-exact, the quantized one within its bound
-with the mass kept) on random and adversarial data; the numpy decoder of docs/cache-format.md agrees with the reader; a
-format-1 cache written here with plain h5py + json reads identically and still trains; the reader hands
-out no damaged block (one line naming the shard and block), and stage one prints the bytes per token."""
+with the mass kept) on random and adversarial data; the numpy decoder of docs/cache-format.md agrees with the
+reader; the reader hands out no damaged block (one line naming the shard and block), and stage one prints the
+bytes per token."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 
@@ -473,112 +472,7 @@ def test_verify_command_reports_a_damaged_block(topk_cache):
     assert result.stdout.splitlines() == ["FAIL shard-00001.h5 block 2: topk_ids outside [0, 151646) (min -16)"]
 
 
-# --- format 1: written here with plain h5py + json, as the previous release did ---------------------------------
-
-def write_v1_cache(cache_dir: Path, arrays: dict[str, np.ndarray], fields: dict, shard_blocks: int) -> None:
-    """Format 1's layout, independently of the project's writer: the decoded datasets themselves (int32 ids,
-    float16 log-probs; the sample datasets gzip 9 + shuffle), one block per chunk, the manifest last."""
-    cache_dir.mkdir()
-    n, shards = len(arrays["input_ids"]), []
-    for index, first in enumerate(range(0, n, shard_blocks)):
-        count, path = min(shard_blocks, n - first), cache_dir / f"shard-{index:05d}.h5"
-        with h5py.File(path, "w") as h5:
-            for name, values in arrays.items():
-                gzip = {"compression": "gzip", "compression_opts": 9, "shuffle": True} if "sample" in name else {}
-                h5.create_dataset(name, data=values[first:first + count], chunks=(1, *values.shape[1:]), **gzip)
-            h5.attrs["first_block"] = first
-        shards.append({"file": path.name, "first_block": first, "num_blocks": count,
-                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size})
-    datasets = {name: {"shape_per_block": list(values.shape[1:]), "dtype": str(values.dtype),
-                       "compression": "gzip" if "sample" in name else None,
-                       "compression_opts": 9 if "sample" in name else None} for name, values in arrays.items()}
-    manifest = {**fields, "format": "kd-logit-cache", "format_version": 1, "num_blocks": n, "datasets": datasets,
-                "shards": shards}
-    (cache_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-
-def v1_fields(mode: str, vocab: int, seq_len: int, k: int | None = None, draws: int | None = None) -> dict:
-    return {"mode": mode, "seq_len": seq_len, "vocab_size": vocab, "value_dtype": "float16", "values": "test", "k": k,
-            "teacher": {"model": "t", "config_hash": "0" * 64, "padded_vocab_size": vocab, "dtype": "float32"},
-            "tokenizer": {"name": "t", "hash": "1" * 64, "size": vocab},
-            "dataset": {"name": "d", "subset": None, "split": "train", "local_dir": None, "max_blocks": None,
-                        "stream_tokens": 0, "fingerprint": "2" * 64},
-            "settings": {}, "sample": None if draws is None else
-            {"draws": draws, "temperature": 1.0, "slots": draws, "seed": 0}}
-
-
-@pytest.mark.parametrize("mode", ["topk", "sample"])
-def test_format_1_reads_as_written(tmp_path, mode):
-    rng = np.random.default_rng(5)
-    arrays = {"input_ids": rng.integers(0, QWEN2_VOCAB, (5, L), dtype=np.int32)}
-    if mode == "topk":  # as the old release stored them: torch.topk's order, ties as they came
-        arrays["topk_ids"] = rng.integers(0, QWEN2_VOCAB, (5, L, 8), dtype=np.int32)
-        arrays["topk_logprobs"] = -np.sort(rng.exponential(2, (5, L, 8)), -1).astype(np.float16)
-    else:
-        arrays["sample_ids"], arrays["sample_counts"] = sample_case(rng, 5, L, 50, QWEN2_VOCAB)
-    cache_dir = tmp_path / "v1"
-    write_v1_cache(cache_dir, arrays, v1_fields(mode, QWEN2_VOCAB, L, 8 if mode == "topk" else None,
-                                                50 if mode == "sample" else None), shard_blocks=2)
-    reader = CacheReader(str(cache_dir))
-    assert reader.manifest.format_version == 1 and all(e.encoding == "raw" for e in reader.manifest.datasets.values())
-    for b in range(5):
-        assert_identical(reader.block(b), {name: a[b] for name, a in arrays.items()})
-    np.testing.assert_array_equal(reader.read_all("input_ids"), arrays["input_ids"])
-    reader.close()
-    assert verify_cache(str(cache_dir), every_block=True) == []
-    assert_identical(readme_decoder()(str(cache_dir), 3), {name: a[3] for name, a in arrays.items()})
-
-
-def test_format_1_flipped_id_byte_is_one_line(tmp_path):
-    """The issue's case: a flip in a raw int32 top-k id makes it -16776892; format 1 has no checksum per chunk."""
-    arrays = {"input_ids": np.zeros((2, L), np.int32), "topk_ids": np.full((2, L, 8), 324, np.int32),
-              "topk_logprobs": np.full((2, L, 8), -2.0, np.float16)}
-    cache_dir = tmp_path / "v1"
-    write_v1_cache(cache_dir, arrays, v1_fields("topk", QWEN2_VOCAB, L, 8), shard_blocks=2)
-    shard = cache_dir / "shard-00000.h5"
-    with h5py.File(shard, "r") as h5:
-        offset = h5["topk_ids"].id.get_chunk_info_by_coord((1, 0, 0)).byte_offset
-    data = bytearray(shard.read_bytes())
-    data[offset + 4 * 37 + 3] ^= 0xFF  # the top byte of an id of block 1
-    shard.write_bytes(bytes(data))
-    assert read_error(cache_dir, 1) == \
-        f"{cache_dir}: shard-00000.h5 block 1: topk_ids outside [0, 151646) (min -16776892)"
-
-
 # --- through the real entry points on the tiny build -------------------------------------------------------------
-
-def test_format_1_cache_still_trains(tiny, tmp_path):
-    """A format-1 cache of the teacher's top-k, recomputed with plain torch, trains as the format-2 cache stage one
-    writes for the same blocks: the same losses step by step."""
-    import torch
-
-    from stage1_teacher.dump import main as dump_main
-    from stage2_student.train import main as train_main
-    from tests.conftest import tiny_overrides
-    from tests.test_stage1 import teacher_logprobs
-
-    v2 = tmp_path / "v2"
-    dump_main(tiny_overrides(tiny, v2, **{"cache.mode": "topk"}))
-    fields = json.loads((v2 / "manifest.json").read_text())
-    tokens = CacheReader(str(v2)).read_all("input_ids")
-    values, ids = torch.topk(teacher_logprobs(tiny, tokens.astype(np.int64)), fields["k"], dim=-1)
-    arrays = {"input_ids": tokens, "topk_ids": ids.to(torch.int32).numpy(),
-              "topk_logprobs": values.to(torch.float16).numpy()}
-    v1 = tmp_path / "v1"
-    write_v1_cache(v1, arrays, {key: fields[key] for key in v1_fields("topk", 1, 1)}, shard_blocks=5)
-    reader = CacheReader(str(v1))
-    for b in range(len(tokens)):
-        assert_identical(reader.block(b), {name: a[b] for name, a in arrays.items()})
-    reader.close()
-    losses = {}
-    for name, cache in (("v1", v1), ("v2", v2)):
-        out = tmp_path / f"out-{name}"
-        train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{
-            "train.output_dir": out, "train.log_dir": tmp_path / f"logs-{name}", "train.max_steps": 2})])
-        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses["v1"]) == 2 and all(math.isfinite(x) for x in losses["v1"])
-    assert losses["v1"] == pytest.approx(losses["v2"], rel=1e-4)
-
 
 def test_stage_one_prints_the_bytes_per_token_of_a_top64_cache(tiny, tmp_path):
     from tests.conftest import run_cli, tiny_overrides
@@ -591,7 +485,7 @@ def test_stage_one_prints_the_bytes_per_token_of_a_top64_cache(tiny, tmp_path):
     manifest = json.loads((cache / "manifest.json").read_text())
     on_disk = sum((cache / s["file"]).stat().st_size for s in manifest["shards"])
     assert printed == round(on_disk / (manifest["num_blocks"] * manifest["seq_len"]), 1)
-    raw = 4 + 64 * (4 + 2)  # what format 1 stored per token: an int32 token, k int32 ids and k fp16 log-probs
+    raw = 4 + 64 * (4 + 2)  # unencoded, per token: an int32 token, k int32 ids and k fp16 log-probs
     assert printed < raw / 2, line
 
 

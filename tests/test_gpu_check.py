@@ -26,7 +26,8 @@ def test_the_shipped_configs_are_qwen2_7b_and_1_5b():
     assert smoke_student.tie_word_embeddings and not smoke_teacher.tie_word_embeddings
 
 
-@pytest.mark.parametrize("config, vocab", [(TEACHER_CONFIG, 152_064), (STUDENT_CONFIG, 151_936)])
+@pytest.mark.parametrize("config, vocab", [pytest.param(TEACHER_CONFIG, 152_064, marks=pytest.mark.slow),
+                                           (STUDENT_CONFIG, 151_936)])
 def test_flops_per_token_count_every_multiplied_weight_and_the_attention(config, vocab):
     shape = ModelShape.of_config(config)
     matmul = qwen2_matmul_params(shape.hidden_size, shape.num_hidden_layers, shape.intermediate_size,
@@ -37,6 +38,7 @@ def test_flops_per_token_count_every_multiplied_weight_and_the_attention(config,
         assert matmul == 7_615_616_512 - 152_064 * 3584
 
 
+@pytest.mark.slow
 def test_it_refuses_the_cpu_without_smoke_and_a_missing_input(tmp_path):
     cpu = run_cli("bench.gpu_check", "--device", "cpu", "--out", tmp_path)
     assert cpu.returncode == 2 and cpu.stderr.strip() == "error: --device cpu is for --smoke only: the real " \

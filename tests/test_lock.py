@@ -68,7 +68,7 @@ def test_a_directory_swapped_under_the_lock_is_relocked(tmp_path):
 
 
 def test_read_only_cache_without_lock_file_can_be_read(tmp_path, monkeypatch):
-    """A cache of an earlier release on a read-only file system: no lock file and none can be made. Nobody
+    """A cache copied without its lock file onto a read-only file system: none can be made. Nobody
     can replace it, so a reader proceeds unlocked; a writer is refused in one line."""
     import errno
 

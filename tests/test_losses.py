@@ -1,6 +1,6 @@
 """The KD losses against an independent dense reference (plain torch, full-vocabulary probability vectors).
 
-The reference never calls common.losses: it builds probability vectors over the whole vocabulary (or the
+The reference never calls stage2_student.losses: it builds probability vectors over the whole vocabulary (or the
 coarse k+1 support, built from a boolean vocabulary mask) in float64 and applies the textbook formulas.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache.compat import unsupported_reason
 from common.config import TrainConfig
-from common.losses import LOSSES, KDLoss, StudentLogits, TeacherTargets, hard_label_loss
+from stage2_student.losses import LOSSES, KDLoss, StudentLogits, TeacherTargets, hard_label_loss
 from tests.conftest import run_cli, tiny_overrides
 
 B, L, V, V_PAD, K = 2, 5, 37, 41, 6   # B*L = 10 positions; the student has 4 padded logits

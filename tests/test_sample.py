@@ -41,6 +41,7 @@ def frequencies(out: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
     return freq / freq.sum()
 
 
+@pytest.mark.slow
 def test_sample_frequencies_match_the_tempered_teacher():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
     logits = probs.log().expand(4000, 5).reshape(40, 100, 5)
@@ -50,6 +51,7 @@ def test_sample_frequencies_match_the_tempered_teacher():
         torch.testing.assert_close(frequencies(out, 5), expected, atol=3e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_sampling_covers_the_whole_real_sized_vocabulary_exactly():
     """Qwen2's 151,646 tokens, a flat-tailed distribution: 600 k draws match softmax(logits / T) both on the
     likely ids and on the tail far outside any top-k (nothing is cut), and at a very low temperature the

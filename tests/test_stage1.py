@@ -178,3 +178,28 @@ def test_a_failed_dump_leaves_no_cache(tiny, tmp_path, monkeypatch):
     for directory in (cache, staging):
         with pytest.raises(UserError, match="not found|no manifest.json"):
             CacheReader(str(directory))
+
+
+def test_the_teacher_running_out_of_memory_is_one_line_naming_the_settings(tiny, tmp_path, monkeypatch):
+    """The teacher's forward raises torch.OutOfMemoryError (as on a GPU): one line with the device, the batch
+    size and the block length filled in, and no cache."""
+    import stage1_teacher.dump as dump
+
+    load = dump.load_causal_lm
+
+    def teacher_out_of_memory(*args, **kwargs):
+        model = load(*args, **kwargs)
+
+        def forward(*_, **__):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(dump, "load_causal_lm", teacher_out_of_memory)
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as info:
+        dump_main(tiny_overrides(tiny, cache, **{"teacher.batch_size": 3, "data.seq_len": 64}))
+    assert str(info.value) == ("the teacher ran out of memory on cpu with teacher.batch_size=3 blocks of "
+                               "data.seq_len=64 tokens: lower teacher.batch_size (or use teacher.device_map=auto)")
+    assert not cache.exists()

@@ -19,8 +19,9 @@ import pytest
 
 from cache.lock import LOCK_FILE
 from cache.reader import verify_cache
+from cache.writer import StagingDir
 from common.cli import UserError
-from stage1_teacher.dump import TEST_HOOK, main as dump_main
+from stage1_teacher.dump import main as dump_main
 from tests.conftest import REPO, tiny_overrides
 from tests.test_lock import hold_in_other_process
 
@@ -33,18 +34,17 @@ def args_for(tiny: Path, cache: Path, **extra: object) -> list[str]:
 
 def dump_cli(*args: str, hook: str | None = None, limit_bytes: int | None = None,
              wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`python -m stage1_teacher.dump ARGS` in a fresh process; `hook` = KD_STAGE1_TEST_HOOK; `limit_bytes`:
-    no file may grow past it (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG, as on a full disk)."""
+    """`python -m stage1_teacher.dump ARGS` in a fresh process; `hook`: ACTION@EVENT, run through
+    tests/stage1_hooks.py instead; `limit_bytes`: no file may grow past it (RLIMIT_FSIZE, SIGXFSZ ignored: writes
+    fail with EFBIG, as on a full disk)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(TEST_HOOK, None)
-    if hook is not None:
-        env[TEST_HOOK] = hook
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    cmd = [sys.executable, "-m", "stage1_teacher.dump", *map(str, args)]
+    entry = ["stage1_teacher.dump"] if hook is None else ["tests.stage1_hooks", hook]
+    cmd = [sys.executable, "-m", *entry, *map(str, args)]
     kwargs = dict(cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                   preexec_fn=limit if limit_bytes is not None else None)
     if not wait:
@@ -301,14 +301,15 @@ def test_disk_full_is_one_line_and_the_rerun_finishes(tiny, tmp_path):
     ("cache.sample_temperature=nan", "cache.sample_temperature must be a positive finite number, got nan"),
     ("cache.sample_temperature=inf", "cache.sample_temperature must be a positive finite number, got inf"),
     ("cache.sample_temperature=0", "cache.sample_temperature must be a positive finite number, got 0.0"),
-    ("cache.draws=0", "cache.draws must be positive"),
+    ("cache.draws=0", "cache.draws must be positive (and below 2^32), got 0"),
     ("cache.seed=-1", "cache.seed must be non-negative, got -1"),
     ("cache.shard_blocks=0", "cache.shard_blocks must be positive, got 0"),
     ("cache.queue_size=0", "cache.queue_size must be positive, got 0"),
     ("teacher.batch_size=0", "teacher.batch_size must be positive, got 0"),
     ("teacher.sync_timeout=nan", "teacher.sync_timeout must be a positive finite number of seconds, got nan"),
     ("data.seq_len=1", "data.seq_len must be at least 2, got 1"),
-    ("cache.dir=c.partial/", "cache.dir c.partial/ ends with .partial, the name of stage one's staging directories"),
+    ("cache.dir=c.partial/", "cache.dir c.partial/ ends with .partial, the name of stage one's staging directories; "
+                             "choose another name"),
 ])
 def test_bad_settings_are_refused_before_anything_is_touched(tiny, tmp_path, monkeypatch, override, message):
     import stage1_teacher.dump
@@ -319,7 +320,7 @@ def test_bad_settings_are_refused_before_anything_is_touched(tiny, tmp_path, mon
     with pytest.raises(UserError) as info:
         dump_main(["--config", str(REPO / "pipeline.yaml"), *args_for(tiny, tmp_path / "cache", **{"cache.mode": mode}),
                    override])
-    assert str(info.value) == message or str(info.value).startswith(message)
+    assert str(info.value) == message
     assert os.listdir(tmp_path) == []  # no cache, no staging directory (not even `.partial` for cache.dir=)
 
 
@@ -344,3 +345,31 @@ def test_a_broken_tokenizer_file_is_one_line(tiny, tmp_path):
     [line] = error_lines(result)
     assert line.startswith(f"error: cannot load teacher tokenizer {teacher}: ")
     assert not (tmp_path / "cache.partial").exists()
+
+
+def test_a_dump_stopped_while_writing_its_first_file_is_resumed_afresh(tmp_path):
+    """Stopped (SIGTERM, Ctrl-C) between creating the staging directory and finishing stage1.json, a dump
+    leaves only a .tmp: the rerun starts there afresh. A shard without stage1.json is still refused."""
+    cache = tmp_path / "cache"
+    staging = staging_of(cache)
+    staging.mkdir()
+    (staging / "stage1.json.tmp").write_text("")
+    writer = StagingDir(str(cache))
+    try:
+        resume = writer.open({"cache.k": 16}, overwrite=False)
+    finally:
+        writer.close()
+    assert (resume.records, resume.manifest) == ({}, None)
+    assert sorted(os.listdir(staging)) == [LOCK_FILE, "stage1.json"]
+    assert json.loads((staging / "stage1.json").read_text())["contents"] == {"cache.k": 16}
+
+    (staging / "stage1.json").unlink()
+    (staging / "shard-00000.h5").write_text("")
+    writer = StagingDir(str(cache))
+    try:
+        with pytest.raises(UserError, match=f"^{staging} holds an unfinished dump that cannot be resumed \\(no "
+                                            "stage1.json: left by another tool\\); rerun with cache.overwrite=true to "
+                                            "delete it and start afresh$"):
+            writer.open({"cache.k": 16}, overwrite=False)
+    finally:
+        writer.close()

@@ -152,26 +152,48 @@ def test_refusal_on_the_command_line_is_one_line_exit_2(tiny, caches, tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "seq_len" in result.stderr and "Traceback" not in result.stderr
 
 
+@torch.no_grad()
+def first_step_kd_loss(tiny: Path, cache: Path, temperature: float) -> float:
+    """The KD loss of a run's first optimizer step, by hand: its blocks (the first 2 × 2 of torch.randperm
+    seeded train.seed = 42), the live teacher and the untrained student, the original recipe's formula."""
+    from cache.reader import CacheReader
+
+    reader = CacheReader(str(cache))
+    blocks = torch.randperm(len(reader), generator=torch.Generator().manual_seed(42))[:4].tolist()
+    ids = torch.from_numpy(reader.read_all("input_ids")[blocks]).long()
+    reader.close()
+    vocab = len(AutoTokenizer.from_pretrained(tiny / "teacher"))
+    teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher").eval()
+    student = AutoModelForCausalLM.from_pretrained(tiny / "student").eval()
+    t = teacher(input_ids=ids).logits[..., :vocab] / temperature
+    s = student(input_ids=ids).logits[..., :vocab] / temperature
+    return float(-(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean() * temperature**2)
+
+
 def test_two_runs_with_different_temperatures_leave_the_cache_untouched(tiny, caches, tmp_path):
-    cache = caches["topk"]
+    """Each run's first KD loss is the original formula at its temperature (a float16 cache: within 2e-3)."""
+    cache = caches["full"]
     before = files_digest(cache)
     for temperature in (1.0, 4.0):
         train_main(["--cache", str(cache), *tiny_overrides(tiny, cache, **{
             "train.temperature": temperature, "train.max_steps": 1,
             "train.output_dir": tmp_path / f"out{temperature}", "train.log_dir": tmp_path / "logs"})])
     assert files_digest(cache) == before
-    losses = [json.loads((tmp_path / f"out{t}" / "metrics.jsonl").read_text().splitlines()[0])["kd_loss"]
-              for t in (1.0, 4.0)]
-    assert losses[0] != losses[1]
+    for temperature in (1.0, 4.0):
+        record = json.loads((tmp_path / f"out{temperature}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert record["kd_loss"] == pytest.approx(first_step_kd_loss(tiny, cache, temperature), rel=2e-3), temperature
 
 
 def test_bf16_autocast_and_gradient_checkpointing_run(tiny, caches, tmp_path):
+    """The first KD loss under bf16 autocast is the original formula's in fp32, within bf16's precision."""
     out = tmp_path / "out"
-    train_main(["--cache", str(caches["topk"]), *tiny_overrides(tiny, caches["topk"], **{
+    train_main(["--cache", str(caches["full"]), *tiny_overrides(tiny, caches["full"], **{
         "train.precision": "bf16", "train.gradient_checkpointing": True, "train.max_steps": 1,
         "train.output_dir": out, "train.log_dir": tmp_path / "logs"})])
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["step"] == 1 and 0 < record["kd_loss"] < 100 and record["grad_norm"] > 0
+    assert record["step"] == 1 and record["grad_norm"] > 0
+    temperature = load_config(None, []).train.temperature  # the default
+    assert record["kd_loss"] == pytest.approx(first_step_kd_loss(tiny, caches["full"], temperature), rel=2e-2)
     assert json.loads((out / "config.json").read_text())["use_cache"] is True  # saved for generation
 
 
@@ -201,9 +223,9 @@ def test_worker_processes_read_the_same_batches(tiny, caches, tmp_path):
 # computes them on the CPU. Independent recomputations above check the formulas; these pin the whole chain
 # (data order, cache contents, loss, optimizer, schedule) so that an unintended change to any of it shows.
 GOLDEN_STEPS = [
-    {"loss": 22.885717, "kd_loss": 19.439907, "hard_loss": 6.891620},
-    {"loss": 22.984209, "kd_loss": 19.549396, "hard_loss": 6.869627},
-    {"loss": 22.783277, "kd_loss": 19.395011, "hard_loss": 6.776530},
+    {"loss": 23.012951, "kd_loss": 19.573347, "hard_loss": 6.879207},
+    {"loss": 22.970217, "kd_loss": 19.533791, "hard_loss": 6.872851},
+    {"loss": 22.682631, "kd_loss": 19.286888, "hard_loss": 6.791487},
 ]
 
 
@@ -215,3 +237,16 @@ def test_first_steps_match_golden_values(tiny, caches, tmp_path):
     for record, golden in zip(records, GOLDEN_STEPS, strict=True):
         for key, value in golden.items():
             assert record[key] == pytest.approx(value, rel=1e-5), (record["step"], key)
+
+
+def test_a_staging_directory_is_refused_as_a_cache(tmp_path):
+    """Stage one's `.partial` directory is not a cache, even with its manifest written: one line, nothing made."""
+    staging = tmp_path / "cache.partial"
+    staging.mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as info:
+        train_main(["--cache", str(staging), f"train.output_dir={out}", f"train.log_dir={tmp_path / 'logs'}",
+                    f"student.model={tmp_path / 'no-student'}"])
+    assert str(info.value) == (f"{staging} is stage one's staging directory, not a published cache; rerun stage "
+                               f"one's command to finish and publish it as {tmp_path / 'cache'}, and read that")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.partial"]

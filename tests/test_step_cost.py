@@ -43,3 +43,17 @@ def test_step_cost_end_to_end(tiny, tmp_path, monkeypatch):
         assert float(row[3]) > 0 and float(row[4]) == pytest.approx(float(row[3]) / float(routes[0][3]), abs=0.01)
     assert routes[0][2] == "1.00" and [row[0] for row in data[1:]] == ["topk", "sample", "full"]
     assert (tmp_path / "step_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_cost_refuses_bad_arguments_before_building_anything(tmp_path):
+    from bench.step_cost import main
+    from common.cli import UserError
+
+    with pytest.raises(UserError) as info:
+        main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert str(info.value) == (f"{tmp_path / 'nowhere'} has no wiki.valid.raw; pass --data-dir with WikiText-2 raw's "
+                               "files")
+    with pytest.raises(UserError) as info:
+        main(["--threads", "0", "--out", str(tmp_path / "out")])
+    assert str(info.value) == "--threads must be positive, got 0"
+    assert not (tmp_path / "out").exists()

@@ -12,9 +12,9 @@ import torch
 
 from cache.reader import CacheReader
 from common.cli import UserError
-from common.losses import KDLoss, TeacherTargets, student_losses
 from stage1_teacher.dump import main as dump_main
 from stage1_teacher.targets import block_uniforms, topk_tail_targets, topk_targets
+from stage2_student.losses import KDLoss, TeacherTargets, student_losses
 from stage2_student.train import main as train_main
 from tests.conftest import REPO, run_cli, tiny_overrides
 

@@ -47,9 +47,8 @@ from typing import Callable, get_args
 import torch
 import torch.nn.functional as F
 
-from cache.format import CacheMode
 from common.alignment import AlignmentLog
-from common.config import LossName, TopkTail, TrainConfig
+from common.config import CacheMode, LossName, TopkTail, TrainConfig
 
 
 @dataclass
