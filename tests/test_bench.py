@@ -34,9 +34,15 @@ def wiki_dir(tmp_path) -> Path:
     return data
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    """The cells of the results table's body rows."""
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+def table_rows(markdown: str, first_only: bool = False) -> list[list[str]]:
+    """The cells of every line after the first that starts with "| " (the first is the header; separators start
+    with "|-"), or of the first table's only."""
+    lines: list[str] = []
+    for line in markdown.splitlines():
+        if line.startswith("| "):
+            lines.append(line)
+        elif lines and first_only:
+            break  # the first table ended
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # [0] is the header
 
 
@@ -47,7 +53,7 @@ def test_quality_study_end_to_end(wiki_dir, tmp_path, monkeypatch):
     result = run_cli("bench.quality", "--out", out, "--data-dir", wiki_dir, "--scale-json", json.dumps(SMOKE_SCALE))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = (out / "results.md").read_text(encoding="utf-8")
-    rows = table_rows(results)
+    rows = table_rows(results, first_only=True)
     assert [row[0] for row in rows] == ["teacher", "untrained student", *SMOKE_RUNS]
     assert sorted(p.name for p in (out / "cache").iterdir()) == [  # only those used; draws: one cache per seed
         "full", "sample12_s0", "sample12_s1", "topk12", "topk12_tail8_s0", "topk12_tail8_s1"]
