@@ -612,9 +612,10 @@ def main(argv: Sequence[str]) -> int:
     teacher, teacher_info = build_teacher(out, tokenizer_dir, data_dir, scale)
 
     dumped = {
-        "topk": dump(out, teacher, data_dir, scale, "topk", {"cache.mode": "topk", "cache.k": scale.k}),
+        "topk": dump(out, teacher, data_dir, scale, "topk", {"cache.mode": "topk", "cache.k": scale.k,
+                                                                  "cache.tail_draws": 0}),
         "quantized": dump(out, teacher, data_dir, scale, "topk-quantized",
-                          {"cache.mode": "topk", "cache.k": scale.k, "cache.quantize": "true"}),
+                          {"cache.mode": "topk", "cache.k": scale.k, "cache.tail_draws": 0, "cache.quantize": "true"}),
         "sample": dump(out, teacher, data_dir, scale, "sample", {"cache.mode": "sample", "cache.draws": scale.draws}),
         "full": dump(out, teacher, data_dir, scale, "full", {"cache.mode": "full",
                                                              "data.max_blocks": scale.full_blocks}),

@@ -42,8 +42,8 @@ from tiny_world.models import ModelShape, model_config, padded_vocab_sizes
 
 TEACHER = ModelShape(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, tie_word_embeddings=False)
 QUICK_TEACHER = ModelShape(hidden_size=64, num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=False)
-MODES = {"topk": {"cache.mode": "topk", "cache.k": 64}, "sample": {"cache.mode": "sample", "cache.draws": 50},
-         "full": {"cache.mode": "full"}}
+MODES = {"topk": {"cache.mode": "topk", "cache.k": 64, "cache.tail_draws": 0},
+         "sample": {"cache.mode": "sample", "cache.draws": 50}, "full": {"cache.mode": "full"}}
 TARGETS = {"topk": 0.95, "sample": 0.95, "full": 0.8}  # dump tokens/s ÷ bare forward tokens/s, at least
 SEQ_LEN = 256
 CHARS_PER_TOKEN = 8  # twice WikiText's ~4 characters per Qwen2 token

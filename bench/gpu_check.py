@@ -126,7 +126,7 @@ def dump_args(world: str, info: dict[str, Any], args: argparse.Namespace, cache_
     return [f"teacher.model={os.path.join(world, 'teacher')}", f"teacher.device={args.device}",
             f"teacher.batch_size={args.dump_batch}", f"data.local_dir={args.data_dir}",
             *(f"{k}={v}" for k, v in DATA.items()), f"data.seq_len={args.seq_len}", f"data.max_blocks={args.blocks}",
-            f"cache.dir={cache_dir}", "cache.overwrite=true", "cache.mode=topk", "cache.k=64"]
+            f"cache.dir={cache_dir}", "cache.overwrite=true", "cache.mode=topk", "cache.k=64", "cache.tail_draws=0"]
 
 
 def stage_two_tokens_per_s(out_dir: str) -> float:

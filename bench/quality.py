@@ -103,9 +103,9 @@ class Row:
 # cache name → its stage-one overrides; a name with "{seed}" is dumped once per seed with cache.seed = seed
 CACHES: dict[str, dict[str, Any]] = {
     "full": {"cache.mode": "full"},
-    "topk12": {"cache.mode": "topk", "cache.k": 12},
-    "topk64": {"cache.mode": "topk", "cache.k": 64},
-    "topk64q": {"cache.mode": "topk", "cache.k": 64, "cache.quantize": "true"},
+    "topk12": {"cache.mode": "topk", "cache.k": 12, "cache.tail_draws": 0},
+    "topk64": {"cache.mode": "topk", "cache.k": 64, "cache.tail_draws": 0},
+    "topk64q": {"cache.mode": "topk", "cache.k": 64, "cache.tail_draws": 0, "cache.quantize": "true"},
     **{f"topk{k}_tail{t}_s{{seed}}": {"cache.mode": "topk", "cache.k": k, "cache.tail_draws": t,
                                       "cache.sample_temperature": 1.0}
        for k in (12, 64) for t in (8, 32)},

@@ -113,7 +113,7 @@ ROUTES = [
     RouteSpec("g", "this project, `--live-teacher` (T = 2)", None, live="project"),
 ]
 ROUTE_BY_KEY = {route.key: route for route in ROUTES}
-CACHES = {"topk": lambda s: {"cache.mode": "topk", "cache.k": s.k},
+CACHES = {"topk": lambda s: {"cache.mode": "topk", "cache.k": s.k, "cache.tail_draws": 0},
           "sample": lambda s: {"cache.mode": "sample", "cache.draws": s.draws, "cache.sample_temperature": 1.0},
           "full": lambda s: {"cache.mode": "full"}}
 

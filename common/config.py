@@ -98,9 +98,9 @@ class CacheConfig:
                                          "`--cache` overrides it)")
     mode: CacheMode = setting("topk", "what stage one stores per position: the k most likely tokens' "
                                       "log-probs, every log-prob, or sampled tokens and their counts")
-    k: int = setting(64, "topk mode: ids per position")
+    k: int = setting(12, "topk mode: ids per position")
     draws: int = setting(50, "sample mode: tokens drawn per position, with replacement")
-    tail_draws: int = setting(0, "topk mode: tokens drawn per position from the teacher outside its top k, with "
+    tail_draws: int = setting(32, "topk mode: tokens drawn per position from the teacher outside its top k, with "
                                  "replacement; stage two's target is then the top-k probabilities plus r·count/t on "
                                  "the drawn ids (r the missing mass), an unbiased estimate of the teacher; 0 = none "
                                  "(the missing mass is one bucket)")

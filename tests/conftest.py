@@ -52,7 +52,7 @@ def tiny_overrides(tiny: Path, cache_dir: Path, **extra: object) -> list[str]:
         "teacher.model": tiny / "teacher", "student.model": tiny / "student",
         "data.dataset": "tiny-wiki", "data.subset": "synthetic-v1", "data.local_dir": tiny / "data",
         "data.seq_len": 128, "data.max_blocks": TEST_BLOCKS, "teacher.batch_size": 4,
-        "cache.dir": cache_dir, "cache.shard_blocks": 5, "cache.k": 16,
+        "cache.dir": cache_dir, "cache.shard_blocks": 5, "cache.k": 16, "cache.tail_draws": 0,
         "train.batch_size": 2, "train.gradient_accumulation": 2, "train.lr": 1e-3, "train.loss_chunk": 96,
     }
     values.update(extra)
