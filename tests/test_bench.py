@@ -41,7 +41,7 @@ def table_rows(markdown: str, first_only: bool = False) -> list[list[str]]:
     for line in markdown.splitlines():
         if line.startswith("| "):
             lines.append(line)
-        elif lines and first_only:
+        elif lines and first_only and not line.startswith("|"):
             break  # the first table ended
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # [0] is the header
 
