@@ -63,7 +63,8 @@ def chat_overrides(tiny: Path, models: tuple[Path, Path], corpus: Path, cache_di
     values = {"teacher.model": models[0], "student.model": models[1], "data.dataset": "tiny-chat",
               "data.subset": "generated", "data.files": corpus, "data.rows": "chat", "data.seq_len": 128,
               "data.max_blocks": None, "teacher.batch_size": 4, "cache.dir": cache_dir, "cache.shard_blocks": 5,
-              "cache.k": 16, "train.batch_size": 2, "train.gradient_accumulation": 2, "train.lr": 1e-3,
+              "cache.k": 16, "cache.tail_draws": 0, "train.batch_size": 2, "train.gradient_accumulation": 2,
+              "train.lr": 1e-3,
               "train.loss_chunk": 96}
     values.update(extra)
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]

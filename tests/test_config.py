@@ -28,7 +28,9 @@ RECIPE = {
     "data.max_blocks": 5000,
     "cache.dir": "cache/wikitext",
     "cache.mode": "topk",
-    "cache.k": 64,
+    "cache.k": 12,  # the quality study's default cache (docs/results.md): the top 12 and 32 tail draws
+    "cache.tail_draws": 32,
+    "cache.sample_temperature": None,  # the draws at train.temperature
     "train.batch_size": 2,
     "train.gradient_accumulation": 8,
     "train.temperature": 2.0,
