@@ -616,7 +616,8 @@ def main(argv: Sequence[str]) -> int:
                                                                   "cache.tail_draws": 0}),
         "quantized": dump(out, teacher, data_dir, scale, "topk-quantized",
                           {"cache.mode": "topk", "cache.k": scale.k, "cache.tail_draws": 0, "cache.quantize": "true"}),
-        "sample": dump(out, teacher, data_dir, scale, "sample", {"cache.mode": "sample", "cache.draws": scale.draws}),
+        "sample": dump(out, teacher, data_dir, scale, "sample", {"cache.mode": "sample", "cache.draws": scale.draws,
+                                                                  "cache.sample_temperature": 1.0}),
         "full": dump(out, teacher, data_dir, scale, "full", {"cache.mode": "full",
                                                              "data.max_blocks": scale.full_blocks}),
     }

@@ -17,8 +17,9 @@ from stage2_student.evaluate import main as evaluate_main
 from tests.conftest import tiny_overrides
 
 BLOCKS = 3
-CACHES = {"full": {"cache.mode": "full"}, "tail": {"cache.mode": "topk", "cache.tail_draws": 8},
-          "sample": {"cache.mode": "sample", "cache.draws": 20}}
+CACHES = {"full": {"cache.mode": "full"},
+          "tail": {"cache.mode": "topk", "cache.tail_draws": 8, "cache.sample_temperature": 1.0},
+          "sample": {"cache.mode": "sample", "cache.draws": 20, "cache.sample_temperature": 1.0}}
 
 
 @pytest.fixture(scope="module")

@@ -414,7 +414,8 @@ def test_a_setting_refused_on_the_command_line_is_one_line(tmp_path):
 # -- a damaged or changing cache -------------------------------------------------------------------------------
 
 def damaged_copy(cache: Path, tmp_path: Path) -> Path:
-    """The cache with one top-k id of block 7 (shard-00001.h5, its third block) out of the vocabulary: the
+    """The cache with one top-k id of block 9 (shard-00001.h5, its fifth block; read in the third step) out of
+    the vocabulary: the
     first stored id gap of a position (format 2 stores ids as sorted gaps, cache/encoding.py) made huge,
     written through the filters so that the chunk's checksum is valid and only the value check can object."""
     import hdf5plugin  # noqa: F401 - the zstd filter, to write a format-2 dataset
@@ -422,7 +423,7 @@ def damaged_copy(cache: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "damaged"
     shutil.copytree(cache, copy)
     with h5py.File(copy / "shard-00001.h5", "r+") as handle:
-        handle["topk_id_gaps"][2, 5, 0] = 2**31
+        handle["topk_id_gaps"][4, 5, 0] = 2**31
     return copy
 
 
@@ -441,19 +442,20 @@ def test_a_block_damaged_after_the_start_stops_the_run_in_one_line(tiny, cache_d
     damaged = damaged_copy(cache_dir, tmp_path)
     result = run_cli("stage2_student.train", *train_args(tiny, damaged, tiny / "student", tmp_path / "out", **{
         "train.verify_cache": False, "train.num_workers": 2, "train.checkpoint_steps": 1}))
-    assert_one_error_line(result, "shard-00001.h5", "7")
+    assert_one_error_line(result, "shard-00001.h5", "9")
     assert (tmp_path / "out" / "checkpoints").is_dir() and run_record(tmp_path / "out")["finished"] is False
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_reader_error_reaches_the_user_as_its_own_line(tiny, cache_dir, tmp_path, monkeypatch, workers):
-    """The reader refusing block 7 (what its value checks raise), inside a DataLoader worker or not: the
+    """The reader refusing block 9 (what its value checks raise; read in the third step), inside a DataLoader
+    worker or not: the
     run stops with exactly the reader's message, and the checkpoints before it are intact."""
-    message = "cache X: shard-00001.h5 block 7: topk_ids holds -16776892, outside [0, 1000)"
+    message = "cache X: shard-00001.h5 block 9: topk_ids holds -16776892, outside [0, 1000)"
     block = cache.reader.CacheReader.block
 
     def refusing(self, index, names=None):
-        if index == 7:
+        if index == 9:
             raise UserError(message)
         return block(self, index, names)
 
@@ -463,7 +465,7 @@ def test_a_reader_error_reaches_the_user_as_its_own_line(tiny, cache_dir, tmp_pa
         train_main(train_args(tiny, cache_dir, tiny / "student", out, **{"train.num_workers": workers,
                                                                          "train.checkpoint_steps": 1}))
     assert str(info.value) == message
-    done = len(metrics(out))  # the steps before the one that reads block 7
+    done = len(metrics(out))  # the steps before the one that reads block 9
     assert 0 < done < STEPS and checkpoints(out) == [f"step-{s}" for s in range(max(done - 1, 1), done + 1)]
 
 
