@@ -198,7 +198,8 @@ class TeacherDump:
             raise UserError(f"cache.k={cfg.cache.k} covers the whole vocabulary ({self.vocab_size}): there is no "
                             "tail to draw from; set cache.tail_draws=0")
         self.chat = row_kind(cfg.data) == "chat"
-        self.template = self.new_stream().template if self.chat else None  # checks data.seq_len and max_blocks
+        stream = self.new_stream()  # checks data.seq_len and data.max_blocks before anything is loaded
+        self.template = stream.template if self.chat else None
         self.datasets = stored_datasets(cfg.cache.mode, cfg.data.seq_len, self.vocab_size, cfg.cache.k,
                                         cfg.cache.draws, cfg.cache.quantize,
                                         cfg.cache.tail_draws if cfg.cache.mode == "topk" else 0)
