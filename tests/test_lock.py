@@ -87,18 +87,18 @@ def test_read_only_cache_without_lock_file_can_be_read(tmp_path, monkeypatch):
 
 
 # A process that takes both kinds of lock (the cache's, and stage two's on its output directory), then forks a
-# child that keeps running, as a DataLoader worker does, and waits; its stdout gives the child's pid.
+# child that keeps running, as a DataLoader worker does, and waits. The child prints its pid once it runs (its
+# fork handlers have run by then), so the test never races a child the scheduler has not started yet.
 LOCKS_THEN_FORK = """
 import os, sys, time
 from cache.lock import CacheLock
 from stage2_student.checkpoint import DirectoryLock
 cache_lock = CacheLock(sys.argv[1], exclusive=True).acquire()
 out_lock = DirectoryLock(sys.argv[2])
-worker = os.fork()
-if worker == 0:
+if os.fork() == 0:
+    print(os.getpid(), flush=True)
     time.sleep(120)
     os._exit(0)
-print(worker, flush=True)
 time.sleep(120)
 """
 

@@ -327,7 +327,12 @@ def test_ctrl_c_while_stage_two_loads_is_one_line(tiny, cache_dir, tmp_path):
                                 *train_args(tiny, cache_dir, tiny / "student", tmp_path / "out")], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
-    time.sleep(0.5)
+    # Signal once torch's libraries are being mapped: the entry module installs its handler before `import torch`,
+    # and the import then takes seconds. (A fixed delay raced the interpreter's own start on a loaded machine.)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
