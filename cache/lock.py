@@ -54,6 +54,19 @@ def _close_in_forked_child() -> None:
 os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
+def take_flock(fd: int, exclusive: bool, busy: str, what: str) -> None:
+    """The one non-blocking flock: taken on `fd` and registered (`lock_descriptor`), or `fd` closed and a
+    UserError raised: `busy` when another process holds it, `cannot lock WHAT: reason` otherwise."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UserError(busy) from None
+        raise UserError(f"cannot lock {what}: {err.strerror}") from None
+    lock_descriptor(fd)
+
+
 class CacheLock:
     """A shared (reader) or exclusive (writer) lock on `directory`/kd-cache.lock; a context manager."""
 
@@ -70,23 +83,17 @@ class CacheLock:
             fd = self._open()
             if fd is None:
                 return self  # a read-only cache nobody can replace: nothing to guard
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except OSError as err:
-                os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise UserError(f"cannot lock {self.path}: {err.strerror}") from None
-                holder = "a running stage one or stage two" if self.exclusive else "a running stage one"
-                raise UserError(f"{self.directory} is in use by {holder} (lock {self.path} is held); "
-                                f"wait for it to finish or use another directory") from None
+            holder = "a running stage one or stage two" if self.exclusive else "a running stage one"
+            take_flock(fd, self.exclusive, f"{self.directory} is in use by {holder} (lock {self.path} is held); "
+                                           "wait for it to finish or use another directory", self.path)
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
-                self._fd = lock_descriptor(fd)
+                self._fd = fd
                 return self
-            os.close(fd)  # the directory was replaced while we waited: lock the new one
+            close_lock_descriptor(fd)  # the directory was replaced while we waited: lock the new one
 
     def _open(self) -> int | None:
         try:

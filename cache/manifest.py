@@ -28,7 +28,7 @@ from cache.format import (
     counts_dtype,
     stored_shape,
 )
-from common.cli import UserError
+from common.cli import UserError, error_line
 from common.config import CacheMode, RowKind
 from common.data import DataFile
 from common.schema import SchemaError, from_dict
@@ -143,7 +143,7 @@ class Manifest:
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{where} is not valid JSON: {err}") from None
+            raise UserError(f"{where} is not valid JSON: {error_line(err)}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise UserError(f"{where}: not a {FORMAT_NAME} manifest")
         version = data.get("format_version")
@@ -254,6 +254,6 @@ def load_manifest(cache_dir: str) -> Manifest:
         with open(path, "rb") as fh:
             text = fh.read().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
+        raise UserError(f"{path} is not valid JSON: {error_line(err)}") from None
     return Manifest.from_json(text, path)
 

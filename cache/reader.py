@@ -14,15 +14,11 @@ from cache.chat import chat_block_problem
 from cache.encoding import DecodeError, decode, filter_pipeline, stored_filters
 from cache.format import CHAT_DATASETS, decoded_datasets, file_sha256
 from cache.manifest import Manifest, ShardEntry, load_manifest
-from common.cli import UserError
+from common.cli import UserError, error_line
 
 
 class CacheDataError(UserError):
     """A damaged cache: a shard HDF5 cannot read, or a block whose values no teacher writes (one line)."""
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | None,
@@ -126,7 +122,7 @@ class CacheReader:
             try:
                 handle = h5py.File(os.path.join(self.dir, shard.file), "r")
             except OSError as err:
-                raise self._damaged(shard, f"HDF5 cannot open it ({_one_line(err)})") from None
+                raise self._damaged(shard, f"HDF5 cannot open it ({error_line(err)})") from None
             problem = layout_problem(handle, self.manifest, shard)
             if problem:
                 handle.close()
@@ -155,7 +151,7 @@ class CacheReader:
         except DecodeError as err:
             raise self._damaged(shard, str(err), block) from None
         except (OSError, RuntimeError, KeyError, ValueError) as err:  # h5py's errors of a damaged chunk
-            raise self._damaged(shard, f"HDF5 read failed ({_one_line(err)})", block) from None
+            raise self._damaged(shard, f"HDF5 read failed ({error_line(err)})", block) from None
         problem = block_problem(decoded, self.vocab_size, self._draws, self._tail_draws)
         if problem:
             raise self._damaged(shard, problem, block)
@@ -170,7 +166,7 @@ class CacheReader:
                 try:
                     tokens = handle[name][:]
                 except (OSError, RuntimeError, KeyError, ValueError) as err:
-                    raise self._damaged(shard, f"HDF5 read failed ({_one_line(err)})") from None
+                    raise self._damaged(shard, f"HDF5 read failed ({error_line(err)})") from None
                 if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
                     raise self._damaged(shard, f"input_ids outside [0, {self.vocab_size})")
                 parts.append(tokens)

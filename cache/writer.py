@@ -36,9 +36,10 @@ from cache.encoding import encode, h5_create_kwargs
 from cache.format import MANIFEST, STAGING_SUFFIX, STORED_CHAT, STORED_TAIL, decoded_datasets, file_sha256, shard_name
 from cache.lock import LOCK_FILE, CacheLock
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
-from common.cli import UserError
-from common.config import CacheMode
-from common.fsutil import publish_directory, write_json_atomic, write_text_atomic
+from common.cli import UserError, error_line
+from common.config import CacheMode, first_difference
+from common.data import tokens_sha256
+from common.fsutil import publish_directory, refuse_foreign, write_json_atomic, write_text_atomic
 from common.schema import SchemaError, from_dict
 
 STATE_FILE = "stage1.json"
@@ -46,14 +47,6 @@ STATE_FORMAT = "kd-logit-cache-staging"
 RECORD_SUFFIX = ".json"  # shard-00003.h5.json
 # Every file name stage one writes into a staging directory (the lock file aside); nothing else is deleted.
 _OUR_FILES = re.compile(rf"({re.escape(STATE_FILE)}|{re.escape(MANIFEST)}|shard-\d+\.h5(\.json)?)(\.tmp)?")
-
-
-def tokens_sha256(blocks: np.ndarray, digest: Optional[Any] = None) -> Any:
-    """sha256 over blocks of token ids as little-endian int32; pass `digest` to continue one, consecutive
-    batches of a shard then hash to what the whole shard does."""
-    digest = digest or hashlib.sha256()
-    digest.update(np.ascontiguousarray(blocks, dtype="<i4").tobytes())
-    return digest
 
 
 @dataclass(frozen=True)
@@ -83,17 +76,9 @@ class ShardRecord:
         return ShardEntry(self.file, self.first_block, self.num_blocks, self.sha256, self.bytes)
 
 
-def _one_line(err: BaseException) -> str:
-    """An OS error as one line (HDF5 puts newlines and timestamps into its messages)."""
-    if isinstance(err, OSError) and err.errno:
-        where = f" ({err.filename})" if err.filename else ""
-        return f"{os.strerror(err.errno)}{where}"
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def write_failed(what: str, err: BaseException) -> UserError:
     """A failed write (disk full, quota, permissions) as one line; what was complete stays resumable."""
-    return UserError(f"cannot write {what}: {_one_line(err)}; nothing was published (complete shards are kept: "
+    return UserError(f"cannot write {what}: {error_line(err)}; nothing was published (complete shards are kept: "
                      f"free the space and rerun the same command to resume)")
 
 
@@ -125,18 +110,10 @@ def _check_replaceable(final_dir: str, entries: set[str], overwrite: bool) -> No
     except UserError as err:
         raise UserError(f"cache.dir {final_dir} is not a cache this release wrote ({err}); refusing to touch it") \
             from None
-    unexpected = sorted(entries - {MANIFEST} - {s.file for s in manifest.shards})
-    if unexpected:
-        raise UserError(f"cache.dir {final_dir} holds files its manifest does not list: {_names(unexpected)}; "
-                        "refusing to touch it")
+    refuse_foreign(f"cache.dir {final_dir}", sorted(entries - {MANIFEST} - {s.file for s in manifest.shards}))
     if not overwrite:
         raise UserError(f"cache.dir {final_dir} already holds a cache; pass cache.overwrite=true or choose another "
                         "cache.dir")
-
-
-def _names(files: list[str], limit: int = 5) -> str:
-    more = f" and {len(files) - limit} more" if len(files) > limit else ""
-    return ", ".join(files[:limit]) + more
 
 
 # --- the staging directory ---------------------------------------------------------------------------------
@@ -168,7 +145,7 @@ class StagingDir:
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as err:
-            raise UserError(f"cannot create the staging directory {self.path}: {_one_line(err)}") from None
+            raise UserError(f"cannot create the staging directory {self.path}: {error_line(err)}") from None
         self._lock.acquire()  # a second stage one on the same cache.dir stops here, touching nothing
         self._refuse_foreign()  # again, under the lock
         resume = self._inspect(overwrite)
@@ -232,7 +209,7 @@ class StagingDir:
             try:
                 publish_directory(self.path, self.final_dir)
             except OSError as err:
-                raise UserError(f"cannot move {self.path} to {self.final_dir}: {_one_line(err)}") from None
+                raise UserError(f"cannot move {self.path} to {self.final_dir}: {error_line(err)}") from None
         finally:
             if target is not None:
                 target.release()
@@ -255,10 +232,8 @@ class StagingDir:
             return
         if not os.path.isdir(self.path) or os.path.islink(self.path):
             raise UserError(f"{self.path} exists and is not a staging directory of ours; refusing to touch it")
-        foreign = sorted(n for n in os.listdir(self.path) if n != LOCK_FILE and not _OUR_FILES.fullmatch(n))
-        if foreign:
-            raise UserError(f"the staging directory {self.path} holds files stage one did not write: "
-                            f"{_names(foreign)}; refusing to touch it")
+        refuse_foreign(f"the staging directory {self.path}",
+                       sorted(n for n in os.listdir(self.path) if n != LOCK_FILE and not _OUR_FILES.fullmatch(n)))
 
     def _inspect(self, overwrite: bool) -> Resume:
         names = set(os.listdir(self.path)) - {LOCK_FILE}
@@ -270,7 +245,7 @@ class StagingDir:
                 return Resume()
             raise UserError(f"{self.path} holds an unfinished dump that cannot be resumed ({started}); rerun with "
                             "cache.overwrite=true to delete it and start afresh")
-        difference = _first_difference(recorded, self.contents)
+        difference = first_difference(recorded, self.contents)
         if difference is not None:
             if overwrite:
                 return Resume()
@@ -315,13 +290,6 @@ class StagingDir:
         for name in os.listdir(self.path):
             if _OUR_FILES.fullmatch(name):
                 _remove(self._file(name))
-
-
-def _first_difference(then: dict[str, Any], now: dict[str, Any]) -> Optional[tuple[str, Any, Any]]:
-    for key in sorted(set(then) | set(now)):
-        if then.get(key) != now.get(key):
-            return key, then.get(key), now.get(key)
-    return None
 
 
 def _show(value: Any) -> str:

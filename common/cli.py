@@ -30,6 +30,16 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line and exit status 2."""
 
 
+def error_line(err: BaseException) -> str:
+    """The one way a library's error becomes part of our one-line message: an OS error as its reason (and
+    file); anything else as its first line, blanks collapsed (HDF5 and the hub put newlines and timestamps
+    into theirs); an error with no text as its type's name."""
+    if isinstance(err, OSError) and err.errno:
+        return os.strerror(err.errno) + (f" ({err.filename})" if err.filename else "")
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread as a Ctrl-C raises KeyboardInterrupt."""
 
@@ -127,9 +137,8 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         if not first_to_report():
             status = 1  # another process failed first and said why; this one only lost contact with it
         elif _lost_peer(err):
-            first = str(err).strip().splitlines()[0]
             print(f"{_fresh_line()}error: lost contact with another process of this run (killed, out of memory, "
-                  f"or hung past the collective timeout): {first}", file=sys.stderr)
+                  f"or hung past the collective timeout): {error_line(err)}", file=sys.stderr)
             status = 1
         else:
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 
 import yaml
 
-from common.cli import UserError, run_main
+from common.cli import UserError, error_line, run_main
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
@@ -37,23 +38,62 @@ DeviceMapName = Literal["auto"]  # accelerate's big-model dispatch of one model 
 EvalProtocol = Literal["lm-eval", "strided"]  # how stage2_student.evaluate scores a split
 
 
-def setting(default: Any, doc: str) -> Any:
-    """A config key: its default and the help text that --help and the docs' key table show."""
-    return field(default=default, metadata={"help": doc})
+UINT32_MAX = 0xFFFFFFFF  # counts stored as uint32 in the cache
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range of a numeric key, checked when the config loads (a float must also be finite)."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself excluded (> low rather than ≥ low)
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def words(self) -> str:
+        """As the error message and the docs say it: `positive`, `0 or more`, `at least 2`, `in [0, 1]`."""
+        low, high = self.low, self.high
+        if high is not None:
+            return f"in {'(' if self.low_open else '['}{_number(low)}, {_number(high)}]"
+        if (low == 0 and self.low_open) or (low == 1 and not self.low_open):
+            return "positive"
+        if low == 0:
+            return "0 or more"
+        return f"{'above' if self.low_open else 'at least'} {_number(low)}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def setting(default: Any, doc: str, *, low: float | None = None, high: float | None = None, above: float | None = None,
+            changes_result: bool = True) -> Any:
+    """A config key: its default, the help text that --help and the docs' key table show, its range (`low`/`high`
+    inclusive, `above` exclusive) and whether it changes what is computed. Keys with changes_result=False say how
+    a stage runs, not what it produces: a cache or a checkpoint made under other values is still resumed."""
+    bounds = Bounds(above if above is not None else low, high, above is not None) \
+        if (low, high, above) != (None, None, None) else None
+    return field(default=default, metadata={"help": doc, "bounds": bounds, "changes_result": changes_result})
 
 
 @dataclass
 class TeacherConfig:
     model: str = setting("Qwen/Qwen2-7B", "hub id or local directory of the teacher")
-    batch_size: int = setting(4, "blocks per teacher forward in stage one")
+    batch_size: int = setting(4, "blocks per teacher forward in stage one", low=1)
     dtype: DTypeName = setting("auto", "teacher weights; `auto` = bfloat16 on a GPU that has it, float32 otherwise")
     device: str = setting("auto", "stage one's device: `auto` = cuda if available, else cpu; or a torch device "
-                                  "name (`cpu`, `cuda:1`); with N processes each uses the GPU of its LOCAL_RANK")
+                                  "name (`cpu`, `cuda:1`); with N processes each uses the GPU of its LOCAL_RANK",
+                          changes_result=False)
     device_map: Optional[DeviceMapName] = setting(None, "`auto`: spread a teacher too large for one GPU over every "
                                                         "visible GPU (accelerate's big-model dispatch), one process "
-                                                        "only; null = the whole teacher on teacher.device")
+                                                        "only; null = the whole teacher on teacher.device",
+                                                  changes_result=False)
     sync_timeout: float = setting(1800.0, "N processes: seconds a process waits for the others (at the start, "
-                                          "after each round of N shards, at the end) before all stop in one line")
+                                          "after each round of N shards, at the end) before all stop in one line",
+                                  above=0, changes_result=False)
 
 
 @dataclass
@@ -87,85 +127,93 @@ class DataConfig:
                                              "those whose next token is in an assistant turn; `all` = every "
                                              "position whose next token is in the same conversation")
     split: str = setting("train", "split that stage one dumps and stage two trains on")
-    seq_len: int = setting(256, "tokens per block, and per evaluation window")
+    seq_len: int = setting(256, "tokens per block, and per evaluation window", low=2)
     max_blocks: Optional[int] = setting(5000, "at most this many blocks (the original's quick subset); "
-                                              "null = all blocks")
+                                              "null = all blocks", low=1)
 
 
 @dataclass
 class CacheConfig:
     dir: str = setting("cache/wikitext", "the cache stage one writes and stage two reads (stage two's "
-                                         "`--cache` overrides it)")
+                                         "`--cache` overrides it)", changes_result=False)
     mode: CacheMode = setting("topk", "what stage one stores per position: the k most likely tokens' "
                                       "log-probs, every log-prob, or sampled tokens and their counts")
-    k: int = setting(12, "topk mode: ids per position")
-    draws: int = setting(50, "sample mode: tokens drawn per position, with replacement")
+    k: int = setting(12, "topk mode: ids per position", low=1)
+    draws: int = setting(50, "sample mode: tokens drawn per position, with replacement", low=1, high=UINT32_MAX)
     tail_draws: int = setting(32, "topk mode: tokens drawn per position from the teacher outside its top k, with "
                                  "replacement; stage two's target is then the top-k probabilities plus r·count/t on "
                                  "the drawn ids (r the missing mass), an unbiased estimate of the teacher; 0 = none "
-                                 "(the missing mass is one bucket)")
+                                 "(the missing mass is one bucket)", low=0, high=UINT32_MAX)
     sample_temperature: Optional[float] = setting(
         None, "sample mode and tail draws: temperature of the teacher distribution drawn from (a tail cache's "
-              "top-k log-probs are at it too); stage two must train at it; null = train.temperature of the same config")
-    seed: int = setting(0, "sample mode and tail draws: seed of the generator (each block's draws from its own)")
+              "top-k log-probs are at it too); stage two must train at it; null = train.temperature of the same config",
+        above=0)
+    seed: int = setting(0, "sample mode and tail draws: seed of the generator (each block's draws from its own)", low=0)
     quantize: bool = setting(False, "topk mode: store the log-probs on a grid of √(p / p_max) (each probability "
                                     "within 1/1024, the k ids' mass kept) instead of lossless fp16: fewer bytes")
-    shard_blocks: int = setting(512, "blocks per HDF5 shard")
-    queue_size: int = setting(8, "batches waiting for the writer thread")
-    overwrite: bool = setting(False, "replace an existing cache (never a directory that is not a cache)")
+    shard_blocks: int = setting(512, "blocks per HDF5 shard", low=1)
+    queue_size: int = setting(8, "batches waiting for the writer thread", low=1, changes_result=False)
+    overwrite: bool = setting(False, "replace an existing cache (never a directory that is not a cache)",
+                              changes_result=False)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = setting("distilled_qwen2_1.5B", "where stage two saves the model, tokenizer, "
-                                                      "`metrics.jsonl` and `run.json`")
-    log_dir: str = setting("logs_qwen2", "TensorBoard scalars; evaluation writes its JSON here by default")
-    batch_size: int = setting(2, "blocks per micro-batch")
-    gradient_accumulation: int = setting(8, "micro-batches per optimizer step")
-    epochs: int = setting(1, "passes over the cache")
+                                                      "`metrics.jsonl` and `run.json`", changes_result=False)
+    log_dir: str = setting("logs_qwen2", "TensorBoard scalars; evaluation writes its JSON here by default",
+                           changes_result=False)
+    batch_size: int = setting(2, "blocks per micro-batch", low=1)
+    gradient_accumulation: int = setting(8, "micro-batches per optimizer step", low=1)
+    epochs: int = setting(1, "passes over the cache", low=1)
     max_steps: Optional[int] = setting(None, "optimizer steps; overrides epochs, as in HF Trainer; "
-                                             "null = whole epochs")
-    lr: float = setting(2e-5, "AdamW peak learning rate")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    warmup_ratio: float = setting(0.05, "fraction of the steps warming up linearly; then linear decay to 0")
-    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+                                             "null = whole epochs", low=1)
+    lr: float = setting(2e-5, "AdamW peak learning rate", above=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", low=0)
+    warmup_ratio: float = setting(0.05, "fraction of the steps warming up linearly; then linear decay to 0",
+                                  low=0, high=1)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
     temperature: float = setting(2.0, "T: divides the teacher's log-probs and the student's logits; the KD "
-                                      "loss is scaled by T²")
+                                      "loss is scaled by T²", above=0)
     kd_weight: float = setting(1.0, "weight of the KD loss; 0 = not computed, `kd_loss` logged as null, except "
-                                    "at T = 1 from a top-k or sample cache (logged, without its gradient)")
+                                    "at T = 1 from a top-k or sample cache (logged, without its gradient)", low=0)
     hard_weight: float = setting(0.0, "weight of the next-token cross-entropy; 0 = not computed, `hard_loss` "
-                                      "logged as null, except at T = 1 (logged, without its gradient)")
+                                      "logged as null, except at T = 1 (logged, without its gradient)", low=0)
     loss: LossName = setting("forward_kl", "KD divergence: soft cross-entropy (the original), reverse KL, "
                                            "generalized JSD, skew KL")
     topk_tail: TopkTail = setting("bucket", "topk caches: keep the teacher's missing mass as one bucket, or "
                                             "renormalize the teacher over its k ids")
-    loss_beta: float = setting(0.5, "`jsd`: β, the teacher's weight in the mixture")
-    loss_alpha: float = setting(0.1, "`skew_kl`: α, the teacher's weight in the skewed student")
+    loss_beta: float = setting(0.5, "`jsd`: β, the teacher's weight in the mixture", low=0, high=1)
+    loss_alpha: float = setting(0.1, "`skew_kl`: α, the teacher's weight in the skewed student", low=0, high=1)
     loss_chunk: int = setting(128, "positions per loss chunk where the loss needs a temporary of the "
                                    "vocabulary's size (full distributions, bf16 logits): bounds its memory "
-                                   "(`docs/performance.md`)")
+                                   "(`docs/performance.md`)", low=1, changes_result=False)
     precision: Precision = setting("auto", "autocast's compute mode, not a weight dtype (that is student.dtype): "
-                                           "`auto` = bf16 on a GPU that has it, else off; `fp32` = off")
-    gradient_checkpointing: bool = setting(False, "recompute the student's activations in the backward pass")
-    seed: int = setting(42, "data order and initialisation")
-    device: str = setting("auto", "stage two's and evaluation's device, as teacher.device")
-    num_workers: int = setting(0, "DataLoader processes reading the cache ahead of the GPU")
+                                           "`auto` = bf16 on a GPU that has it, else off; `fp32` = off",
+                                   changes_result=False)
+    gradient_checkpointing: bool = setting(False, "recompute the student's activations in the backward pass",
+                                           changes_result=False)
+    seed: int = setting(42, "data order and initialisation", low=0)
+    device: str = setting("auto", "stage two's and evaluation's device, as teacher.device", changes_result=False)
+    num_workers: int = setting(0, "DataLoader processes reading the cache ahead of the GPU",
+                               low=0, changes_result=False)
     checkpoint_steps: Optional[int] = setting(500, "optimizer steps between checkpoints in "
                                                    "`<output_dir>/checkpoints/step-N/` (one is also written at the "
-                                                   "end); null = only at the end")
+                                                   "end); null = only at the end", low=1, changes_result=False)
     keep_checkpoints: int = setting(2, "complete checkpoints kept; older ones are deleted once a newer one is "
-                                       "complete")
+                                       "complete", low=1, changes_result=False)
     resume: ResumeMode = setting("auto", "`auto`: continue from the newest complete checkpoint in train.output_dir "
                                          "when it was made with the same cache and settings (a mismatch is refused, "
-                                         "naming the setting); `never`: always start afresh")
+                                         "naming the setting); `never`: always start afresh", changes_result=False)
     verify_cache: bool = setting(True, "check every shard's sha256 (and dataset shapes) against the manifest "
-                                       "before training; false skips it")
+                                       "before training; false skips it", changes_result=False)
     fsdp: bool = setting(False, "shard the student across the processes (accelerate's FSDP plugin) instead of "
                                 "replicating it (DDP); GPUs only")
     collective_timeout_s: int = setting(1800, "seconds a process waits for the others (gradient all-reduce, "
-                                              "checkpoint barrier) before the run stops")
+                                              "checkpoint barrier) before the run stops", low=1, changes_result=False)
     overwrite: bool = setting(False, "start afresh in a train.output_dir that holds an earlier run (its files, "
-                                     "and only those, are deleted; any other file there is refused)")
+                                     "and only those, are deleted; any other file there is refused)",
+                              changes_result=False)
 
 
 @dataclass
@@ -177,12 +225,13 @@ class EvalConfig:
                                                 "byte perplexity, bits per byte (`docs/evaluation.md`); `strided`: "
                                                 "one token stream, windows of data.seq_len every eval.stride tokens")
     max_length: Optional[int] = setting(None, "`lm-eval`: tokens per rolling window; null = the model's context "
-                                              "length (its config), at most 2048")
-    stride: Optional[int] = setting(None, "`strided`: sliding-window stride in tokens; null = data.seq_len / 2")
-    batch_size: int = setting(8, "windows per forward")
+                                              "length (its config), at most 2048", low=1)
+    stride: Optional[int] = setting(None, "`strided`: sliding-window stride in tokens; null = data.seq_len / 2", low=1)
+    batch_size: int = setting(8, "windows per forward", low=1, changes_result=False)
     max_windows: Optional[int] = setting(None, "score only the first windows (`strided`) or documents (`lm-eval`); "
-                                               "null = all")
-    output: Optional[str] = setting(None, "JSON results; null = `<train.log_dir>/eval_<split>.json`")
+                                               "null = all", low=1)
+    output: Optional[str] = setting(None, "JSON results; null = `<train.log_dir>/eval_<split>.json`",
+                                    changes_result=False)
     dtype: DTypeName = setting("auto", "weights of every scored model; `auto` = the dtype each model was saved "
                                        "in (its config.json), as `from_pretrained(dtype=\"auto\")`")
 
@@ -256,7 +305,32 @@ def _field_type(cfg: PipelineConfig, section: str, key: str) -> Any:
 
 def _apply(cfg: PipelineConfig, section: str, key: str, value: Any) -> None:
     hint = _field_type(cfg, section, key)
-    setattr(getattr(cfg, section), key, _check_type(f"{section}.{key}", value, hint))
+    name = f"{section}.{key}"
+    value = _check_type(name, value, hint)
+    _check_bounds(name, value, _field(section, key).metadata["bounds"], _split_optional(hint)[1])
+    setattr(getattr(cfg, section), key, value)
+
+
+def _field(section: str, key: str) -> dataclasses.Field:
+    schema = next(f.default_factory for f in dataclasses.fields(PipelineConfig) if f.name == section)
+    return next(f for f in dataclasses.fields(schema) if f.name == key)
+
+
+def _check_bounds(name: str, value: Any, bounds: Bounds | None, optional: bool) -> None:
+    """The one range check of every numeric key (its Bounds in the schema)."""
+    if bounds is None or value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
+    if not bounds.holds(value):
+        raise UserError(f"{name} must be {bounds.words()}{' or null' if optional else ''}, got {value}")
+
+
+def result_keys(section: str) -> list[str]:
+    """The keys of a section that change what a stage computes (changes_result in the schema): the settings a
+    cache or a checkpoint is resumed under only when equal."""
+    schema = next(f.default_factory for f in dataclasses.fields(PipelineConfig) if f.name == section)
+    return [f.name for f in dataclasses.fields(schema) if f.metadata["changes_result"]]
 
 
 def _parse_override_value(text: str, hint: Any) -> Any:
@@ -283,7 +357,7 @@ def load_config(path: str | None = DEFAULT_CONFIG, overrides: Sequence[str] = ()
             with open(path) as fh:
                 raw = yaml.safe_load(fh) or {}
         except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise UserError(f"config file {path} is not valid YAML: {error_line(err)}") from None
         if not isinstance(raw, dict):
             raise UserError(f"config file {path}: expected a mapping of sections")
         for section, values in raw.items():
@@ -301,9 +375,21 @@ def load_config(path: str | None = DEFAULT_CONFIG, overrides: Sequence[str] = ()
     return cfg
 
 
+def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first setting (in `current`'s order) whose value differs: (name, saved value, current value). The one
+    comparison behind "resumed only under the same settings" (a cache's staging directory, a checkpoint)."""
+    missing = "(not recorded)"
+    for key in [*current, *(k for k in saved if k not in current)]:
+        if saved.get(key, missing) != current.get(key, missing):
+            return key, saved.get(key, missing), current.get(key, missing)
+    return None
+
+
 def check_loss(train: TrainConfig) -> None:
-    """A KD divergence that is identically 0 at its β or α cannot train, as kd_weight=0 with hard_weight=0
-    cannot: refused when the config loads. (With train.kd_weight=0 the KD term is left out: nothing to refuse.)"""
+    """The rules between keys, checked when the config loads: a loss that is identically 0 trains nothing.
+    (With train.kd_weight=0 the KD term is left out: its β or α do not matter.)"""
+    if train.kd_weight == 0 and train.hard_weight == 0:
+        raise UserError("train.kd_weight and train.hard_weight are both 0: the loss would be 0 and train nothing")
     if train.kd_weight == 0:
         return
     if train.loss == "jsd" and train.loss_beta in (0, 1):
@@ -321,8 +407,9 @@ def check_loss(train: TrainConfig) -> None:
 class KeyDoc:
     key: str  # section.key
     default: str  # as YAML writes it
-    allowed: list[str]  # the closed set of names, or a one-word type, then `null` if allowed
+    allowed: list[str]  # the closed set of names, or a one-word type and its range, then `null` if allowed
     help: str
+    changes_result: bool
 
 
 _TYPE_WORDS = {int: "integer", float: "number", str: "text", list[str]: "list of text"}
@@ -348,19 +435,21 @@ def key_docs() -> Iterator[KeyDoc]:
             elif hint is bool:
                 allowed = ["true", "false"]
             else:
-                allowed = [_TYPE_WORDS[hint]]
+                bounds = key.metadata["bounds"]
+                allowed = [_TYPE_WORDS[hint] + (f", {bounds.words()}" if bounds else "")]
             yield KeyDoc(f"{section.name}.{key.name}", _yaml_scalar(key.default),
-                         allowed + ["null"] * optional, key.metadata["help"])
+                         allowed + ["null"] * optional, key.metadata["help"], key.metadata["changes_result"])
 
 
 def config_keys_markdown() -> str:
     """docs/configuration.md's table of keys."""
     def code(words: list[str]) -> str:
-        return ", ".join(w if w in _TYPE_WORDS.values() else f"`{w}`" for w in words)
+        return ", ".join(w if w.split(",")[0] in _TYPE_WORDS.values() else f"`{w}`" for w in words)
 
-    lines = ["| key | default | allowed values | meaning |", "| --- | --- | --- | --- |"]
+    lines = ["| key | default | allowed values | changes the result | meaning |", "| --- | --- | --- | --- | --- |"]
     for doc in key_docs():
-        cells = [f"`{doc.key}`", f"`{doc.default}`", code(doc.allowed), doc.help]
+        cells = [f"`{doc.key}`", f"`{doc.default}`", code(doc.allowed), "yes" if doc.changes_result else "no",
+                 doc.help]
         lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -369,7 +458,8 @@ def config_keys_text() -> str:
     """The same keys as plain text, for --help."""
     lines = ["config keys (section.key=value; shown with the schema's default, which --config's file may change):"]
     for doc in key_docs():
-        lines.append(f"  {doc.key}={doc.default}  ({' | '.join(doc.allowed)})")
+        result = "" if doc.changes_result else "; does not change the result"
+        lines.append(f"  {doc.key}={doc.default}  ({' | '.join(doc.allowed)}{result})")
         lines += textwrap.wrap(doc.help.replace("`", ""), width=100, initial_indent=" " * 6,
                                subsequent_indent=" " * 6)
     return "\n".join(lines) + "\n"

@@ -39,11 +39,11 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from common.cli import UserError
+from common.cli import UserError, error_line
 from common.config import DataConfig, RowKind
 
 # Hugging Face split name → upstream file stem.
@@ -147,11 +147,6 @@ def split_files(data: DataConfig, split: str) -> list[DataFile]:
     return [DataFile(path, os.path.getsize(path)) for path in paths]
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _first_columns(path: str) -> list[str] | None:
     """The columns of a .jsonl/.parquet file as its first record shows them (None: not known cheaply)."""
     try:
@@ -167,7 +162,7 @@ def _first_columns(path: str) -> list[str] | None:
                     record = json.loads(line)
                     return list(record) if isinstance(record, dict) else None
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: {_one_line(err)}") from None
+        raise UserError(f"cannot read {path}: {error_line(err)}") from None
     return None
 
 
@@ -229,7 +224,7 @@ class TextSource:
                     count += 1
                     yield text
         except (OSError, ValueError) as err:  # unreadable files: bad encoding, broken JSON/Parquet (Arrow errors)
-            raise UserError(f"cannot read {self.description}: {_one_line(err)}") from None
+            raise UserError(f"cannot read {self.description}: {error_line(err)}") from None
         if count == 0:
             raise UserError(f"{self.description} has no rows")
 
@@ -261,7 +256,7 @@ class TextSource:
                 rows = load_dataset(self.data.dataset, self.data.subset, split=self.split)
             except (FileNotFoundError, ValueError, ConnectionError) as err:
                 raise UserError(f"cannot load dataset {self.data.dataset}/{self.data.subset} split {self.split}: "
-                                f"{_one_line(err)}") from None
+                                f"{error_line(err)}") from None
             yield from rows.iter(batch_size=ROW_BATCH)
 
     def _json_documents(self, paths: list[str]) -> Iterator[dict[str, list]]:
@@ -422,17 +417,22 @@ def _check_boundary(tokenizer, before: str, after: str) -> None:
 
 
 def pack_blocks(stream: np.ndarray, seq_len: int, max_blocks: int | None) -> np.ndarray:
-    """Consecutive, non-overlapping slices of `seq_len` tokens; the tail shorter than a block is dropped."""
-    if seq_len < 2:
-        raise UserError(f"data.seq_len must be at least 2, got {seq_len}")
+    """Consecutive, non-overlapping slices of `seq_len` tokens; the tail shorter than a block is dropped.
+    (data.seq_len ≥ 2 and data.max_blocks ≥ 1 are the schema's ranges, checked when the config loads.)"""
     num_blocks = len(stream) // seq_len
     if max_blocks is not None:
-        if max_blocks < 1:
-            raise UserError(f"data.max_blocks must be positive or null, got {max_blocks}")
         num_blocks = min(num_blocks, max_blocks)
     if num_blocks == 0:
         raise UserError(f"the data has {len(stream)} tokens, fewer than one block of data.seq_len={seq_len}")
     return stream[: num_blocks * seq_len].reshape(num_blocks, seq_len)
+
+
+def tokens_sha256(blocks: np.ndarray, digest: Any = None) -> Any:
+    """The one token hasher: sha256 over blocks of token ids as little-endian int32. Pass `digest` to continue
+    one: consecutive batches then hash to what all of them at once do."""
+    digest = digest or hashlib.sha256()
+    digest.update(np.ascontiguousarray(blocks, dtype="<i4").tobytes())
+    return digest
 
 
 class Fingerprint:
@@ -442,7 +442,7 @@ class Fingerprint:
         self._digest = hashlib.sha256(f"seq_len={seq_len};tokenizer={tokenizer_hash};".encode())
 
     def update(self, blocks: np.ndarray) -> None:
-        self._digest.update(np.ascontiguousarray(blocks, dtype="<i4").tobytes())
+        tokens_sha256(blocks, self._digest)
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
@@ -463,10 +463,6 @@ class BlockStream:
 
     def __init__(self, data: DataConfig, tokenizer, tokenizer_hash: str, split: str | None = None, *,
                  chunk_chars: int = CHUNK_CHARS) -> None:
-        if data.seq_len < 2:
-            raise UserError(f"data.seq_len must be at least 2, got {data.seq_len}")
-        if data.max_blocks is not None and data.max_blocks < 1:
-            raise UserError(f"data.max_blocks must be positive or null, got {data.max_blocks}")
         self.data, self.tokenizer, self.split, self.chunk_chars = data, tokenizer, split or data.split, chunk_chars
         self.source = TextSource(data, self.split)
         if self.source.rows == "documents":

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Sequence
+
+from common.cli import UserError
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -46,3 +48,11 @@ def publish_directory(staging: str, final: str) -> None:
     os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)  # the swap is done: a failure leaves only wasted space, not a wrong `final`
+
+
+def refuse_foreign(place: str, names: Sequence[str]) -> None:
+    """The one refusal of a directory that holds files this tool did not write: they are never deleted."""
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise UserError(f"{place} holds files this tool did not write ({shown}); nothing was deleted: move them "
+                        "away or choose another directory")

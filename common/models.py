@@ -8,7 +8,7 @@ from typing import Literal, get_args
 
 import torch
 
-from common.cli import UserError
+from common.cli import UserError, error_line
 from common.config import DTypeName
 
 
@@ -54,8 +54,7 @@ def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
 
 
 def _hub_error(err: Exception, name: str, what: str) -> UserError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"cannot load {what} {name}: {first}")
+    return UserError(f"cannot load {what} {name}: {error_line(err)}")
 
 
 def load_tokenizer(name: str, what: str = "tokenizer"):

@@ -20,7 +20,6 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C or SIGTERM 
     stop_quietly_while_loading()
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -42,13 +41,12 @@ from cache.writer import (
     ShardWriter,
     StagingDir,
     check_destination,
-    tokens_sha256,
 )
 from common.alignment import AlignmentLog, truncate_vocab
 from common.chat import block_stream, template_sha256
 from common.cli import UserError, run_main
-from common.config import PipelineConfig, config_arg_parser, draw_temperature, parse_args
-from common.data import BlockStream, row_kind, source_settings
+from common.config import PipelineConfig, config_arg_parser, draw_temperature, parse_args, result_keys
+from common.data import BlockStream, row_kind, source_settings, tokens_sha256
 from common.models import (
     load_causal_lm,
     load_model_config,
@@ -61,8 +59,7 @@ from common.models import (
 from stage1_teacher.processes import Failure, LostContact, Processes, Stopped
 from stage1_teacher.targets import block_uniforms, full_targets, sample_targets, topk_tail_targets, topk_targets
 
-# cache.* keys that say how the dump runs, not what the cache holds; and keys that only one mode uses
-OPERATIONAL_CACHE_KEYS = {"dir", "overwrite", "queue_size"}
+# cache.* keys that only one mode uses
 MODE_CACHE_KEYS = {"k": "topk", "tail_draws": "topk", "draws": "sample", "sample_temperature": "sample",
                    "seed": "sample"}
 DRAW_KEYS = {"sample_temperature", "seed"}  # also a top-k cache's, when it has tail draws
@@ -72,31 +69,13 @@ CHAT_DATA_KEYS = {"messages_column", "train_on"}  # data.* keys that only data.r
 
 def check_settings(cfg: PipelineConfig) -> None:
     """Refuse, before anything is read or loaded, settings that cannot make a cache."""
-    cache, teacher = cfg.cache, cfg.teacher
-    temperature = draw_temperature(cache, cfg.train)
+    cache = cfg.cache
     if not cache.dir.strip():
         raise UserError("cache.dir is empty")
     if os.path.normpath(cache.dir).endswith(STAGING_SUFFIX):
         raise UserError(f"cache.dir {cache.dir} ends with {STAGING_SUFFIX}, the name of stage one's staging "
                         "directories; choose another name")
-    if cache.mode == "topk" and cache.k < 1:
-        raise UserError(f"cache.k must be positive, got {cache.k}")
-    if cache.mode == "topk" and not 0 <= cache.tail_draws <= 0xFFFFFFFF:
-        raise UserError(f"cache.tail_draws must be 0 or positive (and below 2^32), got {cache.tail_draws}")
-    if cache.mode == "sample" or (cache.mode == "topk" and cache.tail_draws):
-        if cache.mode == "sample" and not 1 <= cache.draws <= 0xFFFFFFFF:
-            raise UserError(f"cache.draws must be positive (and below 2^32), got {cache.draws}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise UserError(f"cache.sample_temperature must be a positive finite number, got {temperature}")
-        if cache.seed < 0:
-            raise UserError(f"cache.seed must be non-negative, got {cache.seed}")
-    for name, value in (("cache.shard_blocks", cache.shard_blocks), ("cache.queue_size", cache.queue_size),
-                        ("teacher.batch_size", teacher.batch_size)):
-        if value < 1:
-            raise UserError(f"{name} must be positive, got {value}")
-    if not (math.isfinite(teacher.sync_timeout) and teacher.sync_timeout > 0):
-        raise UserError(f"teacher.sync_timeout must be a positive finite number of seconds, got {teacher.sync_timeout}")
-
+    # (Every key's range was checked when the config loaded: common/config.py.)
 
 def teacher_device(cfg: PipelineConfig, procs: Processes) -> torch.device:
     """One process: teacher.device. N processes: each its own GPU (LOCAL_RANK), or all on the CPU."""
@@ -227,22 +206,22 @@ class TeacherDump:
         def local(path: Optional[str]) -> Optional[str]:
             return os.path.abspath(path) if path and os.path.exists(path) else path
 
-        data = {f"data.{key}": local(value) if key == "local_dir" else value for key, value in vars(cfg.data).items()
+        data = {f"data.{key}": local(getattr(cfg.data, key)) if key == "local_dir" else getattr(cfg.data, key)
+                for key in result_keys("data")
                 if self.chat or key not in CHAT_DATA_KEYS}  # other rows: as before conversations existed
         if self.chat:
             data["tokenizer.chat_template_sha256"] = template_sha256(self.template)
         tail = cfg.cache.mode == "topk" and cfg.cache.tail_draws > 0
-        cache = {f"cache.{key}": value for key, value in vars(cfg.cache).items()
-                 if key not in OPERATIONAL_CACHE_KEYS and (MODE_CACHE_KEYS.get(key, cfg.cache.mode) == cfg.cache.mode
-                                                           or (tail and key in DRAW_KEYS))
+        cache = {f"cache.{key}": getattr(cfg.cache, key) for key in result_keys("cache")
+                 if (MODE_CACHE_KEYS.get(key, cfg.cache.mode) == cfg.cache.mode or (tail and key in DRAW_KEYS))
                  and not (key == "tail_draws" and not tail)}  # a top-k cache without tail draws: as before them
         if "cache.sample_temperature" in cache:  # the temperature drawn at, whichever key set it
             cache["cache.sample_temperature"] = draw_temperature(cfg.cache, cfg.train)
-        return {"format_version": FORMAT_VERSION,
-                "datasets": {name: dataclasses.asdict(entry) for name, entry in self.datasets.items()},
+        return {"format_version": FORMAT_VERSION,  # the settings first: a difference names the one a user set
                 "teacher.model": local(cfg.teacher.model), "teacher.config_hash": model_config_hash(self.model_config),
                 "teacher.dtype": str(self.dtype), "teacher.batch_size": cfg.teacher.batch_size,
-                "tokenizer.hash": self.tokenizer_hash, **data, **cache}
+                "tokenizer.hash": self.tokenizer_hash, **data, **cache,
+                "datasets": {name: dataclasses.asdict(entry) for name, entry in self.datasets.items()}}
 
     def resume(self, resume: Resume) -> None:
         """Keep what an earlier run completed: each process re-checks the sha256 of the shards it owns, then

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from common.cli import UserError
+from common.cli import UserError, error_line
 
 
 @dataclass
@@ -59,8 +59,7 @@ class Processes:
         try:
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
         except (ValueError, RuntimeError) as err:
-            raise UserError(f"cannot start the {self.world} processes' group: {' '.join(str(err).split())}") \
-                from None
+            raise UserError(f"cannot start the {self.world} processes' group: {error_line(err)}") from None
         self._group = True
 
     def sync(self, payload: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -86,7 +85,7 @@ class Processes:
         try:
             dist.all_gather_object(out, payload)
         except RuntimeError as err:
-            raise LostContact(" ".join(str(err).split())[:300]) from None
+            raise LostContact(error_line(err)[:300]) from None
         return out
 
     def stop(self) -> None:

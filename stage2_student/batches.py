@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cache.format import CHAT_DATASETS
 from cache.reader import CacheReader
-from common.cli import UserError
+from common.cli import UserError, error_line
 from stage2_student.losses import TeacherTargets
 
 
@@ -49,7 +49,7 @@ class CachedBlocks(Dataset):
         except OSError as err:  # h5py: a shard truncated or replaced after the start
             shard = next(s for s in reversed(self.reader.shards) if s.first_block <= index)
             return UnreadableBlock(f"cache {self.reader.dir}: cannot read block {index} from {shard.file}: "
-                                   f"{str(err).splitlines()[0]}")
+                                   f"{error_line(err)}")
 
 
 class CheckedCollate:

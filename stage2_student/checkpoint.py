@@ -17,8 +17,6 @@ save_pretrained's names. A directory holding anything else is refused, naming it
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
@@ -26,9 +24,10 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cache.lock import close_lock_descriptor, lock_descriptor
-from common.cli import UserError
-from common.fsutil import publish_directory, write_json_atomic
+from cache.lock import close_lock_descriptor, take_flock
+from common.cli import UserError, error_line
+from common.config import first_difference
+from common.fsutil import publish_directory, refuse_foreign, write_json_atomic
 
 RUN_RECORD = "run.json"
 RUN_FORMAT = "offline-kd-run"
@@ -46,7 +45,7 @@ def read_json(path: str, what: str) -> dict[str, Any]:
         with open(path, "rb") as fh:
             data = json.loads(fh.read().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read {what}: {err}") from None
+        raise UserError(f"{path}: cannot read {what}: {error_line(err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: {what} is not a JSON object")
     return data
@@ -166,30 +165,14 @@ def _unknown_files(directory: str, shown: str, ours: Callable[[str], Any]) -> li
     return unknown
 
 
-def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
-    """The first setting (in `current`'s order) whose value differs: (name, saved value, current value)."""
-    missing = "(not recorded)"
-    for key in [*current, *(k for k in saved if k not in current)]:
-        if saved.get(key, missing) != current.get(key, missing):
-            return key, saved.get(key, missing), current.get(key, missing)
-    return None
-
-
 class DirectoryLock:
     """An exclusive flock on the output directory itself (no lock file is added to it): one run per directory.
     Held by this process alone: a forked child (a DataLoader worker) closes its copy (cache.lock)."""
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(self.fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise UserError(f"train.output_dir {path} is in use by another stage-two run; wait for it to "
-                                f"finish or choose another directory") from None
-            raise UserError(f"cannot lock train.output_dir {path}: {err.strerror}") from None
-        lock_descriptor(self.fd)
+        take_flock(self.fd, True, f"train.output_dir {path} is in use by another stage-two run; wait for it to "
+                                  "finish or choose another directory", f"train.output_dir {path}")
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -204,11 +187,7 @@ def plan_start(out: str, settings: dict[str, Any], resume: str, overwrite: bool)
     if not os.listdir(out):
         return None
     record = read_run_record(out)
-    foreign = foreign_entries(out, record)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise UserError(f"train.output_dir {out} holds files this tool did not write ({shown}); nothing was "
-                        f"deleted: move them away or choose another directory")
+    refuse_foreign(f"train.output_dir {out}", foreign_entries(out, record))
     finished = bool(record and record.get("finished"))
     checkpoint = None if finished else newest_checkpoint(out)
     fresh_hint = "or pass train.overwrite=true to delete that run and start afresh"
@@ -285,7 +264,7 @@ def os_reason(directory: str) -> str | None:
     except FileNotFoundError:
         return None  # `directory` went meanwhile (another process removed what failed)
     except OSError as err:
-        return err.strerror or type(err).__name__
+        return error_line(err)
     finally:
         if os.path.lexists(probe):
             os.remove(probe)
@@ -296,7 +275,7 @@ def write_failure(what: str, path: str, err: BaseException, out: str) -> UserErr
     """One line for a write that failed (disk full, file size limit, permissions), naming what is still intact.
     torch's own file writer does not say why (`[enforce fail at inline_container.cc:…] unexpected pos …`): then
     the OS is asked, by a probe written into `path` (a directory, to be removed with what failed)."""
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    detail = error_line(err)
     if not isinstance(err, OSError) and os.path.isdir(path):
         detail = os_reason(path) or detail
     return UserError(f"cannot write {what} {path}: {detail}; {last_checkpoint_note(out)} (free space and rerun "

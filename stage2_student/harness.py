@@ -177,8 +177,6 @@ class RollingWindow:
 def rolling_windows(num_tokens: int, max_length: int) -> list[RollingWindow]:
     """`get_rolling_token_windows(tokens, prefix, max_length, context_len=1)` through `make_disjoint_window`
     and `HFLM`'s left truncation to max_length + 1 tokens: each token predicted once."""
-    if max_length < 1:
-        raise UserError(f"eval.max_length must be positive, got {max_length}")
     if num_tokens == 0:
         return []
     first = min(max_length, num_tokens)
@@ -210,8 +208,6 @@ def max_length_for(config, tokenizer, configured: int | None, model: str) -> int
     context = context_length(config, tokenizer)
     if configured is None:
         return min(context, DEFAULT_MAX_LENGTH)
-    if configured < 1:
-        raise UserError(f"eval.max_length must be positive, got {configured}")
     if configured > context:
         raise UserError(f"eval.max_length={configured} is longer than the context of {model} ({context} tokens)")
     return configured

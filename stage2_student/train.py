@@ -37,8 +37,8 @@ from cache.lock import CacheLock
 from cache.manifest import check_published, load_manifest, manifest_path
 from cache.reader import CacheReader, verify_cache
 from common.chat import chat_template, check_same_rendering
-from common.cli import UserError, run_main
-from common.config import PipelineConfig, Precision, TrainConfig, config_arg_parser, parse_args
+from common.cli import UserError, error_line, run_main
+from common.config import PipelineConfig, Precision, TrainConfig, config_arg_parser, parse_args, result_keys
 from common.data import source_settings
 from common.fsutil import write_json_atomic
 from common.models import (
@@ -82,42 +82,11 @@ from stage2_student.masking import global_trained_positions, loss_weights
 
 T = TypeVar("T")
 
-# The train.* settings that change what a run computes: a checkpoint resumes only under the same values.
-# (loss_chunk, gradient_checkpointing, num_workers and the checkpoint keys change how, not what.)
-RESULT_SETTINGS = ("batch_size", "gradient_accumulation", "epochs", "max_steps", "lr", "weight_decay",
-                   "warmup_ratio", "max_grad_norm", "temperature", "kd_weight", "hard_weight", "loss", "topk_tail",
-                   "loss_beta", "loss_alpha", "seed", "fsdp")
-
-
 def check_train_settings(cfg: PipelineConfig) -> None:
-    """Settings that cannot train anything, refused before anything is loaded."""
-    t = cfg.train
-    for key in ("lr", "temperature", "max_grad_norm", "weight_decay", "kd_weight", "hard_weight", "warmup_ratio",
-                "loss_beta", "loss_alpha"):
-        if not math.isfinite(getattr(t, key)):
-            raise UserError(f"train.{key} must be a finite number, got {getattr(t, key)}")
-    for key in ("lr", "temperature", "max_grad_norm"):
-        if getattr(t, key) <= 0:
-            raise UserError(f"train.{key} must be positive, got {getattr(t, key)}")
-    for key in ("weight_decay", "kd_weight", "hard_weight"):
-        if getattr(t, key) < 0:
-            raise UserError(f"train.{key} must be 0 or more, got {getattr(t, key)}")
-    if t.kd_weight == 0 and t.hard_weight == 0:
-        raise UserError("train.kd_weight and train.hard_weight are both 0: the loss would be 0 and train nothing")
-    for key in ("warmup_ratio", "loss_beta", "loss_alpha"):
-        if not 0 <= getattr(t, key) <= 1:
-            raise UserError(f"train.{key} must be in [0, 1], got {getattr(t, key)}")
-    for key in ("batch_size", "gradient_accumulation", "epochs", "loss_chunk", "keep_checkpoints",
-                "collective_timeout_s"):
-        if getattr(t, key) < 1:
-            raise UserError(f"train.{key} must be positive, got {getattr(t, key)}")
-    for key in ("max_steps", "checkpoint_steps"):
-        if getattr(t, key) is not None and getattr(t, key) < 1:
-            raise UserError(f"train.{key} must be positive or null, got {getattr(t, key)}")
-    if t.num_workers < 0:
-        raise UserError(f"train.num_workers must be 0 or more, got {t.num_workers}")
-    check_writable_dir("train.output_dir", t.output_dir)
-    check_writable_dir("train.log_dir", t.log_dir)
+    """The output directories, refused before anything is loaded if they cannot be written. (Every key's range
+    and the rules between keys were checked when the config loaded: common/config.py.)"""
+    check_writable_dir("train.output_dir", cfg.train.output_dir)
+    check_writable_dir("train.log_dir", cfg.train.log_dir)
 
 
 def check_writable_dir(key: str, path: str) -> None:
@@ -271,7 +240,7 @@ class DistillRecipe:
         try:
             input_ids = self.reader.read_all("input_ids")
         except OSError as err:  # h5py: a shard truncated or replaced (train.verify_cache=false lets it through)
-            raise UserError(f"cache {self.cache_dir}: cannot read its tokens: {str(err).splitlines()[0]}; "
+            raise UserError(f"cache {self.cache_dir}: cannot read its tokens: {error_line(err)}; "
                             f"`python -m cache.verify {self.cache_dir}` checks every shard") from None
         check_compatible(self.reader.manifest, self.cache_dir, consumer, input_ids)
         if self.reader.chat:  # the student must render conversations as the teacher did
@@ -314,11 +283,11 @@ class DistillRecipe:
     def result_settings(self, student_config_hash: str) -> dict[str, Any]:
         """What determines the weights this run ends with: a checkpoint resumes only under the same values."""
         cfg, acc = self.cfg, self.accelerator
-        return {"cache manifest sha256": self.manifest_sha, "student.model": cfg.student.model,
-                "student config sha256": student_config_hash, "student.dtype": cfg.student.dtype,
+        return {"cache manifest sha256": self.manifest_sha, "student config sha256": student_config_hash,
                 "mixed precision": acc.mixed_precision, "processes": acc.num_processes,
                 "--live-teacher": self.live_teacher,
-                **{f"train.{key}": getattr(cfg.train, key) for key in RESULT_SETTINGS}}
+                **{f"student.{key}": getattr(cfg.student, key) for key in result_keys("student")},
+                **{f"train.{key}": getattr(cfg.train, key) for key in result_keys("train")}}
 
     def prepare_output_dir(self) -> Checkpoint | None:
         """(Main process.) Lock the output directory; pick the checkpoint to resume, or clear an earlier run of

@@ -225,6 +225,62 @@ def test_a_kd_loss_that_is_identically_zero_is_refused_when_the_config_loads(tmp
     load_config(None, [*overrides, "train.loss_beta=0.5", "train.loss_alpha=0.5"])
 
 
+# Each key's range, from its Bounds in the schema: a value just outside is refused in one line when the config
+# loads (from an override or a file), the value on the bound loads.
+@pytest.mark.parametrize("key, outside, message, on_bound", [
+    ("train.lr", "0", "train.lr must be positive, got 0.0", "1e-9"),
+    ("train.lr", "nan", "train.lr must be a finite number, got nan", None),
+    ("train.temperature", "-inf", "train.temperature must be a finite number, got -inf", None),
+    ("train.warmup_ratio", "1.01", "train.warmup_ratio must be in [0, 1], got 1.01", "1"),
+    ("train.hard_weight", "-0.1", "train.hard_weight must be 0 or more, got -0.1", "0"),
+    ("train.num_workers", "-1", "train.num_workers must be 0 or more, got -1", "0"),
+    ("train.seed", "-1", "train.seed must be 0 or more, got -1", "0"),
+    ("train.max_steps", "0", "train.max_steps must be positive or null, got 0", "1"),
+    ("data.seq_len", "1", "data.seq_len must be at least 2, got 1", "2"),
+    ("cache.draws", "4294967296", "cache.draws must be in [1, 4294967295], got 4294967296", "4294967295"),
+    ("cache.tail_draws", "-1", "cache.tail_draws must be in [0, 4294967295], got -1", "0"),
+    ("cache.sample_temperature", "0", "cache.sample_temperature must be positive or null, got 0.0", "0.01"),
+    ("teacher.sync_timeout", "0", "teacher.sync_timeout must be positive, got 0.0", "0.5"),
+    ("eval.stride", "0", "eval.stride must be positive or null, got 0", "1"),
+    ("eval.max_length", "-5", "eval.max_length must be positive or null, got -5", "1"),
+])
+def test_a_value_outside_its_range_is_refused_when_the_config_loads(tmp_path, key, outside, message, on_bound):
+    with pytest.raises(UserError) as info:
+        load_config(None, [f"{key}={outside}"])
+    assert str(info.value) == message
+    section, name = key.split(".")
+    path = tmp_path / "p.yaml"
+    path.write_text(f"{section}:\n  {name}: {outside}\n")
+    with pytest.raises(UserError) as info:
+        load_config(str(path))
+    assert str(info.value) == message
+    if on_bound is not None:
+        assert getattr(getattr(load_config(None, [f"{key}={on_bound}"]), section), name) == float(on_bound)
+
+
+def test_every_default_is_inside_its_range_and_the_table_says_the_range():
+    rows = markdown_rows(config_keys_markdown())
+    for dotted, f, _ in schema_keys():
+        bounds = f.metadata["bounds"]
+        if bounds is not None and f.default is not None:
+            assert bounds.holds(f.default), dotted
+            assert bounds.words() in rows[dotted][2], dotted
+        assert rows[dotted][3] == ("yes" if f.metadata["changes_result"] else "no"), dotted
+
+
+def test_the_keys_that_change_the_result():
+    """The keys a cache or a checkpoint is resumed under only when equal (the others say how, not what)."""
+    from common.config import result_keys
+
+    assert result_keys("train") == ["batch_size", "gradient_accumulation", "epochs", "max_steps", "lr", "weight_decay",
+                                    "warmup_ratio", "max_grad_norm", "temperature", "kd_weight", "hard_weight", "loss",
+                                    "topk_tail", "loss_beta", "loss_alpha", "seed", "fsdp"]
+    assert result_keys("cache") == ["mode", "k", "draws", "tail_draws", "sample_temperature", "seed", "quantize",
+                                    "shard_blocks"]
+    assert result_keys("student") == ["model", "dtype"]
+    assert result_keys("teacher") == ["model", "batch_size", "dtype"]
+
+
 def test_closed_set_is_checked_in_yaml_files(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("train:\n  precision: bf61\n")
@@ -346,12 +402,12 @@ def test_key_table_lists_every_key():
     rows = markdown_rows(config_keys_markdown())
     assert list(rows) == [dotted for dotted, _, _ in schema_keys()]
     for dotted, f, _ in schema_keys():
-        assert len(rows[dotted]) == 4 and rows[dotted][3] == f.metadata["help"], dotted
-    assert rows["train.precision"][1:3] == ["`auto`", "`auto`, `bf16`, `fp16`, `fp32`"]
+        assert len(rows[dotted]) == 5 and rows[dotted][4] == f.metadata["help"], dotted
+    assert rows["train.precision"][1:4] == ["`auto`", "`auto`, `bf16`, `fp16`, `fp32`", "no"]
     assert rows["teacher.dtype"][2] == "`auto`, `float32`, `bfloat16`, `float16`"
-    assert rows["data.max_blocks"][1:3] == ["`5000`", "integer, `null`"]
+    assert rows["data.max_blocks"][1:4] == ["`5000`", "integer, positive, `null`", "yes"]
     assert rows["cache.overwrite"][1:3] == ["`false`", "`true`, `false`"]
-    assert rows["train.lr"][1:3] == ["`2e-05`", "number"]
+    assert rows["train.lr"][1:3] == ["`2e-05`", "number, positive"]
 
 
 def test_the_docs_key_table_is_generated_from_the_schema():
@@ -382,7 +438,8 @@ def test_help_lists_every_key_with_its_default_and_help(module, capsys):
         first_words = " ".join(f.metadata["help"].replace("`", "").split()[:4])
         assert first_words in " ".join(out.split()), f"{module} --help lacks the help of {dotted}"
     precision = next(line for line in lines if line.startswith("train.precision="))
-    assert precision == "train.precision=auto  (auto | bf16 | fp16 | fp32)"
+    assert precision == "train.precision=auto  (auto | bf16 | fp16 | fp32; does not change the result)"
+    assert "train.lr=2e-05  (number, positive)" in lines
 
 
 def test_common_imports_no_layer_above_it():
