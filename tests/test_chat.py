@@ -237,3 +237,22 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tiny, world, tmp_
     mine, theirs = (_metrics(out.parent) for out in (two, one))
     assert [r["trained_positions"] for r in mine] == [r["trained_positions"] for r in theirs]
     assert all(r["trained_positions"] > 0 for r in mine)
+
+
+@pytest.mark.slow
+def test_a_killed_chat_dump_resumes_to_the_same_cache(tiny, world, tmp_path, capsys):
+    """Stage one killed on conversations once two shards are complete; the same command again finishes the cache
+    byte for byte as the uninterrupted dump (every shard's sha256 and the manifest)."""
+    from tests.test_stage1_durability import dump_cli, fingerprint, staging_of
+
+    cache = tmp_path / "cache"
+    args = chat_overrides(tiny, world["models"], world["corpus"], cache)
+    shards = len(fingerprint(world["cache"])[1])
+    assert shards > 3
+    killed = dump_cli(*args, hook="exit@shard-1")
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert not cache.exists() and len(list(staging_of(cache).glob("shard-*.h5"))) == 2
+    dump_main(args)
+    assert f"[stage1] resuming: 2 of {shards} shards complete" in capsys.readouterr().out
+    assert fingerprint(cache) == fingerprint(world["cache"])
+    assert not staging_of(cache).exists()
