@@ -100,6 +100,16 @@ def test_the_table_shows_the_assistant_loss(tiny, world, tmp_path, capsys):
     assert json.loads((tmp_path / "eval.json").read_text())["results"][0]["windows"] == 2  # eval.max_windows blocks
 
 
+def test_a_live_teacher_against_itself_on_the_trained_positions(tiny, world, tmp_path):
+    output = tmp_path / "eval.json"
+    evaluate_main(["--model", str(world["models"][0]), "--model", str(world["models"][1]),
+                   "--teacher", str(world["models"][0]), *overrides(tiny, world, tmp_path / "unused", output)])
+    teacher, student = json.loads(output.read_text())["results"]
+    assert teacher["fidelity_positions"] == teacher["tokens"] == student["fidelity_positions"] > 0
+    assert abs(teacher["kl_to_teacher"]) < 1e-6 and teacher["top1_agreement"] == 1.0
+    assert student["kl_to_teacher"] > 0.1 and student["top1_agreement"] < 1.0
+
+
 def test_a_split_with_nothing_trained_is_refused_in_one_line(tiny, world, tmp_path):
     write_jsonl(tmp_path / "test.jsonl", [[{"role": "user", "content": "hello there"}]])
     with pytest.raises(UserError, match="has no trained positions") as err:
