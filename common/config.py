@@ -223,13 +223,15 @@ class EvalConfig:
                                                 "(WikiText article, or row of `.jsonl`/`.parquet` files) scored on "
                                                 "its own with rolling windows of eval.max_length tokens; word and "
                                                 "byte perplexity, bits per byte (`docs/evaluation.md`); `strided`: "
-                                                "one token stream, windows of data.seq_len every eval.stride tokens")
+                                                "one token stream, windows of data.seq_len every eval.stride tokens. "
+                                                "Neither applies to data.rows=chat: conversations are scored on "
+                                                "their trained positions (assistant_loss)")
     max_length: Optional[int] = setting(None, "`lm-eval`: tokens per rolling window; null = the model's context "
                                               "length (its config), at most 2048", low=1)
     stride: Optional[int] = setting(None, "`strided`: sliding-window stride in tokens; null = data.seq_len / 2", low=1)
     batch_size: int = setting(8, "windows per forward", low=1, changes_result=False)
-    max_windows: Optional[int] = setting(None, "score only the first windows (`strided`) or documents (`lm-eval`); "
-                                               "null = all", low=1)
+    max_windows: Optional[int] = setting(None, "score only the first windows (`strided`), documents (`lm-eval`) or "
+                                               "blocks (data.rows=chat); null = all", low=1)
     output: Optional[str] = setting(None, "JSON results; null = `<train.log_dir>/eval_<split>.json`",
                                     changes_result=False)
     dtype: DTypeName = setting("auto", "weights of every scored model; `auto` = the dtype each model was saved "

@@ -12,6 +12,11 @@ after — on a split (eval.split), by one of two protocols (eval.protocol):
   seq_len/2), each token scored once, with as much left context as the window gives. Bits per byte are
   the scored tokens' NLL in bits over their text's UTF-8 bytes. Probabilities over the real vocabulary.
 
+Conversations (`data.rows=chat`) take neither protocol: the split's conversations are rendered with each model's
+chat template, packed into blocks of data.seq_len and masked as stage one does (common/chat.py; each
+conversation attends only to itself), and scored on the trained positions (data.train_on) only: the mean NLL
+there (`assistant_loss`, nats per token), its exp (`assistant_perplexity`) and the positions scored.
+
 Teacher fidelity (stage2_student/fidelity.py): with `--teacher`, on the scored positions, exactly; with
 `--cache` of the evaluated split, on the cache's positions against the distributions it holds (exact for a
 full cache, estimated for sparse ones): mean KL(teacher ‖ model) per position, top-1 agreement and the
@@ -25,6 +30,7 @@ if __name__ == "__main__":  # before torch loads (seconds): a Ctrl-C or SIGTERM 
     stop_quietly_while_loading()
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -37,6 +43,7 @@ import torch
 from cache.manifest import Manifest, load_manifest
 from cache.reader import CacheReader
 from common.alignment import vocab_logprobs
+from common.chat import ChatBlockStream
 from common.cli import UserError, run_main
 from common.config import DataConfig, PipelineConfig, config_arg_parser, parse_args
 from common.data import load_rows, row_kind, tokenize_stream
@@ -86,13 +93,17 @@ class Score:
     accuracy: float
     tokens: int
     windows: int
-    bits_per_byte: float  # lm-eval: the harness's (Σ NLL over the documents' UTF-8 bytes); strided: see the docstring
+    bits_per_byte: float | None  # lm-eval: the harness's (Σ NLL over the documents' UTF-8 bytes); strided: see the
+    # docstring; chat: none
     word_perplexity: float | None = None  # lm-eval only
     byte_perplexity: float | None = None  # lm-eval only
     documents: int | None = None  # lm-eval only
     words: int | None = None  # lm-eval only: the documents' words (re.split(r"\s+", page))
     bytes: int | None = None  # the scored text's UTF-8 bytes
     max_length: int | None = None  # lm-eval only: tokens per rolling window
+    assistant_loss: float | None = None  # chat only: mean NLL over the trained positions, nats per token
+    assistant_perplexity: float | None = None  # chat only: exp(assistant_loss)
+    conversations: int | None = None  # chat only: the conversations read (`tokens`: the positions scored)
     kl_to_teacher: float | None = None  # with --teacher or --cache: mean KL(teacher ‖ model) per position, nats
     top1_agreement: float | None = None  # share of positions with the teacher's most likely token
     topk_mass_share: float | None = None  # the model's mass on the teacher's top-k ids over the teacher's
@@ -160,7 +171,9 @@ def evaluate_model(model_dir: str, text: list[str] | list[Document], cfg: Pipeli
                         "same tokens")
     model = load_model(model_dir, cfg, device)
     fidelity = Fidelity(cfg.cache.k) if teacher is not None else None
-    if cfg.eval.protocol == "strided":
+    if row_kind(cfg.data) == "chat":
+        score = _chat(model, tokenizer, cfg, device, teacher, fidelity, model_dir)
+    elif cfg.eval.protocol == "strided":
         score = _strided(model, tokenizer, text, cfg, device, teacher, fidelity, model_dir)
     else:
         score = _rolling(model, tokenizer, text, cfg, device, teacher, fidelity, model_dir)
@@ -234,12 +247,39 @@ def _rolling(model, tokenizer, documents: list[Document], cfg: PipelineConfig, d
                                documents=len(documents), words=words, max_length=max_length)
 
 
+def _chat(model, tokenizer, cfg: PipelineConfig, device: torch.device, teacher: Teacher | None,
+          fidelity: Fidelity | None, model_dir: str) -> Score:
+    """Conversations: the split's blocks as stage one makes them (common/chat.py, with this model's tokenizer and
+    chat template; eval.max_windows: the first blocks), each conversation attending only to itself (position
+    ids), scored at the trained positions only."""
+    data = dataclasses.replace(cfg.data, max_blocks=cfg.eval.max_windows or None)
+    stream = ChatBlockStream(data, tokenizer, tokenizer_hash(tokenizer), cfg.eval.split, template_owner=model_dir)
+    vocab, scorer, blocks = len(tokenizer), Scorer(), iter(stream)
+    while batch := list(itertools.islice(blocks, cfg.eval.batch_size)):
+        ids, positions, mask = (torch.from_numpy(np.stack([block[name] for block in batch])).to(device)
+                                for name in ("input_ids", "position_ids", "loss_mask"))
+        ids, positions, trained = ids.long(), positions.long(), mask[:, :-1].bool()  # the last one never is
+        inputs = {"input_ids": ids, "position_ids": positions, "use_cache": False}
+        logprobs = vocab_logprobs(model(**inputs).logits[:, :-1], vocab)[trained]
+        scorer.add(logprobs, ids[:, 1:][trained])
+        if fidelity is not None:
+            fidelity.add_full(logprobs, vocab_logprobs(teacher.model(**inputs).logits[:, :-1], vocab)[trained])
+    if scorer.count == 0:
+        raise UserError(f"{stream.source.description} has no trained positions (data.train_on={cfg.data.train_on}) "
+                        "to score")
+    score = scorer.result(model_dir, stream.num_blocks, 0)
+    return dataclasses.replace(score, bits_per_byte=None, bytes=None, assistant_loss=score.nll,
+                               assistant_perplexity=score.perplexity, conversations=stream.conversations)
+
+
 def data_config_of(manifest: Manifest, data: DataConfig) -> DataConfig:
     """The data settings a cache was made from: the same text source, tokenization and block length."""
     source = manifest.dataset
+    chat = {"messages_column": source.messages_column or data.messages_column, "train_on": source.train_on} \
+        if source.rows == "chat" else {}  # conversations: their column and the positions trained
     return dataclasses.replace(data, dataset=source.name, subset=source.subset, local_dir=source.local_dir,
                                files=source.files, text_column=source.text_column, rows=source.rows,
-                               seq_len=manifest.seq_len)
+                               seq_len=manifest.seq_len, **chat)
 
 
 def eval_stride(cfg: PipelineConfig) -> int:
@@ -256,10 +296,14 @@ def _by_length(windows: list[Window]) -> list[list[Window]]:
 
 def _columns(scores: list[Score]) -> list[tuple[str, str, str]]:
     """(header, Score field, format) of the table's columns: the protocol's, then the fidelity's if measured."""
-    columns = [("word ppl", "word_perplexity", ".3f"), ("byte ppl", "byte_perplexity", ".4f")] \
-        if scores[0].word_perplexity is not None else []
-    columns += [("bits/byte", "bits_per_byte", ".4f"), ("token ppl", "perplexity", ".3f"), ("ECE", "ece", ".4f"),
-                ("top-1 acc", "accuracy", ".4f"), ("tokens", "tokens", "d")]
+    if scores[0].assistant_loss is not None:  # conversations
+        columns = [("assistant loss", "assistant_loss", ".4f"), ("assistant ppl", "assistant_perplexity", ".3f"),
+                   ("ECE", "ece", ".4f"), ("top-1 acc", "accuracy", ".4f"), ("positions", "tokens", "d")]
+    else:
+        columns = [("word ppl", "word_perplexity", ".3f"), ("byte ppl", "byte_perplexity", ".4f")] \
+            if scores[0].word_perplexity is not None else []
+        columns += [("bits/byte", "bits_per_byte", ".4f"), ("token ppl", "perplexity", ".3f"),
+                    ("ECE", "ece", ".4f"), ("top-1 acc", "accuracy", ".4f"), ("tokens", "tokens", "d")]
     if scores[0].kl_to_teacher is not None:
         columns += [("KL to teacher", "kl_to_teacher", ".4f"), ("agreement", "top1_agreement", ".4f")]
         if scores[0].topk_mass_share is not None:
@@ -316,7 +360,12 @@ def main(argv: Sequence[str]) -> int:
         cfg.data = data_config_of(manifest, cfg.data)
         cache = fidelity_cache(args.cache, manifest, cfg)
     device = resolve_device(cfg.train.device)
-    if cfg.eval.protocol == "strided":
+    protocol = "chat" if row_kind(cfg.data) == "chat" else cfg.eval.protocol
+    if protocol == "chat":  # eval.protocol does not apply
+        text, settings = None, {"seq_len": cfg.data.seq_len, "train_on": cfg.data.train_on}
+        print(f"[eval] split {cfg.eval.split}, conversations (data.rows=chat): blocks of {cfg.data.seq_len} tokens, "
+              f"the loss on the {cfg.data.train_on} positions")
+    elif cfg.eval.protocol == "strided":
         text, described = load_rows(cfg.data, cfg.eval.split), None
         settings = {"seq_len": cfg.data.seq_len, "stride": eval_stride(cfg)}
         print(f"[eval] split {cfg.eval.split}, strided: window {cfg.data.seq_len}, stride {eval_stride(cfg)}")
@@ -338,7 +387,8 @@ def main(argv: Sequence[str]) -> int:
         fidelity = {"source": "cache", "cache": args.cache, "mode": m.mode, "split": m.dataset.split,
                     "k": m.k if m.mode == "topk" else (cfg.cache.k if m.mode == "full" else None),
                     "temperature": cache_temperature(m), "estimator": cache_estimator(m),
-                    "positions": "every position of the cache's blocks"}
+                    "positions": "the trained positions of the cache's blocks" if m.dataset.rows == "chat" else
+                    "every position of the cache's blocks"}
     if fidelity is not None:
         print(f"[eval] teacher fidelity from {fidelity.get('teacher') or fidelity['cache']}: "
               f"KL {fidelity['estimator']}")
@@ -347,7 +397,7 @@ def main(argv: Sequence[str]) -> int:
     output = cfg.eval.output or os.path.join(cfg.train.log_dir, f"eval_{cfg.eval.split}.json")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     with open(output, "w") as fh:
-        json.dump({"split": cfg.eval.split, "protocol": cfg.eval.protocol, **settings, "teacher": args.teacher,
+        json.dump({"split": cfg.eval.split, "protocol": protocol, **settings, "teacher": args.teacher,
                    "fidelity": fidelity, "results": [{"name": n, **asdict(s)} for n, s in zip(names, scores)]},
                   fh, indent=2)
     print(f"[eval] wrote {output}")

@@ -141,7 +141,9 @@ def cache_estimator(manifest: Manifest) -> str:
 def cache_fidelity(model: torch.nn.Module, reader: CacheReader, device: torch.device, batch_size: int,
                    k: int) -> tuple[FidelityScore, int]:
     """The fidelity of `model` on every position of the cache (all L of each block: position t holds the
-    teacher's distribution of token t+1 given the block's tokens up to t); and the number of positions."""
+    teacher's distribution of token t+1 given the block's tokens up to t); and the number of positions. A chat
+    cache: on its trained positions only (the others hold placeholders), the model given the blocks' position ids
+    (each conversation attends only to itself, as the teacher did)."""
     manifest = reader.manifest
     temperature, vocab = cache_temperature(manifest), manifest.vocab_size
     fidelity = Fidelity(k if manifest.mode == "full" else manifest.k)
@@ -150,11 +152,17 @@ def cache_fidelity(model: torch.nn.Module, reader: CacheReader, device: torch.de
         items = [reader.block(i) for i in blocks[start:start + batch_size]]
         batch = {name: torch.from_numpy(np.stack([item[name] for item in items])) for name in items[0]}
         batch = {name: value.long() if name.endswith(("_ids", "_counts")) else value for name, value in batch.items()}
-        ids = batch["input_ids"].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
+        inputs = {"input_ids": batch.pop("input_ids").to(device), "use_cache": False}
+        if "position_ids" in batch:
+            inputs["position_ids"] = batch.pop("position_ids").long().to(device)
+        mask = batch.pop("loss_mask", None)
+        logits = model(**inputs).logits
         q = vocab_logprobs(logits if temperature == 1 else logits[..., :vocab] / temperature, vocab)
         q = q.reshape(-1, vocab).cpu()
-        flat = {name: value.reshape(q.size(0), -1) for name, value in batch.items() if name != "input_ids"}
+        flat = {name: value.reshape(q.size(0), -1) for name, value in batch.items()}
+        if mask is not None:  # a chat cache: the trained positions only
+            keep = mask.reshape(-1).bool()
+            q, flat = q[keep], {name: value[keep] for name, value in flat.items()}
         if manifest.mode == "full":
             fidelity.add_full(q, torch.log_softmax(flat["logprobs"].float(), dim=-1))
         elif manifest.mode == "topk":

@@ -215,3 +215,44 @@ def test_the_manifest_ties_the_chat_datasets_to_chat_rows(world):
     del data["dataset"]["chat_template"]
     with pytest.raises(UserError, match="a chat cache records train_on, chat_template"):
         Manifest.from_json(json.dumps(data))
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_with_the_same_global_batch(tiny, world, tmp_path):
+    """torchrun, 2 CPU processes (gloo) of 1 block per micro-batch against 1 process of 2: the global batch's trained
+    positions are counted across the processes, so every step's loss and the final weights are the same."""
+    from tests.test_stage2_ddp import STEPS, assert_same_as_one_process, launch
+
+    def args(out: Path, batch: int) -> list[str]:
+        settings = {"train.output_dir": out, "train.log_dir": out.parent / "logs", "train.max_steps": STEPS,
+                    "train.hard_weight": 0.5, "train.batch_size": batch}
+        return ["--cache", str(world["cache"]),
+                *chat_overrides(tiny, world["models"], world["corpus"], world["cache"], **settings)]
+
+    one, two = tmp_path / "one" / "out", tmp_path / "two" / "out"
+    train_main(args(one, 2))
+    result = launch("torchrun", "stage2_student.train", *args(two, 1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_as_one_process(result, two, one)
+    mine, theirs = (_metrics(out.parent) for out in (two, one))
+    assert [r["trained_positions"] for r in mine] == [r["trained_positions"] for r in theirs]
+    assert all(r["trained_positions"] > 0 for r in mine)
+
+
+@pytest.mark.slow
+def test_a_killed_chat_dump_resumes_to_the_same_cache(tiny, world, tmp_path, capsys):
+    """Stage one killed on conversations once two shards are complete; the same command again finishes the cache
+    byte for byte as the uninterrupted dump (every shard's sha256 and the manifest)."""
+    from tests.test_stage1_durability import dump_cli, fingerprint, staging_of
+
+    cache = tmp_path / "cache"
+    args = chat_overrides(tiny, world["models"], world["corpus"], cache)
+    shards = len(fingerprint(world["cache"])[1])
+    assert shards > 3
+    killed = dump_cli(*args, hook="exit@shard-1")
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert not cache.exists() and len(list(staging_of(cache).glob("shard-*.h5"))) == 2
+    dump_main(args)
+    assert f"[stage1] resuming: 2 of {shards} shards complete" in capsys.readouterr().out
+    assert fingerprint(cache) == fingerprint(world["cache"])
+    assert not staging_of(cache).exists()
