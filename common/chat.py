@@ -212,10 +212,6 @@ class ChatBlockStream:
 
     def __init__(self, data: DataConfig, tokenizer, tokenizer_hash: str, split: str | None = None,
                  template_owner: str = "the teacher") -> None:
-        if data.seq_len < 2:
-            raise UserError(f"data.seq_len must be at least 2, got {data.seq_len}")
-        if data.max_blocks is not None and data.max_blocks < 1:
-            raise UserError(f"data.max_blocks must be positive or null, got {data.max_blocks}")
         self.data, self.tokenizer, self.split = data, tokenizer, split or data.split
         self.template = chat_template(tokenizer, template_owner)
         self.source = TextSource(data, self.split)

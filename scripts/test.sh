@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Sets up .venv (scripts/setup.sh) and runs the test suite on the CPU, offline.
-#   bash scripts/test.sh            every test (about 7 minutes on 2 cores)
-#   bash scripts/test.sh --quick    the tests not marked slow (-m "not slow"): every module, under 2 minutes
-# Other arguments go to pytest as they are (bash scripts/test.sh --quick tests/test_cache.py -x).
+#   bash scripts/test.sh            every test
+#   bash scripts/test.sh --quick    the tests not marked slow (-m "not slow")
+# Two pytest-xdist workers, one test file each at a time (module fixtures are built once); `-n 0` runs in
+# this process. Other arguments go to pytest as they are (bash scripts/test.sh --quick tests/test_cache.py -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=()
+[[ " $* " == *" -n "* ]] || args+=(-n 2 --dist loadfile)
 for arg in "$@"; do
     if [[ "$arg" == "--quick" ]]; then
         args+=(-m "not slow")
