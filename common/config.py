@@ -295,27 +295,29 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _field_type(cfg: PipelineConfig, section: str, key: str) -> Any:
-    sections = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+def _schema(section: str) -> type:
+    """The dataclass of a config section, or a UserError naming the known ones."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(PipelineConfig)}
     if section not in sections:
         raise UserError(f"unknown config section: {section!r} (known: {', '.join(sections)})")
-    hints = typing.get_type_hints(type(getattr(cfg, section)))
+    return sections[section]
+
+
+def _field(section: str, key: str) -> tuple[dataclasses.Field, Any]:
+    """A key's field in the schema (its metadata: help, bounds, changes_result) and its type."""
+    schema = _schema(section)
+    hints = typing.get_type_hints(schema)
     if key not in hints:
         raise UserError(f"unknown config key: {section}.{key}")
-    return hints[key]
+    return next(f for f in dataclasses.fields(schema) if f.name == key), hints[key]
 
 
 def _apply(cfg: PipelineConfig, section: str, key: str, value: Any) -> None:
-    hint = _field_type(cfg, section, key)
+    key_field, hint = _field(section, key)
     name = f"{section}.{key}"
     value = _check_type(name, value, hint)
-    _check_bounds(name, value, _field(section, key).metadata["bounds"], _split_optional(hint)[1])
+    _check_bounds(name, value, key_field.metadata["bounds"], _split_optional(hint)[1])
     setattr(getattr(cfg, section), key, value)
-
-
-def _field(section: str, key: str) -> dataclasses.Field:
-    schema = next(f.default_factory for f in dataclasses.fields(PipelineConfig) if f.name == section)
-    return next(f for f in dataclasses.fields(schema) if f.name == key)
 
 
 def _check_bounds(name: str, value: Any, bounds: Bounds | None, optional: bool) -> None:
@@ -331,8 +333,7 @@ def _check_bounds(name: str, value: Any, bounds: Bounds | None, optional: bool) 
 def result_keys(section: str) -> list[str]:
     """The keys of a section that change what a stage computes (changes_result in the schema): the settings a
     cache or a checkpoint is resumed under only when equal."""
-    schema = next(f.default_factory for f in dataclasses.fields(PipelineConfig) if f.name == section)
-    return [f.name for f in dataclasses.fields(schema) if f.metadata["changes_result"]]
+    return [f.name for f in dataclasses.fields(_schema(section)) if f.metadata["changes_result"]]
 
 
 def _parse_override_value(text: str, hint: Any) -> Any:
@@ -372,7 +373,7 @@ def load_config(path: str | None = DEFAULT_CONFIG, overrides: Sequence[str] = ()
         section, dot, key = name.partition(".")
         if not sep or not dot or not key:
             raise UserError(f"override must look like section.key=value, got {item!r}")
-        _apply(cfg, section, key, _parse_override_value(text, _field_type(cfg, section, key)))
+        _apply(cfg, section, key, _parse_override_value(text, _field(section, key)[1]))
     check_loss(cfg.train)
     return cfg
 

@@ -77,6 +77,7 @@ def check_settings(cfg: PipelineConfig) -> None:
                         "directories; choose another name")
     # (Every key's range was checked when the config loaded: common/config.py.)
 
+
 def teacher_device(cfg: PipelineConfig, procs: Processes) -> torch.device:
     """One process: teacher.device. N processes: each its own GPU (LOCAL_RANK), or all on the CPU."""
     device = resolve_device(cfg.teacher.device)
@@ -177,7 +178,7 @@ class TeacherDump:
             raise UserError(f"cache.k={cfg.cache.k} covers the whole vocabulary ({self.vocab_size}): there is no "
                             "tail to draw from; set cache.tail_draws=0")
         self.chat = row_kind(cfg.data) == "chat"
-        stream = self.new_stream()  # checks data.seq_len and data.max_blocks before anything is loaded
+        stream = self.new_stream()  # reads no row yet: checks the data files (and a chat template) before the teacher
         self.template = stream.template if self.chat else None
         self.datasets = stored_datasets(cfg.cache.mode, cfg.data.seq_len, self.vocab_size, cfg.cache.k,
                                         cfg.cache.draws, cfg.cache.quantize,

@@ -252,7 +252,7 @@ def _chat(model, tokenizer, cfg: PipelineConfig, device: torch.device, teacher: 
     """Conversations: the split's blocks as stage one makes them (common/chat.py, with this model's tokenizer and
     chat template; eval.max_windows: the first blocks), each conversation attending only to itself (position
     ids), scored at the trained positions only."""
-    data = dataclasses.replace(cfg.data, max_blocks=cfg.eval.max_windows or None)
+    data = dataclasses.replace(cfg.data, max_blocks=cfg.eval.max_windows)
     stream = ChatBlockStream(data, tokenizer, tokenizer_hash(tokenizer), cfg.eval.split, template_owner=model_dir)
     vocab, scorer, blocks = len(tokenizer), Scorer(), iter(stream)
     while batch := list(itertools.islice(blocks, cfg.eval.batch_size)):

@@ -245,15 +245,13 @@ def test_a_kd_loss_that_is_identically_zero_is_refused_when_the_config_loads(tmp
     ("eval.max_length", "-5", "eval.max_length must be positive or null, got -5", "1"),
 ])
 def test_a_value_outside_its_range_is_refused_when_the_config_loads(tmp_path, key, outside, message, on_bound):
-    with pytest.raises(UserError) as info:
-        load_config(None, [f"{key}={outside}"])
-    assert str(info.value) == message
     section, name = key.split(".")
     path = tmp_path / "p.yaml"
     path.write_text(f"{section}:\n  {name}: {outside}\n")
-    with pytest.raises(UserError) as info:
-        load_config(str(path))
-    assert str(info.value) == message
+    for file, overrides in ((None, [f"{key}={outside}"]), (str(path), [])):  # an override, then a file
+        with pytest.raises(UserError) as info:
+            load_config(file, overrides)
+        assert str(info.value) == message
     if on_bound is not None:
         assert getattr(getattr(load_config(None, [f"{key}={on_bound}"]), section), name) == float(on_bound)
 
