@@ -6,7 +6,7 @@ intervals over seeds.
 
 On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the upstream files in
 `--data-dir`, by default `../shared/data/wikitext-2-raw-v1` next to the repository), at a scale two CPU
-cores finish in about 40 minutes:
+cores finish in about 32 minutes (docs/results.md, "Wall time"):
 
 1. a byte-level BPE tokenizer (`tiny_world.models.train_tokenizer`) trained on the training text;
 2. a Qwen2 teacher trained from scratch on every packed block of it (`tiny_world.models.train_teacher`), and a
@@ -332,7 +332,8 @@ def evaluate(out: str, models: list[tuple[str, str]], local_dir: str, scale: Sca
         args += ["--teacher", os.path.join(out, "teacher")]
         # the study's numbers are strided token perplexities (docs/results.md): not the lm-eval default protocol
         args += overrides({"data.local_dir": local_dir, "data.seq_len": scale.seq_len, "eval.split": "test",
-                           "eval.protocol": "strided", "eval.stride": scale.eval_stride, "eval.output": output})
+                           "eval.protocol": "strided", "eval.stride": scale.eval_stride, "eval.output": output,
+                           "eval.models_per_pass": len(group)})  # the teacher's forward once for the group
         run_cli("stage2_student.evaluate", args, os.path.join(out, "logs", f"evaluate_{index}.log"),
                 threads=1 if jobs > 1 else None)
         with open(output) as fh:
@@ -477,17 +478,19 @@ def picture(summary: list[dict], path: str, title: str) -> None:
             ax.axhline(mean, color=color, label=label)
             if half == half:
                 ax.axhspan(mean - half, mean + half, color=color, alpha=0.15)
-    for r in summary:
-        if r["label"] == HARD:
-            continue
+    points = sorted((r for r in summary if r["label"] != HARD), key=lambda r: r["bytes_per_token"])
+    for i, r in enumerate(points):
         mean, half = r["nats"]
-        ax.errorbar(r["bytes_per_token"], mean, yerr=0 if half != half else half, fmt="o", capsize=3)
-        ax.annotate(r["label"], (r["bytes_per_token"], mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        # a number beside each point, its name in the legend: the points close to full KD crowd each other
+        ax.errorbar(r["bytes_per_token"], mean, yerr=0 if half != half else half, fmt="o", capsize=3,
+                    label=f"{i + 1}. {r['label']}")
+        ax.annotate(str(i + 1), (r["bytes_per_token"], mean), textcoords="offset points",
+                    xytext=(4, 4) if i % 2 == 0 else (4, -10), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("cache bytes per token (log scale)")
     ax.set_ylabel("test nats per token (lower is better)")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

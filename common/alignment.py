@@ -35,4 +35,5 @@ def truncate_vocab(logits: torch.Tensor, vocab_size: int, who: str, log: Alignme
 def vocab_logprobs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The next-token distribution as this project defines it everywhere (stage one's cache, the live
     teacher, evaluation): log_softmax in fp32 over the first `vocab_size` logits, the tokenizer's real tokens."""
-    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
+    # contiguous first: log_softmax over a strided view of wider logits takes about twice as long (CPU, measured)
+    return torch.log_softmax(logits[..., :vocab_size].float().contiguous(), dim=-1)

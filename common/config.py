@@ -230,6 +230,9 @@ class EvalConfig:
                                               "length (its config), at most 2048", low=1)
     stride: Optional[int] = setting(None, "`strided`: sliding-window stride in tokens; null = data.seq_len / 2", low=1)
     batch_size: int = setting(8, "windows per forward", low=1, changes_result=False)
+    models_per_pass: int = setting(8, "with --teacher: models held in memory at once, each batch's teacher forward "
+                                      "shared by them (more: fewer teacher forwards, more memory)", low=1,
+                                   changes_result=False)
     max_windows: Optional[int] = setting(None, "score only the first windows (`strided`), documents (`lm-eval`) or "
                                                "blocks (data.rows=chat); null = all", low=1)
     output: Optional[str] = setting(None, "JSON results; null = `<train.log_dir>/eval_<split>.json`",

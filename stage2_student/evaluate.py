@@ -34,7 +34,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -49,7 +49,7 @@ from common.config import DataConfig, PipelineConfig, config_arg_parser, parse_a
 from common.data import load_rows, row_kind, tokenize_stream
 from common.models import DTYPES, load_causal_lm, load_tokenizer, resolve_device, tokenizer_hash
 from stage2_student.checkpoint import check_finished_model
-from stage2_student.fidelity import Fidelity, cache_estimator, cache_fidelity, cache_temperature
+from stage2_student.fidelity import Fidelity, FullTeacher, cache_estimator, cache_fidelity, cache_temperature
 from stage2_student.harness import (
     Document,
     context_length,
@@ -158,71 +158,122 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
-@torch.inference_mode()
-def evaluate_model(model_dir: str, text: list[str] | list[Document], cfg: PipelineConfig, device: torch.device,
-                   teacher: Teacher | None = None, cache: CacheReader | None = None) -> Score:
+@dataclass
+class Scored:
+    """A model scored in a pass, and what accumulates over it."""
+    dir: str
+    model: torch.nn.Module
+    scorer: Scorer = field(default_factory=Scorer)
+    fidelity: Fidelity | None = None
+
+    def add(self, logprobs: torch.Tensor, labels: torch.Tensor, teacher: FullTeacher | None) -> float:
+        if self.fidelity is not None:
+            self.fidelity.add_full(logprobs, teacher)
+        return self.scorer.add(logprobs, labels)
+
+
+def evaluate_models(model_dirs: list[str], text: list[str] | list[Document] | None, cfg: PipelineConfig,
+                    device: torch.device, teacher: Teacher | None = None,
+                    cache: CacheReader | None = None) -> list[Score]:
     """Each model is scored on the text (strided: rows; lm-eval: documents) as its own tokenizer splits it, in
-    its own dtype (eval.dtype); with `teacher` or `cache`, its fidelity to that teacher too."""
-    tokenizer = load_tokenizer(model_dir, "tokenizer")
-    if teacher is not None and tokenizer_hash(tokenizer) != teacher.tokenizer_hash:
-        raise UserError(f"{model_dir} has another tokenizer than --teacher: KL and agreement need the same tokens")
-    if cache is not None and tokenizer_hash(tokenizer) != cache.manifest.tokenizer.hash:
-        raise UserError(f"{model_dir} has another tokenizer than the cache {cache.dir}: KL and agreement need the "
-                        "same tokens")
-    model = load_model(model_dir, cfg, device)
-    fidelity = Fidelity(cfg.cache.k) if teacher is not None else None
-    if row_kind(cfg.data) == "chat":
-        score = _chat(model, tokenizer, cfg, device, teacher, fidelity, model_dir)
-    elif cfg.eval.protocol == "strided":
-        score = _strided(model, tokenizer, text, cfg, device, teacher, fidelity, model_dir)
-    else:
-        score = _rolling(model, tokenizer, text, cfg, device, teacher, fidelity, model_dir)
-    if fidelity is not None:
-        score = dataclasses.replace(score, **asdict(fidelity.result()), fidelity_positions=fidelity.positions)
-    if cache is not None:
-        result, positions = cache_fidelity(model, cache, device, cfg.eval.batch_size, cfg.cache.k)
-        score = dataclasses.replace(score, **asdict(result), fidelity_positions=positions)
-    return score
+    its own dtype (eval.dtype); with `teacher` or `cache`, its fidelity to that teacher too. With `teacher`, up to
+    eval.models_per_pass models that see the same tokens are held at once and share each batch's teacher forward."""
+    tokenizers = [load_tokenizer(model_dir, "tokenizer") for model_dir in model_dirs]
+    for model_dir, tokenizer in zip(model_dirs, tokenizers):
+        if teacher is not None and tokenizer_hash(tokenizer) != teacher.tokenizer_hash:
+            raise UserError(f"{model_dir} has another tokenizer than --teacher: KL and agreement need the same "
+                            "tokens")
+        if cache is not None and tokenizer_hash(tokenizer) != cache.manifest.tokenizer.hash:
+            raise UserError(f"{model_dir} has another tokenizer than the cache {cache.dir}: KL and agreement need "
+                            "the same tokens")
+    chat = row_kind(cfg.data) == "chat"
+    # the same tokens: one tokenizer (checked above, with a teacher) and, for conversations, one chat template
+    groups: dict[object, list[int]] = {}
+    for i, tokenizer in enumerate(tokenizers):
+        key = str(getattr(tokenizer, "chat_template", None)) if chat and teacher is not None else \
+            None if teacher is not None else i
+        groups.setdefault(key, []).append(i)
+    per_pass = cfg.eval.models_per_pass if teacher is not None else 1
+    scores: dict[int, Score] = {}
+    for members in groups.values():
+        for start in range(0, len(members), per_pass):
+            chunk = members[start:start + per_pass]
+            models = [Scored(model_dirs[i], load_model(model_dirs[i], cfg, device),
+                             fidelity=Fidelity(cfg.cache.k) if teacher is not None else None) for i in chunk]
+            tokenizer = tokenizers[chunk[0]]
+            if chat:
+                results = _chat(models, tokenizer, cfg, device, teacher)
+            elif cfg.eval.protocol == "strided":
+                results = _strided(models, tokenizer, text, cfg, device, teacher)
+            else:
+                results = _rolling(models, tokenizer, text, cfg, device, teacher)
+            for i, scored, score in zip(chunk, models, results):
+                if scored.fidelity is not None:
+                    score = dataclasses.replace(score, **asdict(scored.fidelity.result()),
+                                                fidelity_positions=scored.fidelity.positions)
+                if cache is not None:
+                    result, positions = cache_fidelity(scored.model, cache, device, cfg.eval.batch_size, cfg.cache.k)
+                    score = dataclasses.replace(score, **asdict(result), fidelity_positions=positions)
+                scores[i] = score
+            del models  # before the next pass loads its own
+    return [scores[i] for i in range(len(model_dirs))]
 
 
-def _strided(model, tokenizer, rows: list[str], cfg: PipelineConfig, device: torch.device, teacher: Teacher | None,
-             fidelity: Fidelity | None, model_dir: str) -> Score:
+@torch.inference_mode()
+def _strided(models: list[Scored], tokenizer, rows: list[str], cfg: PipelineConfig, device: torch.device,
+             teacher: Teacher | None) -> list[Score]:
     stream = tokenize_stream(tokenizer, rows, row_kind(cfg.data))
     length = cfg.data.seq_len
     windows = sliding_windows(len(stream), length, eval_stride(cfg))
     if cfg.eval.max_windows:
         windows = windows[: cfg.eval.max_windows]
-    vocab, scorer, scored = len(tokenizer), Scorer(), []
+    vocab, scored = len(tokenizer), []
     # windows of equal length are batched; the last one may be shorter
     for i in range(0, len(windows), cfg.eval.batch_size):
         for same in _by_length(windows[i:i + cfg.eval.batch_size]):
             ids = torch.from_numpy(np.stack([stream[w.begin:w.end] for w in same])).to(device, torch.long)
-            logprobs = vocab_logprobs(_forward(model, ids)[:, :-1], vocab)
-            reference = None if teacher is None else vocab_logprobs(_forward(teacher.model, ids)[:, :-1], vocab)
-            for row, window in enumerate(same):
-                first = max(ids.size(1) - 1 - window.scored, 0)  # the first token has no prediction
-                scorer.add(logprobs[row, first:], ids[row, first + 1:])
-                if fidelity is not None:
-                    fidelity.add_full(logprobs[row, first:], reference[row, first:])
-                scored.append(ids[row, first + 1:].cpu())
+            firsts = [max(ids.size(1) - 1 - w.scored, 0) for w in same]  # the first token has no prediction
+            labels = torch.cat([ids[row, first + 1:] for row, first in enumerate(firsts)])
+            scored.append(labels.cpu())
+            reference = None if teacher is None else \
+                FullTeacher.of(_new_positions(_forward(teacher.model, ids), firsts, vocab), cfg.cache.k)
+            for m in models:
+                m.add(_new_positions(_forward(m.model, ids), firsts, vocab), labels, reference)
     # the scored tokens follow each other in the stream: their text is one decode
     text_bytes = len(tokenizer.decode(torch.cat(scored).tolist()).encode("utf-8"))
-    return scorer.result(model_dir, len(windows), text_bytes)
+    return [m.scorer.result(m.dir, len(windows), text_bytes) for m in models]
 
 
-def _rolling(model, tokenizer, documents: list[Document], cfg: PipelineConfig, device: torch.device,
-             teacher: Teacher | None, fidelity: Fidelity | None, model_dir: str) -> Score:
-    """lm-evaluation-harness's rolling log-likelihood of each document (stage2_student/harness.py)."""
-    prefix = prefix_token_id(tokenizer)
-    max_length = max_length_for(model.config, tokenizer, cfg.eval.max_length, model_dir)
+def _new_positions(logits: torch.Tensor, firsts: list[int], vocab: int) -> torch.Tensor:
+    """The next-token log-probs [N, vocab] of each window's new positions (from `firsts[row]` on), in one tensor."""
+    return vocab_logprobs(torch.cat([logits[row, first:-1] for row, first in enumerate(firsts)]), vocab)
+
+
+def _rolling(models: list[Scored], tokenizer, documents: list[Document], cfg: PipelineConfig, device: torch.device,
+             teacher: Teacher | None) -> list[Score]:
+    """lm-evaluation-harness's rolling log-likelihood of each document (stage2_student/harness.py); models whose
+    windows differ in length (their context lengths differ) are scored one window length after the other."""
+    lengths = [max_length_for(m.model.config, tokenizer, cfg.eval.max_length, m.dir) for m in models]
+    scores: dict[int, Score] = {}
+    for length in dict.fromkeys(lengths):
+        same = [i for i, each in enumerate(lengths) if each == length]
+        scores.update(zip(same, _rolling_windows([models[i] for i in same], tokenizer, documents, cfg, device,
+                                                 teacher, length)))
+    return [scores[i] for i in range(len(models))]
+
+
+@torch.inference_mode()
+def _rolling_windows(models: list[Scored], tokenizer, documents: list[Document], cfg: PipelineConfig,
+                     device: torch.device, teacher: Teacher | None, max_length: int) -> list[Score]:
     if teacher is not None and teacher.context < max_length:
-        raise UserError(f"--teacher's context ({teacher.context} tokens) is shorter than the windows of {model_dir} "
-                        f"({max_length}): set eval.max_length")
+        raise UserError(f"--teacher's context ({teacher.context} tokens) is shorter than the windows of "
+                        f"{models[0].dir} ({max_length}): set eval.max_length")
+    prefix = prefix_token_id(tokenizer)
     sequences = [torch.tensor([prefix] + encode(tokenizer, doc.text, prefix)) for doc in documents]
     windows = [(d, w) for d, seq in enumerate(sequences) for w in rolling_windows(len(seq) - 1, max_length)]
     windows.sort(key=lambda item: item[1].begin - item[1].end)  # longest first, as the harness batches them
-    vocab, scorer = len(tokenizer), Scorer()
-    loglikelihood = [0.0] * len(documents)
+    vocab = len(tokenizer)
+    loglikelihood = [[0.0] * len(documents) for _ in models]
     for i in range(0, len(windows), cfg.eval.batch_size):
         batch = windows[i:i + cfg.eval.batch_size]
         width = max(w.end - w.begin for _, w in batch)
@@ -230,46 +281,60 @@ def _rolling(model, tokenizer, documents: list[Document], cfg: PipelineConfig, d
         for row, (d, w) in enumerate(batch):
             ids[row, : w.end - w.begin] = sequences[d][w.begin:w.end]
         ids = ids.to(device)
-        logits = _forward(model, ids)
-        reference = None if teacher is None else _forward(teacher.model, ids)
-        for row, (d, w) in enumerate(batch):
-            first, last = w.end - w.begin - w.scored, w.end - w.begin
-            labels = sequences[d][w.begin + 1 + first: w.end + 1].to(device)
-            # over every logit the model computes, as the harness
-            loglikelihood[d] += scorer.add(torch.log_softmax(logits[row, first:last].float(), dim=-1), labels)
-            if fidelity is not None:
-                fidelity.add_full(vocab_logprobs(logits[row, first:last], vocab),
-                                  vocab_logprobs(reference[row, first:last], vocab))
+        spans = [(w.end - w.begin - w.scored, w.end - w.begin) for _, w in batch]
+        labels = [sequences[d][w.begin + 1 + first: w.end + 1].to(device) for (d, w), (first, _) in zip(batch, spans)]
+        references = [None] * len(batch)
+        if teacher is not None:
+            logits = _forward(teacher.model, ids)
+            references = [FullTeacher.of(vocab_logprobs(logits[row, first:last], vocab), cfg.cache.k)
+                          for row, (first, last) in enumerate(spans)]
+        for m, likelihoods in zip(models, loglikelihood):
+            logits = _forward(m.model, ids)
+            for row, ((d, _), (first, last)) in enumerate(zip(batch, spans)):
+                # over every logit the model computes, as the harness
+                likelihoods[d] += m.scorer.add(torch.log_softmax(logits[row, first:last].float(), dim=-1),
+                                               labels[row])
+                if m.fidelity is not None:
+                    m.fidelity.add_full(vocab_logprobs(logits[row, first:last], vocab), references[row])
     words, text_bytes = sum(doc.words for doc in documents), sum(doc.bytes for doc in documents)
-    metrics = harness_metrics(sum(loglikelihood), words, text_bytes)
-    return dataclasses.replace(scorer.result(model_dir, len(windows), text_bytes), bits_per_byte=metrics.bits_per_byte,
-                               word_perplexity=metrics.word_perplexity, byte_perplexity=metrics.byte_perplexity,
-                               documents=len(documents), words=words, max_length=max_length)
+    scores = []
+    for m, likelihoods in zip(models, loglikelihood):
+        metrics = harness_metrics(sum(likelihoods), words, text_bytes)
+        scores.append(dataclasses.replace(
+            m.scorer.result(m.dir, len(windows), text_bytes), bits_per_byte=metrics.bits_per_byte,
+            word_perplexity=metrics.word_perplexity, byte_perplexity=metrics.byte_perplexity,
+            documents=len(documents), words=words, max_length=max_length))
+    return scores
 
 
-def _chat(model, tokenizer, cfg: PipelineConfig, device: torch.device, teacher: Teacher | None,
-          fidelity: Fidelity | None, model_dir: str) -> Score:
-    """Conversations: the split's blocks as stage one makes them (common/chat.py, with this model's tokenizer and
+@torch.inference_mode()
+def _chat(models: list[Scored], tokenizer, cfg: PipelineConfig, device: torch.device,
+          teacher: Teacher | None) -> list[Score]:
+    """Conversations: the split's blocks as stage one makes them (common/chat.py, with these models' tokenizer and
     chat template; eval.max_windows: the first blocks), each conversation attending only to itself (position
     ids), scored at the trained positions only."""
     data = dataclasses.replace(cfg.data, max_blocks=cfg.eval.max_windows)
-    stream = ChatBlockStream(data, tokenizer, tokenizer_hash(tokenizer), cfg.eval.split, template_owner=model_dir)
-    vocab, scorer, blocks = len(tokenizer), Scorer(), iter(stream)
+    stream = ChatBlockStream(data, tokenizer, tokenizer_hash(tokenizer), cfg.eval.split, template_owner=models[0].dir)
+    vocab, blocks = len(tokenizer), iter(stream)
     while batch := list(itertools.islice(blocks, cfg.eval.batch_size)):
         ids, positions, mask = (torch.from_numpy(np.stack([block[name] for block in batch])).to(device)
                                 for name in ("input_ids", "position_ids", "loss_mask"))
         ids, positions, trained = ids.long(), positions.long(), mask[:, :-1].bool()  # the last one never is
         inputs = {"input_ids": ids, "position_ids": positions, "use_cache": False}
-        logprobs = vocab_logprobs(model(**inputs).logits[:, :-1], vocab)[trained]
-        scorer.add(logprobs, ids[:, 1:][trained])
-        if fidelity is not None:
-            fidelity.add_full(logprobs, vocab_logprobs(teacher.model(**inputs).logits[:, :-1], vocab)[trained])
-    if scorer.count == 0:
+        reference = None if teacher is None else \
+            FullTeacher.of(vocab_logprobs(teacher.model(**inputs).logits[:, :-1], vocab)[trained], cfg.cache.k)
+        for m in models:
+            m.add(vocab_logprobs(m.model(**inputs).logits[:, :-1], vocab)[trained], ids[:, 1:][trained], reference)
+    if models[0].scorer.count == 0:
         raise UserError(f"{stream.source.description} has no trained positions (data.train_on={cfg.data.train_on}) "
                         "to score")
-    score = scorer.result(model_dir, stream.num_blocks, 0)
-    return dataclasses.replace(score, bits_per_byte=None, bytes=None, assistant_loss=score.nll,
-                               assistant_perplexity=score.perplexity, conversations=stream.conversations)
+    scores = []
+    for m in models:
+        score = m.scorer.result(m.dir, stream.num_blocks, 0)
+        scores.append(dataclasses.replace(score, bits_per_byte=None, bytes=None, assistant_loss=score.nll,
+                                          assistant_perplexity=score.perplexity,
+                                          conversations=stream.conversations))
+    return scores
 
 
 def data_config_of(manifest: Manifest, data: DataConfig) -> DataConfig:
@@ -392,7 +457,7 @@ def main(argv: Sequence[str]) -> int:
     if fidelity is not None:
         print(f"[eval] teacher fidelity from {fidelity.get('teacher') or fidelity['cache']}: "
               f"KL {fidelity['estimator']}")
-    scores = [evaluate_model(model, text, cfg, device, teacher, cache) for model in args.model]
+    scores = evaluate_models(args.model, text, cfg, device, teacher, cache)
     print_table(scores, names)
     output = cfg.eval.output or os.path.join(cfg.train.log_dir, f"eval_{cfg.eval.split}.json")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)

@@ -57,6 +57,32 @@ def top_k_mask(log_p: torch.Tensor, k: int) -> torch.Tensor:
     return above | (at & (at.cumsum(-1) <= room))
 
 
+@dataclass
+class FullTeacher:
+    """A teacher's whole distribution at N positions, with the parts of the fidelity that do not depend on the
+    compared model: computed once, however many models are compared with it."""
+    p: torch.Tensor  # [N, V]
+    plogp: float  # Σ p log p over the positions (float64 sum)
+    top1: torch.Tensor  # [N] the most likely id
+    top_ids: torch.Tensor | None  # [N, k] the k most likely ids (ties: the lowest ids), for the mass share
+    top_mass: float  # Σ p over those ids
+
+    @classmethod
+    def of(cls, log_p: torch.Tensor, k: int | None) -> "FullTeacher":
+        """`log_p` [N, V] normalized; `k`: the top-k mass share's k (none: no share)."""
+        p = log_p.exp()
+        top_ids = None
+        if k:
+            top = top_k_mask(log_p, k)
+            # each row has exactly min(k, V) ids in its mask: their column indices, row by row
+            top_ids = top.nonzero()[:, 1].reshape(log_p.size(0), -1)
+        # the same product as add_full's Σ p q, so that a model against itself gives exactly 0 (a log p of −inf,
+        # at p = 0, clamped: 0 · finite)
+        plogp = torch.linalg.vecdot(p, log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(dtype=torch.float64).item()
+        return cls(p, plogp, log_p.max(-1).indices, top_ids,
+                   0.0 if top_ids is None else p.gather(-1, top_ids).sum(dtype=torch.float64).item())
+
+
 class Fidelity:
     """Sums over positions; `result()` the means. Model log-probs `q` are [N, V] fp32 over the real vocabulary."""
 
@@ -68,7 +94,7 @@ class Fidelity:
         self.has_lower = self.has_mass = False
 
     def _agreement(self, q: torch.Tensor, teacher_top: torch.Tensor) -> None:
-        self.agree += int((q.argmax(-1) == teacher_top).sum())
+        self.agree += int((q.max(-1).indices == teacher_top).sum())  # max: ~3× faster than argmax on the CPU
         self.positions += q.size(0)
 
     def _mass(self, q: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor) -> None:
@@ -76,15 +102,16 @@ class Fidelity:
         self.model_mass += q.gather(-1, ids).double().exp().sum().item()
         self.teacher_mass += log_p.double().exp().sum().item()
 
-    def add_full(self, q: torch.Tensor, log_p: torch.Tensor) -> None:
-        """The teacher's whole distribution `log_p` [N, V] (normalized)."""
-        self.kl += torch.sum(log_p.exp() * (log_p - q), dim=-1, dtype=torch.float64).sum().item()
-        self._agreement(q, log_p.argmax(-1))
-        if self.k:
-            top = top_k_mask(log_p, self.k)
+    def add_full(self, q: torch.Tensor, teacher: "FullTeacher") -> None:
+        """The teacher's whole distribution at the same positions (`FullTeacher.of`, made once for every model
+        compared with it)."""
+        # KL(p ‖ q) = Σ p log p − Σ p q: the teacher's part is computed once
+        self.kl += teacher.plogp - torch.linalg.vecdot(teacher.p, q).sum(dtype=torch.float64).item()
+        self._agreement(q, teacher.top1)
+        if teacher.top_ids is not None:
             self.has_mass = True
-            self.model_mass += torch.sum(q.exp() * top, dtype=torch.float64).item()
-            self.teacher_mass += torch.sum(log_p.exp() * top, dtype=torch.float64).item()
+            self.model_mass += q.gather(-1, teacher.top_ids).exp().sum(dtype=torch.float64).item()
+            self.teacher_mass += teacher.top_mass
 
     def add_topk(self, q: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor,
                  tail_ids: torch.Tensor | None = None, tail_counts: torch.Tensor | None = None) -> None:
@@ -164,7 +191,7 @@ def cache_fidelity(model: torch.nn.Module, reader: CacheReader, device: torch.de
             keep = mask.reshape(-1).bool()
             q, flat = q[keep], {name: value[keep] for name, value in flat.items()}
         if manifest.mode == "full":
-            fidelity.add_full(q, torch.log_softmax(flat["logprobs"].float(), dim=-1))
+            fidelity.add_full(q, FullTeacher.of(torch.log_softmax(flat["logprobs"].float(), dim=-1), fidelity.k))
         elif manifest.mode == "topk":
             fidelity.add_topk(q, flat["topk_ids"], flat["topk_logprobs"].float(), flat.get("tail_ids"),
                               flat.get("tail_counts"))

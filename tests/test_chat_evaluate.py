@@ -152,3 +152,19 @@ def test_fidelity_from_a_chat_cache_is_on_its_trained_positions(tiny, world, ful
     assert student["kl_to_teacher"] > 0.1
     # a full chat cache stores every position's log-probs (docs/data.md): it is no smaller than them in fp16
     assert reader.manifest.bytes_on_disk >= len(blocks) * SEQ_LEN * reader.vocab_size * 2
+
+
+def test_models_sharing_the_teachers_forward_score_as_alone(tiny, world, tmp_path):
+    """eval.models_per_pass on conversations: two models in one pass score as each alone."""
+    results = {}
+    for per_pass in (2, 1):
+        output = tmp_path / f"eval_{per_pass}.json"
+        evaluate_main(["--model", str(world["models"][1]), "--model", str(world["models"][0]),
+                       "--teacher", str(world["models"][0]),
+                       *overrides(tiny, world, tmp_path / "unused", output, **{"eval.models_per_pass": per_pass})])
+        results[per_pass] = json.loads(output.read_text())["results"]
+    for a, b in zip(results[2], results[1]):
+        assert a.keys() == b.keys()
+        assert {k: v for k, v in a.items() if isinstance(v, (int, float))} == \
+            pytest.approx({k: v for k, v in b.items() if isinstance(v, (int, float))}, rel=1e-9)
+    assert results[2][0]["kl_to_teacher"] > 0.1 and abs(results[2][1]["kl_to_teacher"]) < 1e-6

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stage2_student.evaluate import Scorer, main as evaluate_main, sliding_windows
-from stage2_student.fidelity import Fidelity
+from stage2_student.fidelity import Fidelity, FullTeacher
 from tests.conftest import tiny_overrides
 
 
@@ -70,7 +70,7 @@ def test_scorer_fidelity_to_a_teacher_against_a_hand_computed_case():
     student = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]], dtype=torch.float64)
     teacher = torch.tensor([[0.6, 0.3, 0.1], [0.7, 0.2, 0.1]], dtype=torch.float64)
     fidelity = Fidelity(k=2)
-    fidelity.add_full(student.log().float(), teacher.log().float())
+    fidelity.add_full(student.log().float(), FullTeacher.of(teacher.log().float(), k=2))
     score = fidelity.result()
     kl = sum(p * math.log(p / q) for pt, qt in zip(teacher.tolist(), student.tolist()) for p, q in zip(pt, qt)) / 2
     assert score.kl_to_teacher == pytest.approx(kl, rel=1e-5)
@@ -147,3 +147,54 @@ def test_a_live_teacher_against_itself(tiny, tmp_path):
     assert teacher["topk_mass_share"] == pytest.approx(1.0)
     assert student["kl_to_teacher"] > 0.1 and student["top1_agreement"] < 1.0
     assert teacher["word_perplexity"] > teacher["byte_perplexity"] > 1.0
+
+
+def evaluate_with_teacher(tiny, tmp_path, models: list[str], per_pass: int, protocol: str) -> list[dict]:
+    output = tmp_path / f"eval_{per_pass}.json"
+    evaluate_main([*(item for model in models for item in ("--model", str(tiny / model))),
+                   "--teacher", str(tiny / "teacher"),
+                   *tiny_overrides(tiny, tmp_path / "unused", **{"eval.split": "test", "eval.protocol": protocol,
+                                                                  "eval.stride": 128, "eval.max_windows": 2,
+                                                                  "eval.max_length": 64, "eval.batch_size": 3,
+                                                                  "eval.models_per_pass": per_pass,
+                                                                  "eval.output": output})])
+    return json.loads(output.read_text())["results"]
+
+
+@pytest.mark.parametrize("protocol", ["strided", "lm-eval"])
+def test_models_sharing_the_teachers_forward_score_as_alone(tiny, tmp_path, protocol):
+    """eval.models_per_pass: three models in one pass (one teacher forward per batch) score as each alone."""
+    models = ["student", "teacher", "student"]
+    together = evaluate_with_teacher(tiny, tmp_path, models, 3, protocol)
+    alone = evaluate_with_teacher(tiny, tmp_path, models, 1, protocol)
+    for a, b in zip(together, alone):
+        assert a.keys() == b.keys()
+        assert {k: v for k, v in a.items() if isinstance(v, (int, float))} == \
+            pytest.approx({k: v for k, v in b.items() if isinstance(v, (int, float))}, rel=1e-9)
+    assert together[0] == together[2] and together[0]["kl_to_teacher"] > 0.1
+    assert abs(together[1]["kl_to_teacher"]) < 1e-6
+
+
+@torch.no_grad()
+def test_a_students_kl_to_a_live_teacher_equals_a_float64_recomputation(tiny, tmp_path):
+    """The strided windows' KL(teacher ‖ student), top-1 agreement and top-16 mass share, recomputed here in
+    float64 from the two models on the same two windows of 128 tokens."""
+    student = evaluate_with_teacher(tiny, tmp_path, ["student"], 1, "strided")[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
+    lines = (tiny / "data" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    ids = tokenizer("".join(line if line.strip() else "" for line in lines), add_special_tokens=False)["input_ids"]
+    blocks = torch.tensor(ids[: 2 * 128]).view(2, 128)
+    log = {}
+    for name in ("teacher", "student"):
+        model = AutoModelForCausalLM.from_pretrained(tiny / name, dtype=torch.float64).eval()
+        logits = model(input_ids=blocks).logits[:, :-1, : len(tokenizer)]
+        log[name] = torch.log_softmax(logits, -1).reshape(-1, len(tokenizer))
+    p = log["teacher"].exp()
+    kl = (p * (log["teacher"] - log["student"])).sum(-1).mean().item()
+    top16 = log["teacher"].topk(16, dim=-1).indices  # cache.k of tiny_overrides
+    mass = log["student"].exp().gather(-1, top16).sum() / p.gather(-1, top16).sum()
+    assert student["fidelity_positions"] == 2 * 127
+    assert student["kl_to_teacher"] == pytest.approx(kl, rel=1e-4)
+    assert student["top1_agreement"] == pytest.approx(
+        (log["student"].argmax(-1) == log["teacher"].argmax(-1)).double().mean().item())
+    assert student["topk_mass_share"] == pytest.approx(mass.item(), rel=1e-4)
