@@ -4,13 +4,17 @@
                                [--data-dir ../shared/data/wikitext-2-raw-v1]
                                [--tokenizer ../shared/data/qwen2-tokenizer]
 
-1. A small Qwen2 teacher with the real Qwen2 tokenizer (`tiny_world.models.model_config`, padded logits as
-   Qwen2's), trained by `tiny_world.models.train_teacher` on the first blocks of `wiki.valid.raw`, the blocks
-   it is then dumped on (its top-k follow the context, not only the unigram counts). Kept under
-   `<out>/teacher-<key>/`, keyed by every setting that makes it, so a rerun skips the training.
+1. A small Qwen2 teacher with the real Qwen2 tokenizer whose top-k sets vary from position to position, as a
+   large LM's do (`build_teacher`). It is trained (`tiny_world.models.train_teacher`) on every block of
+   `wiki.valid.raw` at a compact vocabulary, the ids the text uses, then widened to the full vocabulary: every
+   other id of the tokenizer gets a scaled copy a·w_t of a random used id t's output row (a uniform in
+   `twin_scale`). Its logit follows t's by context and stays below it wherever t is likely, so the top-k reach
+   ids the text never uses and change with the context, as a 7B teacher's spread over variants and synonyms.
+   Kept under `<out>/teacher-<key>/`, keyed by every setting that makes it, so a rerun skips the training.
    The teacher's logits are then scaled (its final norm's weight) so that 50 draws give 12 unique ids per
    position, as a real 7B teacher's on this text: a teacher trained for minutes on a CPU is far less sure, and
-   the sizes follow the teacher's entropy.
+   the sizes follow the teacher's entropy. The distinct ids per block, the overlap of consecutive positions'
+   top-k sets and the share of ids the text never uses are printed beside the sizes.
 2. One cache per mode through the real entry point `python -m stage1_teacher.dump`: top-64 lossless, top-64
    with `cache.quantize=true`, sample (50 draws), full (a few blocks: 303 KB/token raw); and each re-written in
    format 1 (`write_format_1`: the decoded arrays, the layout before format 2, which this release no longer
@@ -52,6 +56,7 @@ from tiny_world.models import ModelShape
 
 SEED = 42
 BEGIN, END = "<!-- BEGIN cache size -->", "<!-- END cache size -->"
+USED_IDS = "used_ids.npy"  # in the teacher's folder: the ids the text uses (the rest are its widened rows)
 
 
 @dataclass
@@ -59,7 +64,8 @@ class Scale:
     """Every size of the benchmark; `quick()` is the smoke-test version."""
     teacher: ModelShape = ModelShape(hidden_size=256, num_hidden_layers=2, intermediate_size=768,
                                      tie_word_embeddings=True)
-    teacher_steps: int = 60  # of 16 blocks, over the dumped blocks only
+    teacher_steps: int = 400  # of 16 blocks, over every block of the text, at the compact vocabulary
+    twin_scale: tuple[float, float] = (0.5, 1.0)  # the range of a: an unused id's output row is a·(a used id's)
     unique_ids: float = 12.0  # the teacher's logits are scaled so that 50 draws give this many unique ids
     seq_len: int = 128
     blocks: int = 128  # dumped: 16,384 positions, the issue's one shard
@@ -72,7 +78,7 @@ class Scale:
     def quick(cls) -> "Scale":
         return cls(teacher=ModelShape(hidden_size=64, num_hidden_layers=1, intermediate_size=128,
                                       tie_word_embeddings=True),
-                   teacher_steps=4, seq_len=64, blocks=8, full_blocks=1, repeats=2)
+                   teacher_steps=20, seq_len=64, blocks=8, full_blocks=1, repeats=2)
 
 
 def log(msg: str) -> None:
@@ -98,6 +104,7 @@ def teacher_key(scale: Scale, tokenizer_dir: str, data_dir: str) -> dict[str, An
 
     tokenizer_files = sorted(f for f in os.listdir(tokenizer_dir) if os.path.isfile(os.path.join(tokenizer_dir, f)))
     return {"shape": asdict(scale.teacher), "steps": scale.teacher_steps, "seq_len": scale.seq_len,
+            "twin_scale": list(scale.twin_scale), "widened": "compact vocabulary, twin rows",
             "unique_ids": scale.unique_ids, "draws": scale.draws,
             "blocks": scale.blocks, "seed": SEED,
             "tokenizer": {f: file_digest(os.path.join(tokenizer_dir, f)) for f in tokenizer_files},
@@ -126,30 +133,64 @@ def build_teacher(out: str, tokenizer_dir: str, data_dir: str, scale: Scale) -> 
         log(f"reusing the teacher in {final} (trained in {info['train_seconds']} s)")
         return final, info
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    data = DataConfig(local_dir=data_dir, split=DATA["data.split"], seq_len=scale.seq_len, max_blocks=scale.blocks)
-    blocks = load_blocks(data, tokenizer, tokenizer_hash(tokenizer)).input_ids
+    data = DataConfig(local_dir=data_dir, split=DATA["data.split"], seq_len=scale.seq_len, max_blocks=None)
+    blocks = load_blocks(data, tokenizer, tokenizer_hash(tokenizer)).input_ids  # every block: it trains on all
+    used = np.unique(blocks)
+    eos = tokenizer.convert_tokens_to_ids(EOS)
     torch.manual_seed(SEED)
+    # bos, eos and pad: a spare row past the used ids (the pad row is never trained)
+    compact = Qwen2ForCausalLM(model_config(scale.teacher, -(-(len(used) + 1) // 64) * 64, len(used)))
+    log(f"training the teacher at the {len(used):,} ids the text uses ({len(blocks)} blocks of {scale.seq_len}) "
+        f"for {scale.teacher_steps} steps")
+    seconds = train_teacher(compact, np.searchsorted(used, blocks), scale.teacher_steps, SEED)
     padded = padded_vocab_sizes(len(tokenizer))[0]  # logits beyond the tokenizer's, as Qwen2's
-    model = Qwen2ForCausalLM(model_config(scale.teacher, padded, tokenizer.convert_tokens_to_ids(EOS)))
-    log(f"training the teacher ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
-        f"{len(blocks)} blocks of {scale.seq_len}) for {scale.teacher_steps} steps")
-    seconds = train_teacher(model, blocks, scale.teacher_steps, SEED)
-    train_ppl = perplexity(model, blocks)
-    sharpen = sharpen_to(model, blocks[:4], len(tokenizer), scale.draws, scale.unique_ids)
-    log(f"teacher trained in {seconds:.0f} s (perplexity {train_ppl:.1f} on its blocks); logits scaled by "
+    model = widen(compact, used, len(tokenizer), padded, scale, eos)
+    dumped = blocks[: scale.blocks]
+    train_ppl = perplexity(model, dumped)
+    sharpen = sharpen_to(model, dumped[:4], len(tokenizer), scale.draws, scale.unique_ids)
+    log(f"teacher trained in {seconds:.0f} s (perplexity {train_ppl:.1f} on the blocks dumped); logits scaled by "
         f"{sharpen:.3f} so that {scale.draws} draws give {scale.unique_ids} unique ids per position")
     info = {"key": key, "train_seconds": round(seconds, 1), "train_ppl": round(train_ppl, 2), "sharpen": sharpen,
-            "sharpened_ppl": round(perplexity(model, blocks), 2),
-            "params": sum(p.numel() for p in model.parameters()), "blocks": int(len(blocks)),
+            "sharpened_ppl": round(perplexity(model, dumped), 2),
+            "params": sum(p.numel() for p in model.parameters()), "blocks": int(len(dumped)),
+            "train_blocks": int(len(blocks)), "used_ids": int(len(used)),
             "tokenizer_size": len(tokenizer), "padded_vocab": padded}
     staging = f"{final}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    np.save(os.path.join(staging, USED_IDS), used)
     with open(os.path.join(staging, "READY.json"), "w") as fh:
         json.dump(info, fh, indent=2)
     os.replace(staging, final)
     return final, info
+
+
+def widen(compact, used: np.ndarray, tokens: int, padded: int, scale: Scale, eos: int):
+    """The compact teacher (its rows: the `used` ids, ascending) at the full vocabulary of `padded` logits. Each
+    used id keeps its row. Every other id of the tokenizer gets a·w_t, the row of a random used id t scaled by a
+    uniform a in `scale.twin_scale`: its logit follows t's by context and stays below it where t is likely. The
+    padding rows beyond the tokenizer are zero (stage one never reads their logits)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from tiny_world.models import model_config
+
+    rng = np.random.default_rng(SEED)
+    unused = np.setdiff1d(np.arange(tokens), used)
+    twin = torch.from_numpy(rng.integers(0, len(used), len(unused)))
+    factor = torch.from_numpy(rng.uniform(*scale.twin_scale, len(unused))).float()[:, None]
+    state = compact.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # one tensor when the embeddings are tied
+        if name in state:
+            rows = state[name]
+            wide = rows.new_zeros(padded, rows.size(1))
+            wide[torch.from_numpy(used)] = rows[: len(used)]
+            wide[torch.from_numpy(unused)] = factor * rows[twin]
+            state[name] = wide
+    model = Qwen2ForCausalLM(model_config(scale.teacher, padded, eos))
+    model.load_state_dict(state)
+    return model
 
 
 def expected_unique(logits, scale: float, draws: int) -> float:
@@ -317,6 +358,17 @@ def decode_speeds(caches: list[Cache], repeats: int) -> None:
     for cache in caches:
         cache.stats["decode_tok_s"] = float(np.median(cpu[cache.label]))
         cache.stats["decode_wall_tok_s"] = float(np.median(wall[cache.label]))
+
+
+def topk_variety(ids: np.ndarray, used: np.ndarray) -> dict[str, float]:
+    """How much the top-k sets [blocks, L, k] vary, which sets what the id gaps cost: distinct ids in all and per
+    block, ids shared by consecutive positions of a block, and the share of ids the text never uses."""
+    blocks, length, k = ids.shape
+    per_block = [np.unique(block).size for block in ids]
+    shared = [np.intersect1d(a, b, assume_unique=True).size for block in ids for a, b in zip(block[:-1], block[1:])]
+    return {"distinct": int(np.unique(ids).size), "distinct_per_block": float(np.mean(per_block)),
+            "slots_per_block": length * k, "consecutive_overlap": float(np.mean(shared)) if shared else float("nan"),
+            "unused_share": float(np.isin(ids, used, invert=True).mean())}
 
 
 def topk_by_id(cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -649,9 +701,7 @@ def main(argv: Sequence[str]) -> int:
     next(c for c in caches if c.label == "quantized").stats.update(error)
     unique = unique_per_position(dumped["sample"]["dir"])
     mass = float(p.sum(-1).mean())
-    distinct = int(np.unique(ids).size)  # how much the teacher's top-k sets vary: a 7B's vary far more
-    overlap = float(np.mean([np.intersect1d(a, b).size for a, b in zip(ids.reshape(-1, scale.k)[:-1],
-                                                                        ids.reshape(-1, scale.k)[1:])]))
+    variety = topk_variety(ids, np.load(os.path.join(teacher, USED_IDS)))
 
     log("alternatives")
     from cache.manifest import load_manifest
@@ -684,13 +734,18 @@ def main(argv: Sequence[str]) -> int:
     t = teacher_info
     summary = (f"Teacher: Qwen2, {scale.teacher.num_hidden_layers} layers × {scale.teacher.hidden_size}, "
                f"{t['params'] / 1e6:.1f} M params, tokenizer of {t['tokenizer_size']:,} tokens (logits padded to "
-               f"{t['padded_vocab']:,}), trained {scale.teacher_steps} steps of 16 blocks on the {scale.blocks} "
-               f"blocks of {scale.seq_len} tokens it is dumped on, the first of wiki.valid.raw "
-               f"({t['train_seconds']:.0f} s; perplexity on them {t['train_ppl']}), then its logits scaled by "
+               f"{t['padded_vocab']:,}), trained {scale.teacher_steps} steps of 16 blocks on the "
+               f"{t['train_blocks']:,} blocks of {scale.seq_len} tokens of wiki.valid.raw at the {t['used_ids']:,} "
+               f"ids they use ({t['train_seconds']:.0f} s), then widened: every other id's output row a scaled copy "
+               f"a·w_t of a random used id's, a uniform in [{scale.twin_scale[0]:g}, {scale.twin_scale[1]:g}]. "
+               f"Dumped: the first {scale.blocks} blocks (perplexity on them {t['train_ppl']}); its logits scaled by "
                f"{t['sharpen']:.2f} so that {scale.draws} draws give {scale.unique_ids:g} unique ids per position, as "
-               f"a 7B teacher's on this text (perplexity then {t['sharpened_ppl']}). Its top-64 sets vary little: "
-               f"{distinct:,} distinct ids in all, {overlap:.1f} of 64 shared by consecutive positions, which the id "
-               f"gaps' entropy coder turns into few bytes; the 'upper bound, random ids' rows give the cost of sets "
+               f"a 7B teacher's on this text (perplexity then {t['sharpened_ppl']}). Its top-64 sets vary: "
+               f"{variety['distinct']:,} distinct ids in all, {variety['distinct_per_block']:,.0f} per block of "
+               f"{scale.seq_len} positions ({variety['slots_per_block']:,} slots), "
+               f"{variety['consecutive_overlap']:.1f} of 64 shared by consecutive positions; "
+               f"{variety['unused_share']:.0%} of the top-64 slots hold ids the text never uses; the 'upper bound, "
+               f"random ids' rows give the cost of sets "
                f"that share nothing. Cached positions: {tokens.size:,} "
                f"(full: {full_tokens.size:,}); "
                f"the top-64 hold {mass:.3f} of the teacher's mass on average; 50 draws give {unique:.1f} unique ids "
@@ -708,7 +763,7 @@ def main(argv: Sequence[str]) -> int:
     write_doc(doc, block)
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump({"command": command, "scale": asdict(scale), "teacher": teacher_info, "unique_ids": unique,
-                   "distinct_topk_ids": distinct, "consecutive_overlap": overlap,
+                   "topk_variety": variety,
                    "topk_mass": mass, "caches": [asdict(c) for c in caches], "alternatives": alternatives,
                    "dumps": dumped}, fh, indent=2)
     print("\n\n".join(tables))

@@ -546,6 +546,34 @@ def test_bench_cache_size_smoke(tiny, tmp_path, monkeypatch):
     assert Path(teacher).parent == out and info == summary["teacher"]  # reused: its key is the same, not trained again
 
 
+def test_the_bench_teacher_widened_from_the_ids_the_text_uses():
+    """bench.cache_size's teacher: at the ids the text uses it computes the compact model's logits; every other id
+    of the tokenizer gets a·(a used id's logit) with a in twin_scale, the same used id at every position."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from bench.cache_size import Scale, widen
+    from tiny_world.models import ModelShape, model_config
+
+    scale = Scale(teacher=ModelShape(hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+                                     tie_word_embeddings=True), twin_scale=(0.5, 0.9))
+    used = np.array([3, 5, 6, 11, 17, 40])
+    torch.manual_seed(0)
+    compact = Qwen2ForCausalLM(model_config(scale.teacher, 64, 63)).eval()  # its pad row: past the used ids
+    wide = widen(compact, used, tokens=50, padded=64, scale=scale, eos=0).eval()
+    inputs = torch.from_numpy(used[[0, 2, 1, 5, 4, 3, 0, 1]])[None]
+    with torch.no_grad():
+        small = compact(input_ids=torch.from_numpy(np.searchsorted(used, inputs.numpy()))).logits[0, :, : len(used)]
+        logits = wide(input_ids=inputs).logits[0]
+    assert torch.allclose(logits[:, used], small, atol=1e-5)
+    assert torch.equal(logits[:, 50:], torch.zeros(len(inputs[0]), 14))  # padding rows beyond the tokenizer
+    for token in sorted(set(range(50)) - set(used.tolist())):
+        ratios = logits[:, token, None] / small  # [positions, used]: constant down one column, its twin's
+        spread = ratios.max(0).values - ratios.min(0).values
+        twin = int(spread.argmin())
+        assert spread[twin] < 1e-4 and 0.5 <= ratios[0, twin] <= 0.9
+
+
 def test_a_format_2_sample_manifest_needs_as_many_slots_as_draws(tmp_path):
     from cache.manifest import load_manifest
 
