@@ -181,7 +181,7 @@ def widen(compact, used: np.ndarray, tokens: int, padded: int, scale: Scale, eos
     twin = torch.from_numpy(rng.integers(0, len(used), len(unused)))
     factor = torch.from_numpy(rng.uniform(*scale.twin_scale, len(unused))).float()[:, None]
     state = compact.state_dict()
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # one tensor when the embeddings are tied
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # tied: both name one tensor, widened alike
         if name in state:
             rows = state[name]
             wide = rows.new_zeros(padded, rows.size(1))
@@ -363,7 +363,7 @@ def decode_speeds(caches: list[Cache], repeats: int) -> None:
 def topk_variety(ids: np.ndarray, used: np.ndarray) -> dict[str, float]:
     """How much the top-k sets [blocks, L, k] vary, which sets what the id gaps cost: distinct ids in all and per
     block, ids shared by consecutive positions of a block, and the share of ids the text never uses."""
-    blocks, length, k = ids.shape
+    _, length, k = ids.shape
     per_block = [np.unique(block).size for block in ids]
     shared = [np.intersect1d(a, b, assume_unique=True).size for block in ids for a, b in zip(block[:-1], block[1:])]
     return {"distinct": int(np.unique(ids).size), "distinct_per_block": float(np.mean(per_block)),

@@ -187,19 +187,18 @@ def evaluate_models(model_dirs: list[str], text: list[str] | list[Document] | No
             raise UserError(f"{model_dir} has another tokenizer than the cache {cache.dir}: KL and agreement need "
                             "the same tokens")
     chat = row_kind(cfg.data) == "chat"
-    # the same tokens: one tokenizer (checked above, with a teacher) and, for conversations, one chat template
+    # models share a pass only to share the teacher's forward, so they must see the same tokens: one tokenizer
+    # (checked above) and, for conversations, one chat template; without a teacher each model is a pass alone
     groups: dict[object, list[int]] = {}
     for i, tokenizer in enumerate(tokenizers):
-        key = str(getattr(tokenizer, "chat_template", None)) if chat and teacher is not None else \
-            None if teacher is not None else i
+        key = i if teacher is None else str(getattr(tokenizer, "chat_template", None)) if chat else None
         groups.setdefault(key, []).append(i)
-    per_pass = cfg.eval.models_per_pass if teacher is not None else 1
     scores: dict[int, Score] = {}
     for members in groups.values():
-        for start in range(0, len(members), per_pass):
-            chunk = members[start:start + per_pass]
+        for start in range(0, len(members), cfg.eval.models_per_pass):
+            chunk = members[start:start + cfg.eval.models_per_pass]
             models = [Scored(model_dirs[i], load_model(model_dirs[i], cfg, device),
-                             fidelity=Fidelity(cfg.cache.k) if teacher is not None else None) for i in chunk]
+                             fidelity=Fidelity() if teacher is not None else None) for i in chunk]
             tokenizer = tokenizers[chunk[0]]
             if chat:
                 results = _chat(models, tokenizer, cfg, device, teacher)

@@ -86,8 +86,7 @@ class FullTeacher:
 class Fidelity:
     """Sums over positions; `result()` the means. Model log-probs `q` are [N, V] fp32 over the real vocabulary."""
 
-    def __init__(self, k: int | None) -> None:
-        self.k = k
+    def __init__(self) -> None:
         self.positions = self.agree = 0
         self.kl = self.kl_lower = 0.0
         self.model_mass = self.teacher_mass = 0.0
@@ -173,7 +172,7 @@ def cache_fidelity(model: torch.nn.Module, reader: CacheReader, device: torch.de
     (each conversation attends only to itself, as the teacher did)."""
     manifest = reader.manifest
     temperature, vocab = cache_temperature(manifest), manifest.vocab_size
-    fidelity = Fidelity(k if manifest.mode == "full" else manifest.k)
+    fidelity = Fidelity()
     blocks = list(range(reader.num_blocks))
     for start in range(0, len(blocks), batch_size):
         items = [reader.block(i) for i in blocks[start:start + batch_size]]
@@ -191,7 +190,7 @@ def cache_fidelity(model: torch.nn.Module, reader: CacheReader, device: torch.de
             keep = mask.reshape(-1).bool()
             q, flat = q[keep], {name: value[keep] for name, value in flat.items()}
         if manifest.mode == "full":
-            fidelity.add_full(q, FullTeacher.of(torch.log_softmax(flat["logprobs"].float(), dim=-1), fidelity.k))
+            fidelity.add_full(q, FullTeacher.of(torch.log_softmax(flat["logprobs"].float(), dim=-1), k))
         elif manifest.mode == "topk":
             fidelity.add_topk(q, flat["topk_ids"], flat["topk_logprobs"].float(), flat.get("tail_ids"),
                               flat.get("tail_counts"))

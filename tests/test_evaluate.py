@@ -69,7 +69,7 @@ def test_scorer_fidelity_to_a_teacher_against_a_hand_computed_case():
     mass share: the student's mass on the teacher's two likeliest ids over the teacher's there."""
     student = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]], dtype=torch.float64)
     teacher = torch.tensor([[0.6, 0.3, 0.1], [0.7, 0.2, 0.1]], dtype=torch.float64)
-    fidelity = Fidelity(k=2)
+    fidelity = Fidelity()
     fidelity.add_full(student.log().float(), FullTeacher.of(teacher.log().float(), k=2))
     score = fidelity.result()
     kl = sum(p * math.log(p / q) for pt, qt in zip(teacher.tolist(), student.tolist()) for p, q in zip(pt, qt)) / 2
