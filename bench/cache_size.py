@@ -15,10 +15,10 @@
    position, as a real 7B teacher's on this text: a teacher trained for minutes on a CPU is far less sure, and
    the sizes follow the teacher's entropy. The distinct ids per block, the overlap of consecutive positions'
    top-k sets and the share of ids the text never uses are printed beside the sizes.
-2. One cache per mode through the real entry point `python -m stage1_teacher.dump`: top-64 lossless, top-64
-   with `cache.quantize=true`, sample (50 draws), full (a few blocks: 303 KB/token raw); and each re-written in
-   format 1 (`write_format_1`: the decoded arrays, the layout before format 2, which this release no longer
-   reads) for reference.
+2. One cache per mode through the real entry point `python -m stage1_teacher.dump` (format 3): top-64 lossless,
+   top-64 with `cache.quantize=true`, sample (50 draws), full (a few blocks: 303 KB/token raw); each re-written
+   in format 2 (`rewrite`: the format before, which this release still reads) and format 1 (`write_format_1`:
+   the decoded arrays, which it no longer reads) for reference.
 3. Per cache: bytes/token (shard bytes over tokens), max |Δp| and the mean KL of the renormalised top-k against
    the lossless cache, encode tokens/s (the writer thread's busy time, from stage one's `[stage1]` line),
    decode tokens/s on one core (`CacheReader.block` over every block: HDF5 read, decode and the value checks;
@@ -277,29 +277,36 @@ def write_format_1(source: str, target: str) -> None:
         json.dump(manifest, fh, indent=2)
 
 
-def reblock(source: str, target: str, factor: int, quantize: bool) -> None:
-    """The top-k cache `source` re-written through the project's writer in blocks `factor` times longer (the
-    default seq_len 256 from blocks of 128): the decoding speed per token at that block length, on the same
-    positions. Its fingerprint is the source's, so it is for timing only."""
+def rewrite(source: str, target: str, factor: int = 1, quantize: bool = False, version: int | None = None) -> None:
+    """`source` re-written through the project's writer: in blocks `factor` times longer (the default seq_len 256
+    from blocks of 128: the decoding speed per token at that block length, on the same positions), and/or in
+    format `version` (2: the format this release still reads, for reference). `quantize` re-quantises a lossless
+    top-k source. Its fingerprint is the source's, so it is for timing and sizes only."""
     import dataclasses
 
     from cache.encoding import stored_datasets
+    from cache.format import FORMAT_VERSION
     from cache.manifest import load_manifest
     from cache.reader import CacheReader
     from cache.writer import CacheLayout, CacheWriter
 
+    version = version or FORMAT_VERSION
     reader = CacheReader(source)
     arrays = {name: reader.read_all(name) for name in reader.dataset_names}
     reader.close()
     manifest = load_manifest(source)
     num_blocks, seq_len = manifest.num_blocks // factor, manifest.seq_len * factor
     arrays = {name: a[: num_blocks * factor].reshape(num_blocks, seq_len, *a.shape[2:]) for name, a in arrays.items()}
-    layout = CacheLayout("topk", num_blocks, seq_len,
-                         stored_datasets("topk", seq_len, manifest.vocab_size, manifest.k, 1, quantize), 512)
+    draws = manifest.sample.draws if manifest.sample is not None else 1
+    budget = {key: manifest.settings.get(f"cache.{key}", default) for key, default in (("max_dp", 4e-3),
+                                                                                       ("max_kl", 1e-5))}
+    layout = CacheLayout(manifest.mode, num_blocks, seq_len,
+                         stored_datasets(manifest.mode, seq_len, manifest.vocab_size, manifest.k, draws, quantize,
+                                         version=version, **budget), 512)
     writer = CacheWriter(target, layout, overwrite=True)
     writer.put(arrays)
-    writer.finish(dataclasses.replace(manifest, num_blocks=num_blocks, seq_len=seq_len, datasets=layout.datasets,
-                                      shards=[]))
+    writer.finish(dataclasses.replace(manifest, format_version=version, num_blocks=num_blocks, seq_len=seq_len,
+                                      datasets=layout.datasets, shards=[]))
 
 
 def read_manifest_json(cache_dir: str) -> dict:
@@ -445,10 +452,18 @@ GZIP4 = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> list[dict[str, Any]]:
     """Top-k layouts and filters on the lossless cache's decoded arrays (ids most likely first), bytes per token
     and, for the lossy ones, the error against them."""
-    from cache.encoding import encode_topk, sqrt_grid_logprobs
-    from cache.format import SQRT_GRID
+    from cache.encoding import (
+        block_vocabulary,
+        decode,
+        encode,
+        encode_topk,
+        sort_by_id,
+        sqrt_grid,
+        sqrt_grid_logprobs,
+        stored_datasets,
+    )
 
-    positions = tokens.size
+    positions, (_, length, k) = tokens.size, ids.shape
     by_id = encode_topk(ids, logprobs, None)
     rank_bits = logprobs.view(np.uint16)
     rank_gaps = np.diff(rank_bits.astype(np.int32), axis=-1, prepend=0).astype(np.uint16)  # ≥ 0 after the first
@@ -458,43 +473,57 @@ def topk_alternatives(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray,
         rows.append({"what": what, "bytes_per_token": stored_bytes({"input_ids": tokens, **arrays}, filters)
                      / positions, **(error or {})})
 
+    def format_3(topk_ids: np.ndarray, quantize: bool = False) -> dict[str, np.ndarray]:
+        datasets = stored_datasets("topk", length, vocab, k, 1, quantize)
+        stored = encode(datasets, {"input_ids": tokens, "topk_ids": topk_ids, "topk_logprobs": logprobs})
+        return {name: a for name, a in stored.items() if name != "input_ids"}
+
     add("format 1: int32 ids + fp16, most likely first, no filter", {"ids": ids, "lp": logprobs}, {})
     add("format 1 + shuffle + gzip-4", {"ids": ids, "lp": logprobs}, GZIP4)
     add("ids most likely first (uint32) + fp16 bit gaps down the ranks, shuffle + zstd-3",
         {"ids": ids.astype(np.uint32), "lp": rank_gaps}, zstd(3))
-    for level in (1, 3, 9, 19):
-        add(f"ids sorted as gaps + fp16 in id order, shuffle + zstd-{level}" + chosen(level == ZSTD_LEVEL),
+    for level in (3, 9, 19):
+        add(f"ids sorted as gaps + fp16 in id order, shuffle + zstd-{level}" + (" (format 2)" if level == 9 else ""),
             by_id, zstd(level))
     add("ids sorted as gaps + fp16 in id order, bitshuffle + zstd-3", by_id, bitshuffle_zstd(3))
-    for level in (1, 5):
-        add(f"ids sorted as gaps + fp16 in id order, Blosc2 shuffle + zstd-{level}", by_id, blosc2_zstd(level))
-    add("ids sorted as gaps + fp16 in id order, shuffle + gzip-4", by_id, GZIP4)
+    add("ids sorted as gaps + fp16 in id order, Blosc2 shuffle + zstd-5", by_id, blosc2_zstd(5))
+    lossless = format_3(ids)
+    for level in (3, 9, 19):
+        add(f"block vocabulary + index gaps + fp16 in id order, shuffle + zstd-{level}" + chosen(level == ZSTD_LEVEL),
+            lossless, zstd(level))
     p = np.take_along_axis(np.exp(logprobs.astype(np.float64)), np.argsort(ids, -1), -1)
-    for grid in (512, 1024, 2048):
-        q = encode_topk(ids, logprobs, grid)
-        p_hat = np.exp(sqrt_grid_logprobs(q["topk_sqrtp_by_id"], q["topk_log_scale"], grid).astype(np.float64))
+    ids_sorted, lp_by_id = sort_by_id(ids, logprobs)
+    vocab_gaps, index_gaps = block_vocabulary(ids_sorted, np.ones(ids.shape, bool), "uint16")
+    for grid in (512, 724, 1024):  # one grid for every position
+        q, c = sqrt_grid(lp_by_id, grid)
+        p_hat = np.exp(sqrt_grid_logprobs(q, c, grid).astype(np.float64))
+        error = quantization_error(p, p_hat)
         add(f"quantized: ids as gaps + √(p/p_max) on a 1/{grid} grid + log-scale, shuffle + zstd-{ZSTD_LEVEL}"
-            + chosen(grid == SQRT_GRID), q, zstd(ZSTD_LEVEL), quantization_error(p, p_hat))
-    for steps in (64, 128):  # the issue's: log p on a grid of 1/64 nat, in id order, with a mass correction
-        lp = np.take_along_axis(logprobs.astype(np.float64), np.argsort(ids, -1), -1)
-        q = np.rint(np.minimum(lp.max(-1, keepdims=True) - lp, 1023) * steps).astype(np.uint16)
-        approx = np.exp(-q.astype(np.float64) / steps)
-        scale = np.log(np.exp(lp).sum(-1)) - np.log(approx.sum(-1))
-        p_hat = approx * np.exp(scale)[..., None]
-        add(f"quantized: ids as gaps + log(p/p_max) on a 1/{steps}-nat grid in id order + log-scale, "
-            f"shuffle + zstd-{ZSTD_LEVEL}", {"gaps": by_id["topk_id_gaps"], "q": q, "c": scale.astype(np.float32)},
-            zstd(ZSTD_LEVEL), quantization_error(p, p_hat))
+            + (" (format 2)" if grid == 1024 else ""), {"gaps": by_id["topk_id_gaps"], "q": q, "c": c},
+            zstd(ZSTD_LEVEL), error)
+        add(f"quantized: block vocabulary + index gaps + √(p/p_max) on a 1/{grid} grid + log-scale, "
+            f"shuffle + zstd-{ZSTD_LEVEL}", {"vocab": vocab_gaps, "index": index_gaps, "q": q, "c": c},
+            zstd(ZSTD_LEVEL), error)
+    quantized = format_3(ids, quantize=True)
+    datasets = stored_datasets("topk", length, vocab, k, 1, quantize=True)
+    decoded = decode(datasets, {"input_ids": tokens, **quantized})
+    p_hat = np.take_along_axis(np.exp(decoded["topk_logprobs"].astype(np.float64)),
+                               np.argsort(decoded["topk_ids"], -1), -1)
+    add(f"quantized: block vocabulary + index gaps + √(p/p_max) on each position's coarsest grid within "
+        f"cache.max_dp = {datasets['topk_sqrtp_by_id'].max_dp:g} and cache.max_kl = "
+        f"{datasets['topk_sqrtp_by_id'].max_kl:g} + log-scale, shuffle + zstd-{ZSTD_LEVEL} (chosen)",
+        quantized, zstd(ZSTD_LEVEL), quantization_error(p, p_hat))
     # an upper bound for the ids: every position's k ids drawn anew, uniformly, from the whole vocabulary (a
     # teacher whose top-k sets share nothing beyond chance; a small teacher's repeat far more than a 7B's)
-    rng, k = np.random.default_rng(SEED), ids.shape[-1]
+    rng = np.random.default_rng(SEED)
     random_ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(ids.size // k)]).reshape(ids.shape)
     random_ids = random_ids.astype(np.int32)
     add(f"upper bound, random ids: the chosen lossless encoding, every position's ids drawn at random from the "
-        f"{vocab:,}", encode_topk(random_ids, logprobs, None), zstd(ZSTD_LEVEL))
-    add("upper bound, random ids: the chosen quantized encoding", encode_topk(random_ids, logprobs, SQRT_GRID),
+        f"{vocab:,}", format_3(random_ids), zstd(ZSTD_LEVEL))
+    add("upper bound, random ids: the chosen quantized encoding", format_3(random_ids, quantize=True),
         zstd(ZSTD_LEVEL))
-    add("upper bound, random ids: the lossless layout, Blosc2 shuffle + zstd-5 (each byte plane coded apart)",
-        encode_topk(random_ids, logprobs, None), blosc2_zstd(5))
+    add("upper bound, random ids: format 2's lossless layout (ids as gaps)", encode_topk(random_ids, logprobs, None),
+        zstd(ZSTD_LEVEL))
     return rows
 
 
@@ -502,16 +531,18 @@ def sample_alternatives(tokens: np.ndarray, ids: np.ndarray, counts: np.ndarray)
     from cache.encoding import encode_draws
 
     positions = tokens.size
-    packed = dict(zip(("sample_id_gaps", "sample_counts_by_id"), encode_draws(ids, counts)))
+    packed = {f"sample_{name}": a for name, a in encode_draws(ids, counts).items()}
+    vocabulary = {f"sample_{name}": a for name, a in encode_draws(ids, counts, "uint16").items()}
     rows = []
     for what, arrays, filters in (
             ("format 1: int32 ids + counts, most drawn first, −1/0 padded, shuffle + gzip-9",
              {"ids": ids, "counts": counts}, {"compression": "gzip", "compression_opts": 9, "shuffle": True}),
             ("format 1 layout, shuffle + zstd-3", {"ids": ids, "counts": counts}, zstd(3)),
             *((f"packed: ids ascending as gaps within each position + counts, shuffle + zstd-{level}"
-               + chosen(level == ZSTD_LEVEL), packed, zstd(level)) for level in (3, 9, 19)),
+               + (" (format 2)" if level == ZSTD_LEVEL else ""), packed, zstd(level)) for level in (3, 9, 19)),
             ("packed, bitshuffle + zstd-3", packed, bitshuffle_zstd(3)),
-            ("packed, Blosc2 shuffle + zstd-5", packed, blosc2_zstd(5))):
+            *((f"packed: block vocabulary + index gaps within each position + counts, shuffle + zstd-{level}"
+               + chosen(level == ZSTD_LEVEL), vocabulary, zstd(level)) for level in (3, 9, 19))):
         size = stored_bytes({"input_ids": tokens, **arrays}, filters)
         rows.append({"what": what, "bytes_per_token": size / positions})
     return rows
@@ -593,16 +624,20 @@ def plot(caches: list[Cache], path: str) -> None:
 
     caches = [c for c in caches if "blocks of" not in c.encoding]  # the same bytes as their source
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    short = {"format 1 (reference)": "format 1", "format 2, cache.quantize=true": "format 2\nquantized"}
-    labels = [f"{c.mode}\n{short.get(c.encoding, c.encoding.replace(', ', chr(10)))}" for c in caches]
+    short = {"format 1 (reference)": "format 1", "format 2 (reference), cache.quantize=true": "format 2\nquantized",
+             "format 3, cache.quantize=true": "format 3\nquantized"}
+    labels = [f"{c.mode}\n{short.get(c.encoding, c.encoding.replace(' (reference)', '').replace(', ', chr(10)))}"
+              for c in caches]
     values = [c.stats["bytes_per_token"] for c in caches]
-    colors = ["#999999" if c.encoding.startswith("format 1") else "#1f77b4" for c in caches]
+    colors = ["#999999" if c.encoding.startswith("format 1") else "#aec7e8" if c.encoding.startswith("format 2")
+              else "#1f77b4" for c in caches]
     bars = ax.bar(range(len(caches)), values, color=colors)
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
     ax.set_yscale("log")
     ax.set_xticks(range(len(caches)), labels, fontsize=7)
     ax.set_ylabel("bytes per token on disk (log scale)")
-    ax.set_title("Cache size per mode and encoding (grey: format 1, blue: format 2)", fontsize=10)
+    ax.set_title("Cache size per mode and encoding (grey: format 1, light blue: format 2, blue: format 3)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -680,7 +715,12 @@ def main(argv: Sequence[str]) -> int:
         write_format_1(dumped[key]["dir"], reference)
         if key != "quantized":  # format 1 had no quantized top-k
             caches.append(Cache(f"{key} format 1", mode, reference, "format 1 (reference)"))
-        cache = Cache(key, mode, dumped[key]["dir"], f"format 2, {label}")
+        if key != "full":  # format 2: the format before this one, still read
+            reference = os.path.join(out, "caches", f"{key}-format2")
+            source = dumped["topk" if key == "quantized" else key]["dir"]
+            rewrite(source, reference, quantize=key == "quantized", version=2)
+            caches.append(Cache(f"{key} format 2", mode, reference, f"format 2 (reference), {label}"))
+        cache = Cache(key, mode, dumped[key]["dir"], f"format 3, {label}")
         cache.stats["encode_tok_s"] = dumped[key]["tokens"] / max(dumped[key]["writer_busy_s"], 0.05)
         caches.append(cache)
     for cache in caches:
@@ -688,17 +728,18 @@ def main(argv: Sequence[str]) -> int:
     if scale.blocks >= 2:  # the default block length, 256, for the decoding speed (not bytes: same positions)
         for key, label in (("topk", "lossless"), ("quantized", "cache.quantize=true")):
             target = os.path.join(out, "caches", f"{key}-blocks-of-{2 * scale.seq_len}")
-            reblock(dumped[key]["dir"], target, 2, key == "quantized")
-            caches.append(Cache(f"{key} x2", "top-64", target, f"format 2, {label}, blocks of {2 * scale.seq_len}",
+            rewrite(dumped["topk"]["dir"], target, 2, key == "quantized")
+            caches.append(Cache(f"{key} x2", "top-64", target, f"format 3, {label}, blocks of {2 * scale.seq_len}",
                                 {"bytes_per_token": bytes_per_token(target)}))
     log("decoding every block of every cache, alternating")
     decode_speeds(caches, scale.repeats)
     ids, p = topk_by_id(dumped["topk"]["dir"])
-    ids_q, p_q = topk_by_id(dumped["quantized"]["dir"])
-    if not np.array_equal(ids, ids_q):
-        raise SystemExit("the quantized and lossless caches hold different ids")
-    error = quantization_error(p, p_q)
-    next(c for c in caches if c.label == "quantized").stats.update(error)
+    for label in ("quantized", "quantized format 2"):
+        quantized = next(c for c in caches if c.label == label)
+        ids_q, p_q = topk_by_id(quantized.dir)
+        if not np.array_equal(ids, ids_q):
+            raise SystemExit(f"the {label} and lossless caches hold different ids")
+        quantized.stats.update(quantization_error(p, p_q))
     unique = unique_per_position(dumped["sample"]["dir"])
     mass = float(p.sum(-1).mean())
     variety = topk_variety(ids, np.load(os.path.join(teacher, USED_IDS)))

@@ -21,7 +21,8 @@ from typing import Literal, get_args
 from common.config import CacheMode
 
 FORMAT_NAME = "kd-logit-cache"
-FORMAT_VERSION = 2  # the one version this release writes and reads (format 1 never left the repository)
+FORMAT_VERSION = 3  # the version this release writes
+READ_VERSIONS = (2, 3)  # the versions it reads (format 1 never left the repository)
 MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".partial"  # stage one writes `<cache.dir>.partial` and renames it to `<cache.dir>` when complete
 MODES: tuple[str, ...] = get_args(CacheMode)
@@ -89,10 +90,13 @@ def dataset_table_markdown() -> str:
 
 # How a stored dataset holds (part of) a decoded one; the one set of encoding names (cache/encoding.py
 # implements them, the manifest records one per stored dataset).
-Encoding = Literal["raw", "id-gaps", "by-id", "sqrt-grid", "log-scale", "packed-id-gaps", "packed-counts"]
+Encoding = Literal["raw", "id-gaps", "by-id", "sqrt-grid", "log-scale", "packed-id-gaps", "packed-counts",
+                   "vocab-gaps", "index-gaps", "packed-index-gaps"]
 # HDF5 compression filters, after a byte shuffle: "zstd" = hdf5plugin's Zstd filter (HDF5 filter id 32015)
 Compression = Literal["zstd"]
-SQRT_GRID = 1024  # cache.quantize: steps per unit of √(p / p_max) (max |Δp| ≤ 1/1024, see cache/encoding.py)
+SQRT_GRID = 1024  # format 2's cache.quantize: steps per unit of √(p / p_max) (max |Δp| ≤ 1/1024, cache/encoding.py)
+# format 3's: the decoder's grid is 1 and each position's own grid is folded into its log-scale (cache/encoding.py)
+SCALED_GRID = 1
 
 
 @dataclass(frozen=True)
@@ -103,30 +107,48 @@ class StoredDef:
     encoding: Encoding
     decodes: str
     shape: tuple[str, ...]
-    dtype: str  # "counts": counts_dtype(draws) (tail: of the tail draws)
+    dtype: str  # "counts": counts_dtype(draws) (tail: of the tail draws); "index": index_dtype(slots per block)
     meaning: str
 
 
 STORED_DATASETS = (
     StoredDef("input_ids", "raw", "input_ids", ("L",), "int32", "the tokens"),
+    StoredDef("topk_vocab_gaps", "vocab-gaps", "topk_ids", ("L*k",), "uint32",
+              "format 3: the block's distinct top-k ids, ascending, as gaps (the first id, then each id minus the one "
+              "before); zeros after the last"),
+    StoredDef("topk_index_gaps", "index-gaps", "topk_ids", ("L", "k"), "index",
+              "format 3: each position's k ids as indices into `topk_vocab_gaps`'s ids, ascending, as gaps; the "
+              "block's ids are as many as the largest index + 1"),
     StoredDef("topk_id_gaps", "id-gaps", "topk_ids", ("L", "k"), "uint32",
-              "each position's k ids in ascending order as gaps: the first id, then each id minus the one before"),
+              "format 2: each position's k ids in ascending order as gaps: the first id, then each id minus the one "
+              "before"),
     StoredDef("topk_logprobs_by_id", "by-id", "topk_logprobs", ("L", "k"), "float16",
               "their log-probabilities, in the same ascending-id order"),
     StoredDef("topk_sqrtp_by_id", "sqrt-grid", "topk_logprobs", ("L", "k"), "uint16",
-              "`cache.quantize`: their q = round(√(p / p_max) · grid), p_max the position's largest, same order"),
+              "`cache.quantize`: their q = round(√(p / p_max) · g), p_max the position's largest, same order; g is "
+              "the position's own grid (format 3) or the manifest's (format 2)"),
     StoredDef("topk_log_scale", "log-scale", "topk_logprobs", ("L",), "float32",
               "`cache.quantize`: per position, c = log(Σp / Σp̂) of the k ids, so their mass stays the teacher's"),
     StoredDef("logprobs", "raw", "logprobs", ("L", "V"), "float16",
               "every log-probability over the truncated vocabulary"),
+    StoredDef("sample_vocab_gaps", "vocab-gaps", "sample_ids", ("L*m",), "uint32",
+              "format 3: the block's distinct drawn ids, ascending, as gaps; zeros after the last"),
+    StoredDef("sample_index_gaps", "packed-index-gaps", "sample_ids", ("L*m",), "index",
+              "format 3: every position's unique drawn ids as indices into `sample_vocab_gaps`'s ids, ascending, "
+              "one position after another, as gaps within the position (its first index as is); zeros after the "
+              "last"),
     StoredDef("sample_id_gaps", "packed-id-gaps", "sample_ids", ("L*m",), "uint32",
-              "every position's unique drawn ids, ascending, one position after another, as gaps within the "
-              "position (its first id as is); zeros after the last"),
+              "format 2: every position's unique drawn ids, ascending, one position after another, as gaps within "
+              "the position (its first id as is); zeros after the last"),
     StoredDef("sample_counts_by_id", "packed-counts", "sample_counts", ("L*m",), "counts",
-              "how often each was drawn, aligned with `sample_id_gaps`; each position's counts add up to the draws, "
+              "how often each was drawn, aligned with the ids; each position's counts add up to the draws, "
               "which is where one position ends; zeros after the last"),
+    StoredDef("tail_vocab_gaps", "vocab-gaps", "tail_ids", ("L*t",), "uint32",
+              "format 3, `cache.tail_draws`: the block's distinct tail ids, as `sample_vocab_gaps`"),
+    StoredDef("tail_index_gaps", "packed-index-gaps", "tail_ids", ("L*t",), "index",
+              "format 3, `cache.tail_draws`: the tail's unique drawn ids, packed as `sample_index_gaps`"),
     StoredDef("tail_id_gaps", "packed-id-gaps", "tail_ids", ("L*t",), "uint32",
-              "`cache.tail_draws`: the tail's unique drawn ids, packed as `sample_id_gaps`"),
+              "format 2, `cache.tail_draws`: the tail's unique drawn ids, packed as `sample_id_gaps`"),
     StoredDef("tail_counts_by_id", "packed-counts", "tail_counts", ("L*t",), "counts",
               "`cache.tail_draws`: their counts, packed as `sample_counts_by_id` (each position's add up to t)"),
     StoredDef("loss_mask", "raw", "loss_mask", ("L",), "uint8", "`data.rows=chat`: the trained positions (1)"),
@@ -135,23 +157,35 @@ STORED_DATASETS = (
 )
 STORED: dict[str, StoredDef] = {d.name: d for d in STORED_DATASETS}
 
-_TOPK_SCHEMES = (("input_ids", "topk_id_gaps", "topk_logprobs_by_id"),
-                 ("input_ids", "topk_id_gaps", "topk_sqrtp_by_id", "topk_log_scale"))
-STORED_TAIL = ("tail_id_gaps", "tail_counts_by_id")  # added to a top-k scheme by cache.tail_draws > 0
+
+def _schemes(ids: tuple[str, ...], sample_ids: tuple[str, ...], tail_ids: tuple[str, ...]):
+    topk = (("input_ids", *ids, "topk_logprobs_by_id"), ("input_ids", *ids, "topk_sqrtp_by_id", "topk_log_scale"))
+    tail = (*tail_ids, "tail_counts_by_id")
+    return {"topk": topk + tuple(scheme + tail for scheme in topk), "full": (("input_ids", "logprobs"),),
+            "sample": (("input_ids", *sample_ids, "sample_counts_by_id"),)}, tail
+
+
+# version → mode → the sets of stored datasets a shard of that mode may hold (lossless first; top-k: then with a tail)
+STORED_SCHEMES: dict[int, dict[str, tuple[tuple[str, ...], ...]]] = {}
+STORED_TAILS: dict[int, tuple[str, ...]] = {}  # version → what cache.tail_draws > 0 adds to a top-k scheme
+STORED_SCHEMES[2], STORED_TAILS[2] = _schemes(("topk_id_gaps",), ("sample_id_gaps",), ("tail_id_gaps",))
+STORED_SCHEMES[3], STORED_TAILS[3] = _schemes(("topk_vocab_gaps", "topk_index_gaps"),
+                                              ("sample_vocab_gaps", "sample_index_gaps"),
+                                              ("tail_vocab_gaps", "tail_index_gaps"))
 STORED_CHAT = CHAT_DATASETS  # added to any scheme by data.rows=chat (stored as they are, `raw`)
-# mode → the sets of stored datasets a format-2 shard of that mode may hold (lossless first; top-k: then with a tail)
-STORED_SCHEMES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "topk": _TOPK_SCHEMES + tuple(scheme + STORED_TAIL for scheme in _TOPK_SCHEMES),
-    "full": (("input_ids", "logprobs"),),
-    "sample": (("input_ids", "sample_id_gaps", "sample_counts_by_id"),),
-}
 
 
 def stored_shape(d: StoredDef, seq_len: int, k: int | None, vocab_size: int, slots: int | None,
                  tail_draws: int | None = None) -> list[int]:
     """The shape per block of stored dataset `d` for these sizes."""
-    dims = {"L": seq_len, "k": k, "V": vocab_size, "L*m": seq_len * (slots or 0), "L*t": seq_len * (tail_draws or 0)}
+    dims = {"L": seq_len, "k": k, "V": vocab_size, "L*m": seq_len * (slots or 0), "L*t": seq_len * (tail_draws or 0),
+            "L*k": seq_len * (k or 0)}
     return [dims[s] for s in d.shape]
+
+
+def index_dtype(slots: int) -> str:
+    """The type of a block's indices into its own distinct ids (fewer than `slots`, the ids it stores)."""
+    return "uint16" if slots <= 0x10000 else "uint32"
 
 
 def stored_table_markdown() -> str:
@@ -159,7 +193,8 @@ def stored_table_markdown() -> str:
     rows = ["| stored dataset | shape | dtype | encoding | gives | meaning |", "| --- | --- | --- | --- | --- | --- |"]
     for d in STORED_DATASETS:
         shape = "[n, " + ", ".join(s.replace("*", "·") for s in d.shape) + "]"
-        dtype = f"uint8/16/32 as `{d.decodes}`" if d.dtype == "counts" else d.dtype
+        dtype = {"counts": f"uint8/16/32 as `{d.decodes}`", "index": "uint16 (uint32 past 65,536 slots)"}.get(
+            d.dtype, d.dtype)
         rows.append(f"| `{d.name}` | {shape} | {dtype} | `{d.encoding}` | `{d.decodes}` | {d.meaning} |")
     return "\n".join(rows)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,16 +17,19 @@ from typing import Any, Optional
 
 from cache.format import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST,
+    READ_VERSIONS,
+    SCALED_GRID,
     STAGING_SUFFIX,
     STORED,
     STORED_CHAT,
     STORED_SCHEMES,
-    STORED_TAIL,
+    STORED_TAILS,
+    TAIL_DATASETS,
     Compression,
     Encoding,
     counts_dtype,
+    index_dtype,
     stored_shape,
 )
 from common.cli import UserError, error_line
@@ -45,7 +49,10 @@ class DatasetEntry:
     compression_opts: Optional[int] = None  # its level
     checksum: bool = False  # HDF5's Fletcher-32 checksum of every chunk, verified by HDF5 on each read
     encoding: Encoding = "raw"  # how it holds the decoded data (cache/encoding.py)
-    grid: Optional[int] = None  # sqrt-grid only: steps per unit of √p
+    grid: Optional[int] = None  # sqrt-grid only: the decoder's steps per unit of √p (format 3: 1, see cache/format.py)
+    # sqrt-grid of format 3 only: the error budget every position was quantised to (cache.max_dp, cache.max_kl)
+    max_dp: Optional[float] = None
+    max_kl: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -150,9 +157,9 @@ class Manifest:
         if version == 1 and not isinstance(version, bool):
             raise UserError(f"{where}: a format-1 cache, which this release does not read; rebuild it with this "
                             "release's stage one (python -m stage1_teacher.dump)")
-        if version != FORMAT_VERSION or isinstance(version, bool):
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise UserError(f"{where}: {FORMAT_NAME} format_version {version!r} is not supported by this release "
-                            f"(it reads {FORMAT_VERSION})")
+                            f"(it reads {' and '.join(map(str, READ_VERSIONS))})")
         try:
             manifest = from_dict(cls, data, "field")
             manifest.check()
@@ -191,7 +198,7 @@ class Manifest:
 
     def _check_stored_datasets(self) -> None:
         """One of the mode's stored schemes, each dataset with its table's encoding, shape and dtype."""
-        schemes = STORED_SCHEMES[self.mode]
+        schemes, stored_tail = STORED_SCHEMES[self.format_version][self.mode], STORED_TAILS[self.format_version]
         chat = self.dataset.rows == "chat"
         if chat != (set(STORED_CHAT) <= set(self.datasets)):
             raise SchemaError(f"field datasets: {', '.join(STORED_CHAT)} are present exactly when dataset.rows is "
@@ -202,9 +209,9 @@ class Manifest:
             options = " or ".join(str(list(s)) for s in schemes)
             raise SchemaError(f"field datasets: a format-{self.format_version} {self.mode} cache holds {options}, "
                               f"the manifest lists {list(self.datasets)}")
-        if (self.tail is not None) != (set(STORED_TAIL) <= set(self.datasets)):
+        if (self.tail is not None) != (set(stored_tail) <= set(self.datasets)):
             raise SchemaError("field tail: present exactly when the datasets hold the tail draws "
-                              f"({', '.join(STORED_TAIL)})")
+                              f"({', '.join(stored_tail)})")
         for key, entry in (("sample", self.sample), ("tail", self.tail)):
             # the packed counts end positions at the draws
             if entry is not None and entry.draws < 1:
@@ -216,9 +223,10 @@ class Manifest:
         tail_draws = self.tail.draws if self.tail is not None else None
         for name, entry in self.datasets.items():
             where, d = f"field datasets.{name}", STORED[name]
-            draws = tail_draws if name in STORED_TAIL else slots
-            dtype = counts_dtype(draws) if d.dtype == "counts" and draws else d.dtype
+            draws = tail_draws if d.decodes in TAIL_DATASETS else slots
             shape = stored_shape(d, self.seq_len, self.k, self.vocab_size, slots, tail_draws)
+            dtype = {"counts": counts_dtype(draws) if draws else d.dtype, "index": index_dtype(math.prod(shape))}.get(
+                d.dtype, d.dtype)
             if entry.encoding != d.encoding:
                 raise SchemaError(f"{where}.encoding: expected {d.encoding!r}, got {entry.encoding!r}")
             if entry.dtype != dtype:
@@ -227,6 +235,14 @@ class Manifest:
                 raise SchemaError(f"{where}.shape_per_block: expected {shape}, got {entry.shape_per_block}")
             if (entry.grid is not None and entry.grid < 1) or (entry.grid is None) == (d.encoding == "sqrt-grid"):
                 raise SchemaError(f"{where}.grid: a positive grid for the sqrt-grid encoding only, got {entry.grid!r}")
+            budget = d.encoding == "sqrt-grid" and self.format_version >= 3
+            for key in ("max_dp", "max_kl"):
+                value = getattr(entry, key)
+                if (value is None) == budget or (value is not None and not 0 < value < 1):
+                    raise SchemaError(f"{where}.{key}: a number in (0, 1) for format 3's sqrt-grid only, got {value!r}")
+            if budget and entry.grid != SCALED_GRID:
+                raise SchemaError(f"{where}.grid: format 3 folds each position's grid into its scale, so the grid is "
+                                  f"{SCALED_GRID}, got {entry.grid}")
 
 
 def manifest_path(cache_dir: str) -> str:

@@ -120,7 +120,9 @@ class CacheReader:
         if index not in self._handles:
             shard = self.shards[index]
             try:
-                handle = h5py.File(os.path.join(self.dir, shard.file), "r")
+                # no chunk cache: a block is one chunk per dataset, read once, so the cache never hits on random
+                # access and its bookkeeping costs ~50 µs a block (docs/performance.md, "Cache size")
+                handle = h5py.File(os.path.join(self.dir, shard.file), "r", rdcc_nbytes=0)
             except OSError as err:
                 raise self._damaged(shard, f"HDF5 cannot open it ({error_line(err)})") from None
             problem = layout_problem(handle, self.manifest, shard)

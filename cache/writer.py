@@ -33,7 +33,16 @@ import h5py
 import numpy as np
 
 from cache.encoding import encode, h5_create_kwargs
-from cache.format import MANIFEST, STAGING_SUFFIX, STORED_CHAT, STORED_TAIL, decoded_datasets, file_sha256, shard_name
+from cache.format import (
+    MANIFEST,
+    STAGING_SUFFIX,
+    STORED,
+    STORED_CHAT,
+    TAIL_DATASETS,
+    decoded_datasets,
+    file_sha256,
+    shard_name,
+)
 from cache.lock import LOCK_FILE, CacheLock
 from cache.manifest import DatasetEntry, Manifest, ShardEntry
 from common.cli import UserError, error_line
@@ -337,7 +346,8 @@ class ShardWriter:
     def __init__(self, directory: str, mode: CacheMode, datasets: dict[str, DatasetEntry], queue_size: int = 8) -> None:
         self.directory = directory
         # the names put; `datasets` are the stored ones (cache/encoding.py)
-        self.decoded = decoded_datasets(mode, STORED_TAIL[0] in datasets, STORED_CHAT[0] in datasets)
+        tail = any(STORED[name].decodes in TAIL_DATASETS for name in datasets)
+        self.decoded = decoded_datasets(mode, tail, STORED_CHAT[0] in datasets)
         self.datasets = datasets
         self.write_seconds = 0.0
         self.records: list[ShardRecord] = []

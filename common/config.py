@@ -149,8 +149,13 @@ class CacheConfig:
               "top-k log-probs are at it too); stage two must train at it; null = train.temperature of the same config",
         above=0)
     seed: int = setting(0, "sample mode and tail draws: seed of the generator (each block's draws from its own)", low=0)
-    quantize: bool = setting(False, "topk mode: store the log-probs on a grid of √(p / p_max) (each probability "
-                                    "within 1/1024, the k ids' mass kept) instead of lossless fp16: fewer bytes")
+    quantize: bool = setting(False, "topk mode: store the log-probs on a grid of √(p / p_max), each position's as "
+                                    "coarse as cache.max_dp and cache.max_kl allow (the k ids' mass kept), instead "
+                                    "of lossless fp16: fewer bytes")
+    max_dp: float = setting(4e-3, "cache.quantize: every decoded probability within this of the teacher's",
+                            low=5e-4, high=0.1)
+    max_kl: float = setting(1e-5, "cache.quantize: at every position, KL of the teacher's renormalised top-k to the "
+                                  "decoded one at most this (nats)", low=1e-7, high=0.01)
     shard_blocks: int = setting(512, "blocks per HDF5 shard", low=1)
     queue_size: int = setting(8, "batches waiting for the writer thread", low=1, changes_result=False)
     overwrite: bool = setting(False, "replace an existing cache (never a directory that is not a cache)",

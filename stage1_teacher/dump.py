@@ -61,7 +61,8 @@ from stage1_teacher.targets import block_uniforms, full_targets, sample_targets,
 
 # cache.* keys that only one mode uses
 MODE_CACHE_KEYS = {"k": "topk", "tail_draws": "topk", "draws": "sample", "sample_temperature": "sample",
-                   "seed": "sample"}
+                   "seed": "sample", "max_dp": "topk", "max_kl": "topk"}
+BUDGET_KEYS = {"max_dp", "max_kl"}  # cache.quantize=true only
 DRAW_KEYS = {"sample_temperature", "seed"}  # also a top-k cache's, when it has tail draws
 CONFIG_ERROR_TIMEOUT_S = 60.0  # N processes that all refuse their config wait this long for each other
 CHAT_DATA_KEYS = {"messages_column", "train_on"}  # data.* keys that only data.rows=chat reads
@@ -182,7 +183,8 @@ class TeacherDump:
         self.template = stream.template if self.chat else None
         self.datasets = stored_datasets(cfg.cache.mode, cfg.data.seq_len, self.vocab_size, cfg.cache.k,
                                         cfg.cache.draws, cfg.cache.quantize,
-                                        cfg.cache.tail_draws if cfg.cache.mode == "topk" else 0)
+                                        cfg.cache.tail_draws if cfg.cache.mode == "topk" else 0,
+                                        cfg.cache.max_dp, cfg.cache.max_kl)
         if self.chat:
             self.datasets.update(chat_stored_datasets(cfg.data.seq_len))
         self.staging = StagingDir(cfg.cache.dir)
@@ -215,7 +217,8 @@ class TeacherDump:
         tail = cfg.cache.mode == "topk" and cfg.cache.tail_draws > 0
         cache = {f"cache.{key}": getattr(cfg.cache, key) for key in result_keys("cache")
                  if (MODE_CACHE_KEYS.get(key, cfg.cache.mode) == cfg.cache.mode or (tail and key in DRAW_KEYS))
-                 and not (key == "tail_draws" and not tail)}  # a top-k cache without tail draws: as before them
+                 and not (key == "tail_draws" and not tail)  # a top-k cache without tail draws: as before them
+                 and not (key in BUDGET_KEYS and not cfg.cache.quantize)}
         if "cache.sample_temperature" in cache:  # the temperature drawn at, whichever key set it
             cache["cache.sample_temperature"] = draw_temperature(cfg.cache, cfg.train)
         return {"format_version": FORMAT_VERSION,  # the settings first: a difference names the one a user set

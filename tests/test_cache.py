@@ -116,15 +116,16 @@ def test_shard_files_and_manifest(written):
         manifest = json.load(fh)
     assert Manifest.from_json(json.dumps(manifest)) == returned
     assert manifest["format"] == FORMAT_NAME == "kd-logit-cache"
-    assert manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["format_version"] == FORMAT_VERSION == 3
     assert manifest["mode"] == "topk"
     assert manifest["num_blocks"] == N
     assert manifest["seq_len"] == L
     assert manifest["vocab_size"] == V and manifest["settings"] == {"note": "test"}  # caller's fields kept
     stored = manifest["datasets"]
-    assert list(stored) == ["input_ids", "topk_id_gaps", "topk_logprobs_by_id"]
+    assert list(stored) == ["input_ids", "topk_vocab_gaps", "topk_index_gaps", "topk_logprobs_by_id"]
     assert [(stored[n]["shape_per_block"], stored[n]["dtype"], stored[n]["encoding"]) for n in stored] == [
-        ([L], "int32", "raw"), ([L, K], "uint32", "id-gaps"), ([L, K], "float16", "by-id")]
+        ([L], "int32", "raw"), ([L * K], "uint32", "vocab-gaps"), ([L, K], "uint16", "index-gaps"),
+        ([L, K], "float16", "by-id")]
     assert all(entry["compression"] == "zstd" for entry in stored.values())
 
     expected = [("shard-00000.h5", 0, 4), ("shard-00001.h5", 4, 4), ("shard-00002.h5", 8, 2)]

@@ -94,8 +94,8 @@ def non_default(dotted: str, default, hint):
         return not default
     if hint is int:
         return 7 if default is None else default + 3
-    if hint is float:
-        return 1.25 if default is None else default + 0.25
+    if hint is float:  # small defaults (error budgets) doubled: within their ranges
+        return 1.25 if default is None else default * 2 if 0 < default < 0.01 else default + 0.25
     return f"{dotted}-set"
 
 
@@ -274,7 +274,7 @@ def test_the_keys_that_change_the_result():
                                     "warmup_ratio", "max_grad_norm", "temperature", "kd_weight", "hard_weight", "loss",
                                     "topk_tail", "loss_beta", "loss_alpha", "seed", "fsdp"]
     assert result_keys("cache") == ["mode", "k", "draws", "tail_draws", "sample_temperature", "seed", "quantize",
-                                    "shard_blocks"]
+                                    "max_dp", "max_kl", "shard_blocks"]
     assert result_keys("student") == ["model", "dtype"]
     assert result_keys("teacher") == ["model", "batch_size", "dtype"]
 

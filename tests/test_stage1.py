@@ -103,7 +103,7 @@ def test_manifest_and_checksums(tiny, topk_cache):
     manifest = json.loads((topk_cache / "manifest.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
     teacher_config = json.loads((tiny / "teacher" / "config.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["mode"] == "topk" and manifest["k"] == 16
+    assert manifest["format_version"] == 3 and manifest["mode"] == "topk" and manifest["k"] == 16
     assert manifest["vocab_size"] == len(tokenizer) < teacher_config["vocab_size"]
     assert manifest["teacher"]["padded_vocab_size"] == teacher_config["vocab_size"]
     assert manifest["seq_len"] == 128 and manifest["num_blocks"] == TEST_BLOCKS
@@ -117,7 +117,7 @@ def test_manifest_and_checksums(tiny, topk_cache):
         path = topk_cache / shard["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
         with h5py.File(path, "r") as handle:
-            assert handle["topk_id_gaps"].chunks == (1, 128, 16)  # format 2's stored datasets (tests/test_encoding.py)
+            assert handle["topk_index_gaps"].chunks == (1, 128, 16)  # format 3 (tests/test_encoding.py)
             assert handle["topk_logprobs_by_id"].dtype == np.float16
     listed = ["kd-cache.lock", "manifest.json"] + [s["file"] for s in manifest["shards"]]
     assert sorted(p.name for p in topk_cache.iterdir()) == listed  # the lock file travels with the cache

@@ -423,12 +423,12 @@ def damaged_copy(cache: Path, tmp_path: Path) -> Path:
     the vocabulary: the
     first stored id gap of a position (format 2 stores ids as sorted gaps, cache/encoding.py) made huge,
     written through the filters so that the chunk's checksum is valid and only the value check can object."""
-    import hdf5plugin  # noqa: F401 - the zstd filter, to write a format-2 dataset
+    import hdf5plugin  # noqa: F401 - the zstd filter, to write a stored dataset
 
     copy = tmp_path / "damaged"
     shutil.copytree(cache, copy)
     with h5py.File(copy / "shard-00001.h5", "r+") as handle:
-        handle["topk_id_gaps"][4, 5, 0] = 2**31
+        handle["topk_vocab_gaps"][4, 0] = 2**31
     return copy
 
 
