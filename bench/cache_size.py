@@ -70,7 +70,7 @@ class Scale:
     seq_len: int = 128
     blocks: int = 128  # dumped: 16,384 positions, the issue's one shard
     full_blocks: int = 4  # the full cache: 77 MB of fp16 per block of 128 positions
-    repeats: int = 3  # decode timings, alternating over the caches
+    repeats: int = 5  # decode timings, alternating over the caches
     k: int = 64
     draws: int = 50
 
@@ -227,6 +227,7 @@ class Cache:
     dir: str
     encoding: str
     stats: dict[str, Any] = field(default_factory=dict)
+    through_hdf5: bool = False  # read every chunk through h5py and HDF5's filters, as the reader did before
 
 
 def dump(out: str, teacher: str, data_dir: str, scale: Scale, name: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -336,13 +337,36 @@ def read_format_1_blocks(cache_dir: str) -> tuple[float, float, int]:
     return cpu, wall, manifest["num_blocks"] * manifest["seq_len"]
 
 
-def read_every_block(cache_dir: str) -> tuple[float, float, int]:
+def hdf5_filter_reader(cache_dir: str):
+    """A CacheReader that reads every chunk through h5py and HDF5's filter pipeline, as the reader did before
+    it read chunks itself (cache/chunks.py): the same blocks, the same checks, for comparison."""
+    from cache.reader import CacheReader
+
+    class NoDirectChunks:
+        def read(self, name: str, row: int) -> None:
+            return None
+
+        def close(self) -> None:
+            pass
+
+    class HDF5FilterReader(CacheReader):
+        def _handle(self, index: int):
+            handle = super()._handle(index)
+            if not isinstance(self._chunks[index], NoDirectChunks):
+                self._chunks[index].close()
+                self._chunks[index] = NoDirectChunks()
+            return handle
+
+    return HDF5FilterReader(cache_dir)
+
+
+def read_every_block(cache_dir: str, through_hdf5: bool = False) -> tuple[float, float, int]:
     """(CPU seconds of this thread, wall seconds, tokens) to read every block through a fresh CacheReader."""
     from cache.reader import CacheReader
 
     if read_manifest_json(cache_dir)["format_version"] == 1:
         return read_format_1_blocks(cache_dir)
-    reader = CacheReader(cache_dir)
+    reader = hdf5_filter_reader(cache_dir) if through_hdf5 else CacheReader(cache_dir)
     wall, cpu = time.perf_counter(), time.thread_time()
     for b in range(len(reader)):
         reader.block(b)
@@ -359,7 +383,7 @@ def decode_speeds(caches: list[Cache], repeats: int) -> None:
     wall: dict[str, list[float]] = {c.label: [] for c in caches}
     for _ in range(repeats):
         for cache in caches:
-            cpu_s, wall_s, tokens = read_every_block(cache.dir)
+            cpu_s, wall_s, tokens = read_every_block(cache.dir, cache.through_hdf5)
             cpu[cache.label].append(tokens / cpu_s)
             wall[cache.label].append(tokens / wall_s)
     for cache in caches:
@@ -622,7 +646,7 @@ def plot(caches: list[Cache], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    caches = [c for c in caches if "blocks of" not in c.encoding]  # the same bytes as their source
+    caches = [c for c in caches if "blocks of" not in c.encoding and not c.through_hdf5]  # bytes as their source
     fig, ax = plt.subplots(figsize=(10, 4.5))
     short = {"format 1 (reference)": "format 1", "format 2 (reference), cache.quantize=true": "format 2\nquantized",
              "format 3, cache.quantize=true": "format 3\nquantized"}
@@ -731,6 +755,10 @@ def main(argv: Sequence[str]) -> int:
             rewrite(dumped["topk"]["dir"], target, 2, key == "quantized")
             caches.append(Cache(f"{key} x2", "top-64", target, f"format 3, {label}, blocks of {2 * scale.seq_len}",
                                 {"bytes_per_token": bytes_per_token(target)}))
+    for cache in [c for c in caches if c.label in ("topk", "topk x2")]:  # the reader before, on the same caches
+        caches.append(Cache(f"{cache.label} through HDF5", cache.mode, cache.dir,
+                            f"{cache.encoding}, read through HDF5's filters (the reader before)",
+                            {"bytes_per_token": cache.stats["bytes_per_token"]}, through_hdf5=True))
     log("decoding every block of every cache, alternating")
     decode_speeds(caches, scale.repeats)
     ids, p = topk_by_id(dumped["topk"]["dir"])
@@ -790,9 +818,10 @@ def main(argv: Sequence[str]) -> int:
                f"that share nothing. Cached positions: {tokens.size:,} "
                f"(full: {full_tokens.size:,}); "
                f"the top-64 hold {mass:.3f} of the teacher's mass on average; 50 draws give {unique:.1f} unique ids "
-               f"per position. Decode: every block through `CacheReader.block` (HDF5 read, decode, value checks; "
-               f"format 1: the HDF5 reads alone), all caches alternating, {scale.repeats} repeats, median, in the "
-               f"reading thread's CPU time (one "
+               f"per position. Decode: every block through `CacheReader.block` (its chunks read from the shard file: "
+               f"Fletcher-32 checked, zstd-decompressed, unshuffled; then decoded and value-checked; 'through HDF5's "
+               f"filters': the chunks read by h5py instead, as before; format 1: the HDF5 reads alone), all caches "
+               f"alternating, {scale.repeats} repeats, median, in the reading thread's CPU time (one "
                f"core; the wall-time figure beside it includes waiting for a shared CPU); the 'blocks of "
                f"{2 * scale.seq_len}' rows are the same positions re-written in blocks of the default length. "
                f"Encode: tokens over the writer thread's "

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from cache.chat import chat_block_problem
+from cache.chunks import ChunkError, ChunkFile
 from cache.encoding import DecodeError, decode, filter_pipeline, stored_filters
 from cache.format import CHAT_DATASETS, decoded_datasets, file_sha256
 from cache.manifest import Manifest, ShardEntry, load_manifest
@@ -71,6 +72,7 @@ class CacheReader:
         self._first_blocks = [s.first_block for s in self.shards]
         self._handles: dict[int, h5py.File] = {}
         self._datasets: dict[int, dict[str, h5py.Dataset]] = {}  # looking one up by name costs more than a read
+        self._chunks: dict[int, ChunkFile] = {}
         self._pid = os.getpid()
         self._draws = self.manifest.sample.draws if self.manifest.sample is not None else None
         self._tail_draws = self.manifest.tail.draws if self.manifest.tail is not None else None
@@ -108,7 +110,7 @@ class CacheReader:
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for spawned DataLoader workers: open files stay behind and reopen lazily."""
-        return {**self.__dict__, "_handles": {}, "_datasets": {}}
+        return {**self.__dict__, "_handles": {}, "_datasets": {}, "_chunks": {}}
 
     def _damaged(self, shard: ShardEntry, what: str, block: int | None = None) -> CacheDataError:
         where = shard.file if block is None else f"{shard.file} block {block}"
@@ -116,7 +118,7 @@ class CacheReader:
 
     def _handle(self, index: int) -> h5py.File:
         if self._pid != os.getpid():  # forked: h5py handles must not cross processes
-            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
+            self._handles, self._datasets, self._chunks, self._pid = {}, {}, {}, os.getpid()
         if index not in self._handles:
             shard = self.shards[index]
             try:
@@ -129,7 +131,12 @@ class CacheReader:
             if problem:
                 handle.close()
                 raise self._damaged(shard, problem)
-            self._handles[index] = handle
+            try:
+                chunks = ChunkFile(os.path.join(self.dir, shard.file), handle, list(self.manifest.datasets))
+            except (OSError, RuntimeError, ValueError) as err:
+                handle.close()
+                raise self._damaged(shard, f"HDF5 cannot list its chunks ({error_line(err)})") from None
+            self._handles[index], self._chunks[index] = handle, chunks
             self._datasets[index] = {name: handle[name] for name in self.manifest.datasets}
         return self._handles[index]
 
@@ -144,13 +151,17 @@ class CacheReader:
         index, row = self._locate(block)
         shard = self.shards[index]
         self._handle(index)
-        datasets = self._datasets[index]
+        datasets, chunks = self._datasets[index], self._chunks[index]
         stored = self.manifest.datasets
         if names is not None and set(names) <= {"input_ids", *CHAT_DATASETS}:  # the tokens alone (the live-teacher
             stored = {name: stored[name] for name in names}  # route, with a chat cache's mask): no teacher data
         try:
-            decoded = decode(stored, {name: datasets[name][row] for name in stored})
-        except DecodeError as err:
+            arrays = {}
+            for name in stored:
+                array = chunks.read(name, row)
+                arrays[name] = datasets[name][row] if array is None else array
+            decoded = decode(stored, arrays)
+        except (DecodeError, ChunkError) as err:
             raise self._damaged(shard, str(err), block) from None
         except (OSError, RuntimeError, KeyError, ValueError) as err:  # h5py's errors of a damaged chunk
             raise self._damaged(shard, f"HDF5 read failed ({error_line(err)})", block) from None
@@ -178,7 +189,9 @@ class CacheReader:
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
-        self._handles, self._datasets = {}, {}
+        for chunks in self._chunks.values():
+            chunks.close()
+        self._handles, self._datasets, self._chunks = {}, {}, {}
 
 
 def layout_problem(handle: h5py.File, manifest: Manifest, shard: ShardEntry) -> str | None:
