@@ -78,6 +78,15 @@ def unshuffle(data: bytes, dtype: np.dtype, shape: tuple[int, ...], size: int) -
     return out.view(dtype).reshape(shape)
 
 
+def chunk_infos(dataset_id) -> list:
+    """HDF5's StoreInfo (chunk_offset, filter_mask, byte_offset, size) of every written chunk of a dataset."""
+    if hasattr(dataset_id, "chunk_iter"):  # h5py on HDF5 1.14+: one call
+        infos: list = []
+        dataset_id.chunk_iter(infos.append)
+        return infos
+    return [dataset_id.get_chunk_info(i) for i in range(dataset_id.get_num_chunks())]
+
+
 class ChunkFile:
     """The chunks of an open shard's stored datasets that can be read directly: byte offset and size per block."""
 
@@ -90,16 +99,9 @@ class ChunkFile:
                 continue
             offsets = np.full(dataset.shape[0], -1, np.int64)  # -1: left to h5py
             sizes = np.zeros(dataset.shape[0], np.int64)
-
-            def note(info, offsets=offsets, sizes=sizes) -> None:
+            for info in chunk_infos(dataset.id):
                 if info.filter_mask == 0 and info.byte_offset is not None:
                     offsets[info.chunk_offset[0]], sizes[info.chunk_offset[0]] = info.byte_offset, info.size
-
-            if hasattr(dataset.id, "chunk_iter"):  # h5py on HDF5 1.14+: one call
-                dataset.id.chunk_iter(note)
-            else:
-                for i in range(dataset.id.get_num_chunks()):
-                    note(dataset.id.get_chunk_info(i))
             shape = dataset.shape[1:]
             self._chunks[name] = (offsets, sizes, dataset.dtype, shape, int(np.prod(shape)))
         self._fd = os.open(path, os.O_RDONLY)

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cache.chunks import ChunkFile, fletcher32, unshuffle
+from cache.chunks import ChunkFile, chunk_infos, fletcher32, unshuffle
 from cache.reader import CacheDataError, CacheReader
 from tests.test_encoding import CACHES, cache_arrays, read_error, write_cache_of_mode
 
@@ -102,3 +102,17 @@ def test_a_chunk_past_the_end_of_the_file_is_one_line(tmp_path):
     finally:
         reader.close()
     assert read_error(cache_dir, 1).startswith(f"{cache_dir}: shard-00000.h5")  # and so when it opens so
+
+
+def test_chunk_infos_without_chunk_iter(tmp_path):
+    """h5py built on an HDF5 before 1.14 has no chunk_iter: the chunks listed one by one are the same."""
+    write_cache_of_mode(tmp_path / "cache", "topk", cache_arrays("topk"))
+
+    class WithoutChunkIter:  # such an h5py's DatasetID
+        def __init__(self, dataset_id) -> None:
+            self.get_num_chunks, self.get_chunk_info = dataset_id.get_num_chunks, dataset_id.get_chunk_info
+
+    with h5py.File(tmp_path / "cache" / "shard-00000.h5", "r") as h5:
+        for name in h5:
+            listed = chunk_infos(WithoutChunkIter(h5[name].id))
+            assert len(listed) == h5[name].shape[0] and listed == chunk_infos(h5[name].id), name
