@@ -6,7 +6,7 @@ intervals over seeds.
 
 On WikiText-2 raw (train on `wiki.valid.raw`, evaluate on `wiki.test.raw`, the upstream files in
 `--data-dir`, by default `../shared/data/wikitext-2-raw-v1` next to the repository), at a scale two CPU
-cores finish in about 32 minutes (docs/results.md, "Wall time"):
+cores finish within 45 minutes (docs/results.md, "Wall time"):
 
 1. a byte-level BPE tokenizer (`tiny_world.models.train_tokenizer`) trained on the training text;
 2. a Qwen2 teacher trained from scratch on every packed block of it (`tiny_world.models.train_teacher`), and a
