@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import zstandard
 
-from cache.encoding import FILTERED_PIPELINE, stored_filters
+from cache.manifest import DatasetEntry
 
 
 class ChunkError(ValueError):
@@ -90,20 +90,21 @@ def chunk_infos(dataset_id) -> list:
 class ChunkFile:
     """The chunks of an open shard's stored datasets that can be read directly: byte offset and size per block."""
 
-    def __init__(self, path: str, handle: h5py.File, names: list[str]) -> None:
+    def __init__(self, path: str, handle: h5py.File, datasets: dict[str, DatasetEntry]) -> None:
+        """`handle`: the shard, its datasets already found as `datasets` say (cache.reader.layout_problem), so
+        those the manifest records as zstd-filtered with a checksum have the pipeline read here."""
         self._chunks: dict[str, tuple[np.ndarray, np.ndarray, np.dtype, tuple[int, ...], int]] = {}
-        for name in names:
+        for name, entry in datasets.items():
             dataset = handle[name]
-            pipeline = tuple(code for code, _ in stored_filters(dataset))
-            if pipeline != FILTERED_PIPELINE or dataset.chunks != (1, *dataset.shape[1:]):
+            if entry.compression != "zstd" or not entry.checksum or dataset.chunks != (1, *entry.shape_per_block):
                 continue
             offsets = np.full(dataset.shape[0], -1, np.int64)  # -1: left to h5py
             sizes = np.zeros(dataset.shape[0], np.int64)
             for info in chunk_infos(dataset.id):
                 if info.filter_mask == 0 and info.byte_offset is not None:
                     offsets[info.chunk_offset[0]], sizes[info.chunk_offset[0]] = info.byte_offset, info.size
-            shape = dataset.shape[1:]
-            self._chunks[name] = (offsets, sizes, dataset.dtype, shape, int(np.prod(shape)))
+            shape = tuple(entry.shape_per_block)
+            self._chunks[name] = (offsets, sizes, np.dtype(entry.dtype), shape, int(np.prod(shape)))
         self._fd = os.open(path, os.O_RDONLY)
 
     def read(self, name: str, row: int) -> np.ndarray | None:

@@ -95,7 +95,6 @@ def h5_create_kwargs(entry: DatasetEntry) -> dict[str, Any]:
 
 
 _SHUFFLE, _FLETCHER32, _ZSTD = 2, 3, 32015  # HDF5 filter ids
-FILTERED_PIPELINE = (_SHUFFLE, _ZSTD, _FLETCHER32)  # every filtered dataset's, in order (cache/chunks.py reads it)
 
 
 def filter_pipeline(entry: DatasetEntry) -> list[tuple[int, int | None]]:

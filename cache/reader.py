@@ -132,7 +132,7 @@ class CacheReader:
                 handle.close()
                 raise self._damaged(shard, problem)
             try:
-                chunks = ChunkFile(os.path.join(self.dir, shard.file), handle, list(self.manifest.datasets))
+                chunks = ChunkFile(os.path.join(self.dir, shard.file), handle, self.manifest.datasets)
             except (OSError, RuntimeError, ValueError) as err:
                 handle.close()
                 raise self._damaged(shard, f"HDF5 cannot list its chunks ({error_line(err)})") from None

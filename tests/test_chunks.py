@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cache.chunks import ChunkFile, chunk_infos, fletcher32, unshuffle
+from cache.manifest import load_manifest
 from cache.reader import CacheDataError, CacheReader
 from tests.test_encoding import CACHES, cache_arrays, read_error, write_cache_of_mode
 
@@ -65,11 +66,11 @@ def test_every_chunk_reads_as_hdf5_reads_it(tmp_path, case):
     mode, quantize, tail_draws = CACHES[case]
     write_cache_of_mode(tmp_path / "cache", mode, cache_arrays(mode, tail_draws=tail_draws), quantize, tail_draws)
     shard = tmp_path / "cache" / "shard-00000.h5"
+    datasets = load_manifest(str(tmp_path / "cache")).datasets
     with h5py.File(shard, "r") as h5:
-        names = list(h5)
-        chunks = ChunkFile(str(shard), h5, names)
+        chunks = ChunkFile(str(shard), h5, datasets)
         try:
-            for name in names:
+            for name in datasets:
                 for row in range(h5[name].shape[0]):
                     direct = chunks.read(name, row)
                     if name == "logprobs":
