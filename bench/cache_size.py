@@ -22,8 +22,8 @@
 3. Per cache: bytes/token (shard bytes over tokens), max |Δp| and the mean KL of the renormalised top-k against
    the lossless cache, encode tokens/s (the writer thread's busy time, from stage one's `[stage1]` line),
    decode tokens/s on one core (`CacheReader.block` over every block: HDF5 read, decode and the value checks;
-   a format-1 reference: the HDF5 reads of its decoded arrays alone; every cache alternating, several
-   repeats, median).
+   a format-1 reference: the HDF5 reads of its decoded arrays alone; the caches alternating, the full ones
+   among themselves, several repeats, median).
 4. The alternatives tried for each mode, on the same arrays (`alternatives`): other filters and levels,
    other id and value layouts, other quantisation grids.
 
@@ -52,6 +52,7 @@ import numpy as np
 from bench.report import DATA, DEFAULT_DATA_DIR, DEFAULT_TOKENIZER, REPO, replace_section, scale_from_json
 from cache.encoding import ZSTD_LEVEL
 from common.cli import UserError, run_main
+from common.config import CacheConfig
 from tiny_world.models import ModelShape
 
 SEED = 42
@@ -227,7 +228,7 @@ class Cache:
     dir: str
     encoding: str
     stats: dict[str, Any] = field(default_factory=dict)
-    through_hdf5: bool = False  # read every chunk through h5py and HDF5's filters, as the reader did before
+    through_hdf5: bool = False  # read every chunk through h5py and HDF5's filters, as before cache/chunks.py
 
 
 def dump(out: str, teacher: str, data_dir: str, scale: Scale, name: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -321,20 +322,24 @@ def bytes_per_token(cache_dir: str) -> float:
     return sum(s["bytes"] for s in manifest["shards"]) / (manifest["num_blocks"] * manifest["seq_len"])
 
 
-def read_format_1_blocks(cache_dir: str) -> tuple[float, float, int]:
+def read_format_1_blocks(cache_dir: str) -> tuple[float, float, int, float]:
     """`read_every_block` of a format-1 reference: one chunk read per dataset and block, nothing to decode."""
     import h5py
 
     manifest = read_manifest_json(cache_dir)
+    opened = time.thread_time()
+    files = [h5py.File(os.path.join(cache_dir, shard["file"]), "r") for shard in manifest["shards"]]
+    datasets = [[h5[name] for name in manifest["datasets"]] for h5 in files]
+    opened = time.thread_time() - opened
     wall, cpu = time.perf_counter(), time.thread_time()
-    for shard in manifest["shards"]:
-        with h5py.File(os.path.join(cache_dir, shard["file"]), "r") as h5:
-            datasets = [h5[name] for name in manifest["datasets"]]
-            for row in range(shard["num_blocks"]):
-                for dataset in datasets:
-                    dataset[row]
+    for shard, shard_datasets in zip(manifest["shards"], datasets):
+        for row in range(shard["num_blocks"]):
+            for dataset in shard_datasets:
+                dataset[row]
     cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
-    return cpu, wall, manifest["num_blocks"] * manifest["seq_len"]
+    for h5 in files:
+        h5.close()
+    return cpu, wall, manifest["num_blocks"] * manifest["seq_len"], opened / len(files)
 
 
 def hdf5_filter_reader(cache_dir: str):
@@ -360,35 +365,66 @@ def hdf5_filter_reader(cache_dir: str):
     return HDF5FilterReader(cache_dir)
 
 
-def read_every_block(cache_dir: str, through_hdf5: bool = False) -> tuple[float, float, int]:
-    """(CPU seconds of this thread, wall seconds, tokens) to read every block through a fresh CacheReader."""
+def read_every_block(cache_dir: str, through_hdf5: bool = False) -> tuple[float, float, int, float]:
+    """(CPU seconds of this thread, wall seconds, tokens) to read every block through a fresh CacheReader whose
+    shards are open, and the CPU seconds that opening took per shard (once per shard and process: timed apart,
+    as a bench cache has 20 times fewer blocks per shard than the default cache.shard_blocks)."""
     from cache.reader import CacheReader
 
     if read_manifest_json(cache_dir)["format_version"] == 1:
         return read_format_1_blocks(cache_dir)
     reader = hdf5_filter_reader(cache_dir) if through_hdf5 else CacheReader(cache_dir)
+    opened = time.thread_time()
+    for index in range(len(reader.shards)):
+        reader._handle(index)  # opens the shard, checks its layout, lists its chunks
+    opened = time.thread_time() - opened
     wall, cpu = time.perf_counter(), time.thread_time()
     for b in range(len(reader)):
         reader.block(b)
     cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
     reader.close()
-    return cpu, wall, len(reader) * reader.seq_len
+    return cpu, wall, len(reader) * reader.seq_len, opened / len(reader.shards)
+
+
+def opening_note(caches: list[Cache], block_length: int) -> str:
+    """The cost of opening a shard, which the decode figures leave out, against reading a default shard."""
+    stats = next(c for c in caches if c.label == "topk x2").stats  # top-64 lossless in blocks of block_length
+    per_shard = CacheConfig().shard_blocks
+    reading = per_shard * block_length / stats["decode_tok_s"]
+    return (f"Opening a shard (HDF5 open, layout check, chunk list) is timed apart, as it comes once per shard and "
+            f"process: {stats['open_shard_s'] * 1e3:.1f} ms for the top-64 lossless cache in blocks of "
+            f"{block_length}, {stats['open_shard_s'] / reading:.1%} of the time to read a shard of the default "
+            f"{per_shard} such blocks.")
 
 
 def decode_speeds(caches: list[Cache], repeats: int) -> None:
-    """Decode tokens/s per cache on one core: all caches alternating, `repeats` times, the median. Counted in the
-    reading thread's CPU time (numpy, h5py and the zstd filter run in it, single-threaded), which a machine
-    shared with other jobs does not inflate as it does the wall time (kept beside it)."""
+    """Decode tokens/s per cache on one core: the caches alternating (the full ones among themselves), `repeats`
+    times, the median. Counted in the reading thread's CPU time (numpy, numba's kernels, h5py and zstd run in it,
+    single-threaded), which a machine shared with other jobs does not inflate as it does the wall time (kept
+    beside it)."""
+    from cache.reader import CacheReader
+
     cpu: dict[str, list[float]] = {c.label: [] for c in caches}
     wall: dict[str, list[float]] = {c.label: [] for c in caches}
-    for _ in range(repeats):
-        for cache in caches:
-            cpu_s, wall_s, tokens = read_every_block(cache.dir, cache.through_hdf5)
-            cpu[cache.label].append(tokens / cpu_s)
-            wall[cache.label].append(tokens / wall_s)
+    opening: dict[str, list[float]] = {c.label: [] for c in caches}
+    for cache in caches:  # numba compiles (or loads) each of the decoder's kernels on its first call: not timed
+        if read_manifest_json(cache.dir)["format_version"] > 1:
+            reader = CacheReader(cache.dir)
+            reader.block(0)
+            reader.close()
+    # the full caches (~300 KB a token) alternate among themselves: between two compact caches they would evict
+    # what a reader of one cache keeps in the CPU's caches, and slow the next compact one by ~20%
+    for group in ([c for c in caches if c.mode != "full"], [c for c in caches if c.mode == "full"]):
+        for _ in range(repeats):
+            for cache in group:
+                cpu_s, wall_s, tokens, open_s = read_every_block(cache.dir, cache.through_hdf5)
+                cpu[cache.label].append(tokens / cpu_s)
+                wall[cache.label].append(tokens / wall_s)
+                opening[cache.label].append(open_s)
     for cache in caches:
         cache.stats["decode_tok_s"] = float(np.median(cpu[cache.label]))
         cache.stats["decode_wall_tok_s"] = float(np.median(wall[cache.label]))
+        cache.stats["open_shard_s"] = float(np.median(opening[cache.label]))
 
 
 def topk_variety(ids: np.ndarray, used: np.ndarray) -> dict[str, float]:
@@ -676,11 +712,13 @@ def machine() -> str:
 
     import h5py
     import hdf5plugin
+    import numba
     import torch
+    import zstandard
 
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible; numpy {np.__version__}, "
-            f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), hdf5plugin {hdf5plugin.version}, "
-            f"torch {torch.__version__}")
+            f"numba {numba.__version__}, h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), hdf5plugin "
+            f"{hdf5plugin.version}, zstandard {zstandard.__version__}, torch {torch.__version__}")
 
 
 # --- main ----------------------------------------------------------------------------------------------------
@@ -755,9 +793,9 @@ def main(argv: Sequence[str]) -> int:
             rewrite(dumped["topk"]["dir"], target, 2, key == "quantized")
             caches.append(Cache(f"{key} x2", "top-64", target, f"format 3, {label}, blocks of {2 * scale.seq_len}",
                                 {"bytes_per_token": bytes_per_token(target)}))
-    for cache in [c for c in caches if c.label in ("topk", "topk x2")]:  # the reader before, on the same caches
+    for cache in [c for c in caches if c.label in ("topk", "topk x2")]:  # chunks read as before, same caches
         caches.append(Cache(f"{cache.label} through HDF5", cache.mode, cache.dir,
-                            f"{cache.encoding}, read through HDF5's filters (the reader before)",
+                            f"{cache.encoding}, chunks read through HDF5's filters",
                             {"bytes_per_token": cache.stats["bytes_per_token"]}, through_hdf5=True))
     log("decoding every block of every cache, alternating")
     decode_speeds(caches, scale.repeats)
@@ -819,11 +857,13 @@ def main(argv: Sequence[str]) -> int:
                f"(full: {full_tokens.size:,}); "
                f"the top-64 hold {mass:.3f} of the teacher's mass on average; 50 draws give {unique:.1f} unique ids "
                f"per position. Decode: every block through `CacheReader.block` (its chunks read from the shard file: "
-               f"Fletcher-32 checked, zstd-decompressed, unshuffled; then decoded and value-checked; 'through HDF5's "
-               f"filters': the chunks read by h5py instead, as before; format 1: the HDF5 reads alone), all caches "
-               f"alternating, {scale.repeats} repeats, median, in the reading thread's CPU time (one "
-               f"core; the wall-time figure beside it includes waiting for a shared CPU); the 'blocks of "
-               f"{2 * scale.seq_len}' rows are the same positions re-written in blocks of the default length. "
+               f"Fletcher-32 checked, zstd-decompressed, unshuffled; then decoded and value-checked; these loops "
+               f"compiled by numba, cache/kernels.py, compiled before the timing; 'chunks read through HDF5's "
+               f"filters': the chunks read by h5py instead, as before cache/chunks.py; format 1: the HDF5 reads "
+               f"alone), the caches alternating (the full ones among themselves), {scale.repeats} repeats, "
+               f"median, in the reading thread's CPU time (one core; the wall-time figure beside it includes "
+               f"waiting for a shared CPU); the 'blocks of {2 * scale.seq_len}' rows are the same positions "
+               f"re-written in blocks of the default length. {opening_note(caches, 2 * scale.seq_len)} "
                f"Encode: tokens over the writer thread's "
                f"busy time (encode, HDF5 filters, write) in stage one. Max |Δp| and KL: the quantized cache against "
                f"the lossless one, matched by id, over every cached probability. Machine: {machine()}. "

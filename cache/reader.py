@@ -10,6 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cache import kernels
 from cache.chat import chat_block_problem
 from cache.chunks import ChunkError, ChunkFile
 from cache.encoding import DecodeError, decode, filter_pipeline, stored_filters
@@ -33,15 +34,13 @@ def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | 
     for name in ("input_ids", "topk_ids"):
         if name in decoded:
             values = decoded[name]
-            low, high = values.min(), values.max()
+            low, high = kernels.value_range(np.ascontiguousarray(values)) if values.size else (0, 0)
             if low < 0 or high >= vocab_size:
                 side = f"min {low}" if low < 0 else f"max {high}"
                 return f"{name} outside [0, {vocab_size}) ({side})"
     for name in ("topk_logprobs", "logprobs"):
         if name in decoded:
-            # fp16 bits as int16: ≤ 0 and finite is +0.0 (0) or the negative finite values [-32768, -1025]
-            bits = decoded[name].view(np.int16)
-            if np.count_nonzero(bits > -1025) != np.count_nonzero(bits == 0):
+            if kernels.positive_or_not_finite(np.ascontiguousarray(decoded[name]).view(np.int16)):
                 values = decoded[name].astype(np.float32)
                 bad = values[~(np.isfinite(values) & (values <= 0))]
                 return f"{name} not finite and ≤ 0 ({bad.size} values, e.g. {bad[0]})"

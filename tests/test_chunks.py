@@ -40,10 +40,12 @@ def test_fletcher32_is_hdf5s(size):
         assert fletcher32(memoryview(data)) == reference_fletcher32(data)
 
 
-def test_fletcher32_beyond_the_exact_float_sums():
-    """Past 2^18 words the sums leave float64's exact range: the int64 route, still HDF5's checksum."""
-    data = np.random.default_rng(1).integers(0, 256, 2 * (1 << 18) + 3, dtype=np.uint8).tobytes()
-    assert fletcher32(data) == reference_fletcher32(data)
+def test_fletcher32_across_segments():
+    """Past 2^16 words the kernel folds its sums between segments of 2^16 words: still HDF5's checksum, for
+    random bytes and for the largest sums (all bytes 0xFF), an odd last byte included."""
+    random = np.random.default_rng(1).integers(0, 256, 2 * (1 << 18) + 3, dtype=np.uint8).tobytes()
+    for data in (random, b"\xff" * (2 * (1 << 17) + 1), b"\xff" * (1 << 17)):
+        assert fletcher32(data) == reference_fletcher32(data)
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "<u2", "<f2", "<i4", "<u4", "<f4", "<i8"])
