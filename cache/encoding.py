@@ -280,7 +280,7 @@ def decode(datasets: dict[str, DatasetEntry], stored: dict[str, np.ndarray]) -> 
         else:
             logprobs = stored["topk_logprobs_by_id"]
         if "topk_id_gaps" in stored:
-            ids = row_cumsum(stored["topk_id_gaps"].view(np.int32))  # a damaged gap wraps: caught by the reader
+            ids = running_sums(stored["topk_id_gaps"]).astype(np.int32)  # a damaged gap wraps: the reader sees it
         else:
             try:
                 ids = vocabulary_ids(stored["topk_vocab_gaps"], stored["topk_index_gaps"])
@@ -313,11 +313,6 @@ def running_sums(values: np.ndarray) -> np.ndarray:
         return np.zeros(values.shape, np.int64)
     rows = np.ascontiguousarray(values).reshape(-1, values.shape[-1])
     return kernels.running_sums(rows).reshape(values.shape)
-
-
-def row_cumsum(gaps: np.ndarray) -> np.ndarray:
-    """The running sums of [..., k] gaps along the last axis, wrapped to int32 as int32 sums would be."""
-    return running_sums(gaps).astype(np.int32)
 
 
 def vocabulary_ids(vocab_gaps: np.ndarray, index_gaps: np.ndarray) -> np.ndarray:
@@ -386,11 +381,13 @@ def decode_draws(gaps: np.ndarray, counts: np.ndarray, length: int,
     running = running_sums(steps)
     ids = running - np.repeat(running[first] - steps[first], sizes)
     name = "id_gaps" if vocab_gaps is None else "index_gaps"
+    low, high = kernels.value_range(ids)
     if vocab_gaps is not None:
-        if ids.min() < 0 or ids.max() >= vocab_gaps.shape[0]:
+        if low < 0 or high >= vocab_gaps.shape[0]:
             raise DecodeError(f"{name}: an index past the block's {vocab_gaps.shape[0]} ids")
-        ids = running_sums(vocab_gaps[: int(ids.max()) + 1])[ids]  # the used part of the vocabulary
-    if ids.min() < 0 or ids.max() > np.iinfo(np.int32).max:
+        ids = running_sums(vocab_gaps[: high + 1])[ids]  # the used part of the vocabulary
+        low, high = kernels.value_range(ids)
+    if low < 0 or high > np.iinfo(np.int32).max:
         raise DecodeError(f"{name}: ids out of the int32 range")
     # most drawn first; ties keep the stored ascending-id order (stable sort), positions stay grouped
     order = np.argsort(position * (draws + 1) + (draws - entries), kind="stable")

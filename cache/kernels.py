@@ -168,9 +168,22 @@ def half_bits(f):
         if (significand & 0x3FFF) != 0x1000 or (f & 0x7FF) != 0:  # round up unless a tie to an even result
             significand += 0x1000
         return sign + (significand >> 13)  # a carry into the exponent is right
-    if (significand & 0x3FFF) != 0x1000:  # round up unless a tie to an even result
-        significand += 0x1000
-    return sign + ((exponent - 0x38000000) >> 13) + (significand >> 13)  # a carry into the exponent is right
+    return normal_half(f)
+
+
+@compiled
+def normal_half(f):
+    """`half_bits` of a float32 whose magnitude is in float16's normal range ([2^-14, 65536): `is_normal_half`):
+    the exponent rebased, the rounding added (ties to even: the kept part's lowest bit breaks them), 10 bits of
+    the significand kept; a carry into the exponent is right, up to inf. No branch: a loop of these vectorises."""
+    magnitude = f & 0x7FFFFFFF
+    return ((f >> 16) & 0x8000) | ((magnitude - 0x38000000 + 0xFFF + ((magnitude >> 13) & 1)) >> 13)
+
+
+@compiled
+def is_normal_half(f):
+    """Whether the float32 whose bit pattern is `f` rounds to a normal float16 by `normal_half`."""
+    return 0x38800000 <= (f & 0x7FFFFFFF) < 0x47800000
 
 
 @compiled
@@ -190,16 +203,12 @@ def sqrt_grid_bits(q, log_scale, table, out):
         rare = 0
         for j in range(k):
             f = np.int64(bits[j])
-            magnitude = f & 0x7FFFFFFF
-            # a normal half: add the rounding (ties to even), keep 10 bits of the significand
-            out[r, j] = ((f >> 16) & 0x8000) | ((magnitude - 0x38000000 + 0xFFF + ((magnitude >> 13) & 1)) >> 13)
-            rare += (magnitude < 0x38800000) | (magnitude >= 0x47800000)
+            out[r, j] = normal_half(f)
+            rare += not is_normal_half(f)
         if rare:  # subnormal halves, zeros, NaN
             for j in range(k):
-                f = np.int64(bits[j])
-                magnitude = f & 0x7FFFFFFF
-                if magnitude < 0x38800000 or magnitude >= 0x47800000:
-                    out[r, j] = half_bits(f)
+                if not is_normal_half(np.int64(bits[j])):
+                    out[r, j] = half_bits(np.int64(bits[j]))
 
 
 @compiled

@@ -23,6 +23,11 @@ class CacheDataError(UserError):
     """A damaged cache: a shard HDF5 cannot read, or a block whose values no teacher writes (one line)."""
 
 
+def value_range(values: np.ndarray) -> tuple[int, int]:
+    """(min, max) of an integer array in one pass; (0, 0) for an empty one."""
+    return kernels.value_range(np.ascontiguousarray(values)) if values.size else (0, 0)
+
+
 def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | None,
                   tail_draws: int | None = None) -> str | None:
     """What is wrong with one decoded block (None: nothing): ids outside [0, vocab_size), log-probs that are
@@ -33,8 +38,7 @@ def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | 
         return problem
     for name in ("input_ids", "topk_ids"):
         if name in decoded:
-            values = decoded[name]
-            low, high = kernels.value_range(np.ascontiguousarray(values)) if values.size else (0, 0)
+            low, high = value_range(decoded[name])
             if low < 0 or high >= vocab_size:
                 side = f"min {low}" if low < 0 else f"max {high}"
                 return f"{name} outside [0, {vocab_size}) ({side})"
@@ -49,7 +53,7 @@ def block_problem(decoded: dict[str, np.ndarray], vocab_size: int, draws: int | 
             continue
         ids, counts = decoded[f"{prefix}_ids"], decoded[f"{prefix}_counts"]
         used, padding = counts > 0, ids == -1
-        low, high = ids.min(), ids.max()
+        low, high = value_range(ids)
         if low < -1 or high >= vocab_size or np.any(padding & used):
             side = f"max {high}" if high >= vocab_size else f"min {min(low, -1)}"
             return f"{prefix}_ids outside [0, {vocab_size}) ({side})"
